@@ -1,0 +1,200 @@
+"""The `dice` command line: run the flow locally, serve the `iterate` deployment, inspect rounds, build a tiny model."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="dice: iterative self-alignment rounds (DICE) on vLLM, DeepSpeed and Prefect.")
+console = Console()
+err = Console(stderr=True)
+
+
+def _prefect_env() -> None:
+    """Defaults that must be in place before Prefect is imported: a per-project home, no analytics."""
+    os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "2")
+
+
+def _load(config: str | None, overrides: list[str] | None):
+    from pipeline.config import ConfigError, load_config
+
+    overrides = list(overrides or [])
+    if config is not None and "=" in config and not Path(config).exists():
+        overrides.insert(0, config)  # `dice run rounds=1`: no file given, only overrides
+        config = None
+    try:
+        return load_config(config, overrides)
+    except ConfigError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def run(
+    config: Optional[str] = typer.Argument(None, help="YAML preset, e.g. conf/tiny.yaml (default: the embedded tiny preset)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. rounds=3 generate.num_samples=8."),
+) -> None:
+    """Run the `dice` flow in this process (Prefect starts a temporary local server unless PREFECT_API_URL is set)."""
+    cfg = _load(config, overrides)
+    _prefect_env()
+    from flows.dice import dice
+    from pipeline.artifacts import RunLocked
+
+    try:
+        dice(config=cfg)
+    except RunLocked as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(3) from None
+    _print_summary(cfg.run_dir)
+
+
+@app.command()
+def serve(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML preset whose values become the deployment's default parameters."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides of those defaults."),
+    deployment: str = typer.Option("iterate", help="Deployment name in prefect.yaml."),
+    prefect_yaml: Path = typer.Option(Path("prefect.yaml"), help="Where the deployment is declared."),
+) -> None:
+    """Serve the `dice/iterate` deployment declared in prefect.yaml; then `prefect deployment run dice/iterate`."""
+    import yaml
+
+    spec: dict[str, Any] = {}
+    if prefect_yaml.is_file():
+        for d in (yaml.safe_load(prefect_yaml.read_text()) or {}).get("deployments", []) or []:
+            if d.get("name") == deployment:
+                spec = d
+    if not spec:
+        err.print(f"[red]error:[/red] {prefect_yaml}: no deployment named {deployment!r}")
+        raise typer.Exit(2)
+    parameters = dict(spec.get("parameters") or {})
+    if config or overrides:
+        parameters["config"] = _load(config, overrides).model_dump(mode="json")
+    schedule = {}
+    for s in spec.get("schedules") or []:
+        for key in ("cron", "interval"):
+            if s.get(key) is not None:
+                schedule[key] = s[key]
+    _prefect_env()
+    from flows.dice import dice
+
+    dice.serve(
+        name=deployment,
+        parameters=parameters,
+        description=spec.get("description"),
+        tags=spec.get("tags"),
+        limit=spec.get("concurrency_limit"),
+        **schedule,
+    )
+
+
+@app.command()
+def inspect(
+    run_dir: Path = typer.Argument(..., help="A run folder, e.g. runs/tiny."),
+    round_: Optional[int] = typer.Option(None, "--round", help="Show rows of this round (with --stage)."),
+    stage: Optional[str] = typer.Option(None, help="generate | label | pairs | reference | train (its Parquet output)."),
+    head: int = typer.Option(5, help="Rows to show."),
+) -> None:
+    """Print a per-round table of a run; with --round and --stage, the first rows of that stage's Parquet."""
+    if not run_dir.is_dir():
+        err.print(f"[red]error:[/red] {run_dir}: no such run folder")
+        raise typer.Exit(2)
+    if stage is None and round_ is None:
+        _print_summary(run_dir)
+        return
+    _print_rows(run_dir, round_ if round_ is not None else 1, stage or "pairs", head)
+
+
+def _fmt(v: Any, width: int = 60) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    s = str(v).replace("\n", "⏎")
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def _print_summary(run_dir: Path) -> None:
+    from pipeline.report import run_summary
+
+    rows = run_summary(run_dir)
+    if not rows:
+        console.print(f"{run_dir}: no rounds yet")
+        return
+    # One column per round, one row per metric: readable in an 80-column terminal for any number of rounds.
+    table = Table(title=f"dice run {run_dir}")
+    table.add_column("metric")
+    for r in rows:
+        table.add_column(f"round {r['round']}", justify="right")
+    for key in rows[0]:
+        if key != "round":
+            table.add_row(key, *[_fmt(r.get(key), 24) for r in rows])
+    console.print(table)
+
+
+def _print_rows(run_dir: Path, k: int, stage: str, head: int) -> None:
+    import pyarrow.parquet as pq
+
+    from pipeline.rounds import OUTPUT_FILES
+
+    if stage not in OUTPUT_FILES:
+        err.print(f"[red]error:[/red] --stage must be one of {', '.join(OUTPUT_FILES)}")
+        raise typer.Exit(2)
+    files = [f for f in OUTPUT_FILES[stage].values() if f.endswith(".parquet")]
+    path = run_dir / f"round-{k}" / files[0]
+    if not path.is_file():
+        err.print(f"[red]error:[/red] {path}: not written yet")
+        raise typer.Exit(2)
+    pf = pq.ParquetFile(path)
+    rows = pf.read_row_group(0).slice(0, head).to_pylist() if pf.num_row_groups else []
+    console.print(f"{path}: {pf.metadata.num_rows} rows, showing {len(rows)}")
+    # One small field/value table per row: long texts wrap instead of squeezing every column.
+    for i, r in enumerate(rows):
+        table = Table(title=f"row {i}", show_header=False)
+        table.add_column("field", style="bold")
+        table.add_column("value", overflow="fold")
+        for c in pf.schema_arrow.names:
+            table.add_row(c, _fmt(r[c], 2000))
+        console.print(table)
+
+
+@app.command("tiny-model")
+def tiny_model(
+    path: Path = typer.Argument(..., help="Output folder."),
+    data: Optional[list[Path]] = typer.Option(None, help="JSONL files for the tokenizer and the short supervised pass (default: the shipped data)."),
+    hidden: int = typer.Option(128, help="Hidden size."),
+    intermediate: int = typer.Option(256, help="MLP size."),
+    layers: int = typer.Option(2, help="Decoder layers."),
+    heads: int = typer.Option(4, help="Attention heads (hidden/heads >= 32 for vLLM's CPU attention)."),
+    kv_heads: int = typer.Option(2, help="Key/value heads."),
+    vocab: int = typer.Option(2048, help="BPE vocabulary size."),
+    sft_steps: int = typer.Option(300, help="Supervised steps on the offline set's chosen answers (0: random weights)."),
+    seed: int = typer.Option(0, help="Seed."),
+) -> None:
+    """Build a small offline Llama-architecture chat model and tokenizer (safetensors) at PATH."""
+    from pipeline.tiny import TinySpec, build_tiny_model
+
+    if hidden % heads or hidden // heads < 32:
+        err.print(f"[red]error:[/red] hidden/heads = {hidden}/{heads} must be an integer >= 32 (vLLM CPU attention)")
+        raise typer.Exit(2)
+    files = data or [Path("data/prompts.jsonl"), Path("data/offline_prefs.jsonl")]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        err.print(f"[red]error:[/red] data file(s) not found: {', '.join(missing)}")
+        raise typer.Exit(2)
+    spec = TinySpec(vocab_size=vocab, hidden=hidden, intermediate=intermediate, layers=layers, heads=heads,
+                    kv_heads=kv_heads, sft_steps=sft_steps, seed=seed)  # fmt: skip
+    out = build_tiny_model(path, files, spec)
+    console.print(f"tiny model written to {out}")
+
+
+if __name__ == "__main__":
+    app()
+    sys.exit(0)

@@ -1,0 +1,139 @@
+"""The Prefect flow `dice`: round 0 (offline DPO), then DICE rounds 1..R, each stage a task.
+
+The flow only wires stages: every task runs `python -m stages.<name>` in its own process (so vLLM's and
+DeepSpeed's memory is released when the stage ends), streams that process's output into the task's logs,
+and passes file paths, never data or models. Resuming is the stages' own manifests: a re-run skips every
+finished stage without starting a process.
+
+Its one parameter is the typed `RunConfig`, so the Prefect UI shows the config as a form and bad values
+are rejected before a flow run is created. The deployment `iterate` (prefect.yaml) serves this flow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from pipeline import rounds
+from pipeline.artifacts import is_done, read_manifest, run_lock, write_json_atomic
+from pipeline.config import RunConfig, save_config
+from pipeline.report import round_summary, stage_manifests
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _stream(cmd: list[str], what: str) -> str | None:
+    """Run `cmd`, sending each output line to the Prefect log; return its DICE_STAGE_RESULT payload."""
+    logger = get_run_logger()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore::FutureWarning", "TQDM_DISABLE": "1"}
+    tail: deque[str] = deque(maxlen=30)
+    result = None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=os.getcwd())
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line.startswith("DICE_STAGE_RESULT "):
+            result = line.removeprefix("DICE_STAGE_RESULT ")
+            continue
+        tail.append(line)
+        logger.info(line)
+    if proc.wait() != 0:
+        raise RuntimeError(f"{what} failed (exit code {proc.returncode}). Last output:\n" + "\n".join(tail))
+    return result
+
+
+@task(name="tiny-model", cache_policy=NONE)
+def build_tiny_model(path: str, prompts: str, offline: str) -> str:
+    """Build the offline tiny model (tiny preset) when it is not on disk yet."""
+    _stream([sys.executable, "-m", "flows.cli", "tiny-model", path, "--data", prompts, "--data", offline], "tiny-model")
+    return path
+
+
+@task(name="stage", cache_policy=NONE)  # resuming is the manifests' job
+def run_stage(config_path: str, cfg: RunConfig, k: int, stage: str) -> dict[str, Any]:
+    """Run one stage of one round in its own process, unless its manifest says it is done."""
+    logger = get_run_logger()
+    plan = rounds.plan(cfg, k, stage)
+    if is_done(plan):
+        logger.info(f"round {k} {stage}: already done, skipped")
+        manifest = read_manifest(plan.manifest_path) or {}
+        return manifest.get("stats", {})
+    result = _stream([sys.executable, "-m", f"stages.{stage}", config_path, "--round", str(k)], f"round {k} {stage}")
+    return json.loads(result)["stats"] if result else {}
+
+
+def _artifact_key(name: str, k: int) -> str:
+    # Prefect artifact keys: lowercase letters, digits and dashes only
+    safe = "".join(c if c.isalnum() else "-" for c in name.lower())
+    return f"dice-{safe}-round-{k}"
+
+
+def publish_round(cfg: RunConfig, k: int) -> dict[str, Any]:
+    """Write the round's manifest (last: it means the round is complete) and its Prefect table artifact."""
+    rd = rounds.round_dir(cfg, k)
+    manifests = stage_manifests(rd)
+    write_json_atomic(
+        rd / "manifest.json",
+        {
+            "round": k,
+            "run": cfg.name,
+            "models": {
+                "policy": rounds.model_of(cfg, k - 1),
+                "reference_of_policy": rounds.model_of(cfg, k - 2) if k >= 1 else None,
+                "trained": rounds.model_of(cfg, k),
+            },
+            "files": {name: out for m in manifests.values() for name, out in m["outputs"].items()},
+            "stages": manifests,
+            "config": cfg.model_dump(mode="json"),
+        },
+    )
+    summary = round_summary(rd)
+    table = [{"metric": key, "value": "" if v is None else (round(v, 4) if isinstance(v, float) else v)} for key, v in summary.items()]
+    create_table_artifact(table=table, key=_artifact_key(cfg.name, k), description=f"dice run {cfg.name}, round {k}")
+    return summary
+
+
+@flow(name="dice", log_prints=True)
+def dice(config: RunConfig = RunConfig()) -> list[dict[str, Any]]:  # noqa: B008 (the default is immutable in use)
+    """Iterative self-alignment rounds (DICE): round 0 offline DPO, then generate → label → pairs → reference → train."""
+    cfg = config
+    logger = get_run_logger()
+    with run_lock(cfg.run_dir):
+        config_path = cfg.run_dir / "config.yaml"
+        save_config(cfg, config_path)
+        if cfg.model.build_tiny_if_missing and not Path(cfg.model.policy).exists():
+            build_tiny_model(cfg.model.policy, cfg.data.prompts, cfg.data.offline)
+        summaries = []
+        for k in range(0, cfg.rounds + 1):
+            stages = rounds.stages_of_round(cfg, k)
+            if not stages:
+                continue
+            logger.info(f"round {k}: {' → '.join(stages)}")
+            for stage in stages:
+                run_stage.with_options(task_run_name=f"round-{k}-{stage}")(str(config_path), cfg, k, stage)
+            summaries.append(publish_round(cfg, k))
+        create_markdown_artifact(
+            key=_artifact_key(cfg.name, 999).replace("-round-999", "-summary"),
+            markdown=_summary_markdown(cfg, summaries),
+            description=f"dice run {cfg.name}: all rounds",
+        )
+    return summaries
+
+
+def _summary_markdown(cfg: RunConfig, summaries: list[dict[str, Any]]) -> str:
+    cols = ["round", "pairs_generated", "pairs_offline", "alpha", "gap_alpha0", "gap", "chosen_len", "rejected_len",
+            "reward_mean", "final_loss", "final_accuracy", "seconds"]  # fmt: skip
+    fmt = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = [f"# dice run `{cfg.name}`", "", f"Folder: `{cfg.run_dir}`", "", "| " + " | ".join(cols) + " |",
+             "|" + "---|" * len(cols)]  # fmt: skip
+    lines += ["| " + " | ".join(fmt(s.get(c)) for c in cols) + " |" for s in summaries]
+    return "\n".join(lines)

@@ -1,0 +1,250 @@
+"""Parquet I/O, fingerprints and manifests: the artifacts are the checkpoint.
+
+Every output is written to a temporary name in its own folder and renamed into place, and a stage's
+manifest is written last, so its existence means the stage completed. A stage whose manifest records the
+same input fingerprints and the same config as the plan is skipped; anything else runs the stage again,
+overwriting only that stage's own outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST_DIR = ".dice"  # per-stage manifests inside a round folder
+_FULL_HASH_LIMIT = 64 << 20  # files up to this size are hashed whole; larger ones by size + head + tail
+_CHUNK = 4 << 20
+
+
+class ArtifactError(ValueError):
+    """An input artifact is missing or malformed; the message names the file (and column or row)."""
+
+
+# ---------------------------------------------------------------------------------------------- Parquet
+
+
+def write_parquet(table: pa.Table, path: Path, schema: pa.Schema) -> int:
+    """Cast `table` to `schema` and write it atomically (temp file in the same folder, then rename).
+
+    Returns the number of rows written. A crash leaves either the previous file or the new one, never half.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = table.select(schema.names).cast(schema)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return table.num_rows
+
+
+def read_parquet(path: Path, schema: pa.Schema) -> pa.Table:
+    """Read a dice table, checking that every column of `schema` is there with a castable type."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: file not found (did the previous stage finish?)")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ArtifactError(f"{path}: not a readable Parquet file: {e}") from e
+    missing = [n for n in schema.names if n not in table.column_names]
+    if missing:
+        raise ArtifactError(f"{path}: missing column(s) {', '.join(missing)}")
+    try:
+        return table.select(schema.names).cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise ArtifactError(f"{path}: a column does not have the expected type: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------- fingerprints
+
+
+def _hash_file(h: Any, path: Path) -> None:
+    size = path.stat().st_size
+    h.update(f"{size}:".encode())
+    with open(path, "rb") as f:
+        if size <= _FULL_HASH_LIMIT:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        else:  # multi-GB weights: size + head + tail tells a new checkpoint from an old one cheaply
+            h.update(f.read(_CHUNK))
+            f.seek(size - _CHUNK)
+            h.update(f.read(_CHUNK))
+
+
+def fingerprint(path: str | Path) -> str:
+    """Content fingerprint of a file or folder (hidden files and temp files excluded).
+
+    A path that is not on disk (a hub model id) is fingerprinted by its name.
+    """
+    p = Path(path)
+    h = hashlib.sha256()
+    if p.is_file():
+        _hash_file(h, p)
+    elif p.is_dir():
+        for f in sorted(p.rglob("*")):
+            rel = f.relative_to(p)
+            if f.is_file() and not any(part.startswith(".") for part in rel.parts):
+                h.update(str(rel).encode() + b"\0")
+                _hash_file(h, f)
+    else:
+        h.update(f"name:{path}".encode())
+    return h.hexdigest()[:20]
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+@dataclass
+class StagePlan:
+    """What one stage of one round reads and writes, and the config that decides its result."""
+
+    stage: str
+    round: int
+    round_dir: Path
+    inputs: dict[str, Path | str]  # name -> file, folder or hub id
+    outputs: dict[str, Path]  # name -> file or folder the stage writes
+    config: dict[str, Any]  # the settings that change the result (fingerprinted)
+    roles: dict[str, str] = field(default_factory=dict)  # human-readable notes (e.g. which model is the reference)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.round_dir / MANIFEST_DIR / f"{self.stage}.json"
+
+
+def _config_digest(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def is_done(plan: StagePlan) -> bool:
+    """True when the stage's manifest matches the plan's inputs and config and its outputs are intact."""
+    m = read_manifest(plan.manifest_path)
+    if m is None or m.get("config_digest") != _config_digest(plan.config):
+        return False
+    if m.get("inputs", {}) != {n: {"path": str(p), "fingerprint": f} for n, (p, f) in _zip_fp(plan).items()}:
+        return False
+    for name, out in plan.outputs.items():
+        rec = m.get("outputs", {}).get(name)
+        if rec is None or not Path(out).exists() or fingerprint(out) != rec["fingerprint"]:
+            return False
+    return True
+
+
+def _zip_fp(plan: StagePlan) -> dict[str, tuple[Path | str, str]]:
+    return {name: (p, fingerprint(p)) for name, p in plan.inputs.items()}
+
+
+def execute(plan: StagePlan, fn: Callable[[], dict[str, Any]], *, force: bool = False) -> dict[str, Any]:
+    """Run a stage unless it is already done; write its manifest last. Returns the manifest.
+
+    `fn` writes the plan's outputs (each atomically) and returns stats (row counts, α, ...).
+    """
+    if not force and is_done(plan):
+        m = read_manifest(plan.manifest_path)
+        assert m is not None
+        m["skipped"] = True
+        return m
+    # A stale manifest must not survive a re-run that fails half way.
+    plan.manifest_path.unlink(missing_ok=True)
+    inputs = _zip_fp(plan)  # fingerprint before running: the inputs this result was computed from
+    started = time.time()
+    stats = fn()
+    finished = time.time()
+    manifest = {
+        "stage": plan.stage,
+        "round": plan.round,
+        "inputs": {n: {"path": str(p), "fingerprint": f} for n, (p, f) in inputs.items()},
+        "outputs": {
+            n: {"path": str(p), "fingerprint": fingerprint(p), **_rows(p)} for n, p in plan.outputs.items()
+        },
+        "config": plan.config,
+        "config_digest": _config_digest(plan.config),
+        "roles": plan.roles,
+        "stats": stats,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "duration_s": round(finished - started, 3),
+    }
+    write_json_atomic(plan.manifest_path, manifest)
+    manifest["skipped"] = False
+    return manifest
+
+
+def _rows(p: Path) -> dict[str, int]:
+    p = Path(p)
+    if p.is_file() and p.suffix == ".parquet":
+        return {"rows": pq.ParquetFile(p).metadata.num_rows}
+    return {}
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written folder into place, replacing an older one (the old one is removed after)."""
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class RunLocked(RuntimeError):
+    """Another process is running this run folder."""
+
+
+class run_lock:
+    """An exclusive lock on a run folder for the life of a flow run, so two runs never interleave writes.
+
+    The lock is an OS file lock (released by the kernel if the process dies, so a SIGKILL leaves no stale lock).
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> run_lock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = self.path.read_text().strip() or "another process"
+            raise RunLocked(f"{self.path.parent}: already being run by {holder}; wait for it or use another run name") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

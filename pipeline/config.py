@@ -1,0 +1,256 @@
+"""Typed configuration of a dice run, loaded from `conf/*.yaml` with `key=value` overrides.
+
+One pydantic model per stage plus `RunConfig` for the run. `RunConfig()` with no arguments is the
+embedded default: the tiny offline preset (`conf/tiny.yaml` states the same values explicitly).
+Every field carries a one-line description: it shows in `dice --help`, in error messages and in the
+Prefect UI's parameter form.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the file and the field."""
+
+
+class LossType(str, Enum):
+    """Preference losses (../shared/METHODS.md §1-5). The foundation trains `dpo`."""
+
+    DPO = "dpo"
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo in YAML must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    policy: str = Field(
+        "models/tiny",
+        description="Initial policy: a local Hugging Face folder or hub id. With round0.mode=offline_dpo it is "
+        "the SFT model that round 0 trains into π_0; with mode=skip it is π_0 itself (already DPO-trained).",
+    )
+    reference: str | None = Field(
+        None,
+        description="π_-1, the reference π_0 was trained against (mode=skip only). Empty: the policy itself.",
+    )
+    build_tiny_if_missing: bool = Field(
+        True, description="Build the offline tiny model at `policy` when that folder does not exist (tiny preset)."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python code.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype for scoring and generation; auto: bfloat16 on GPU, float32 on CPU."
+    )
+    max_prompt_tokens: int = Field(256, gt=0, description="Prompts longer than this (after the chat template) are dropped and counted.")
+    max_length: int = Field(
+        512, gt=0, description="Maximum prompt+response tokens for scoring and training; longer pairs are dropped and counted."
+    )
+
+
+class DataConfig(_Section):
+    prompts: str = Field("data/prompts.jsonl", description="Instruction prompts (JSONL or Parquet with `prompt` and optional `prompt_id`).")
+    offline: str = Field(
+        "data/offline_prefs.jsonl",
+        description="Offline preference set (JSONL or Parquet: prompt, chosen, rejected) for round 0 and replay.",
+    )
+    prompts_per_round: int = Field(
+        32, gt=0, description="Prompts used per round; rounds take consecutive disjoint slices of the prompt file."
+    )
+
+
+class Round0Config(_Section):
+    mode: Literal["offline_dpo", "skip"] = Field(
+        "offline_dpo",
+        description="offline_dpo: train π_0 from the policy with DPO on the offline set (reference = policy); "
+        "skip: model.policy already is π_0 and model.reference is π_-1.",
+    )
+    max_pairs: int | None = Field(None, gt=0, description="Cap on offline pairs used in round 0 (empty: all).")
+
+
+class EngineConfig(_Section):
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine (tensor parallelism).")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of GPU memory vLLM may take.")
+    kv_cache_memory_bytes: int | None = Field(
+        256 << 20, description="KV-cache size in bytes; required on CPU (vLLM's memory check fails without it). Empty on GPU."
+    )
+    enforce_eager: bool = Field(True, description="Skip CUDA graphs / torch.compile (faster start, slower decode).")
+    enable_prefix_caching: bool = Field(True, description="Reuse the prompt's KV cache across the K samples.")
+    in_process: bool = Field(True, description="Run the vLLM engine in the stage process (2-5 s start instead of 13-28 s).")
+    max_model_len: int | None = Field(None, gt=0, description="Context length of the engine (empty: the model's).")
+
+
+class GenerateConfig(_Section):
+    num_samples: int = Field(4, ge=2, description="K: responses sampled per prompt (paper: 16).")
+    temperature: float = Field(0.8, ge=0, description="Sampling temperature (paper: 0.7-0.9).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (paper: 0.9-1.0).")
+    max_tokens: int = Field(160, gt=0, description="Response token limit; responses cut here are dropped by pairs (paper: 2048).")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine settings.")
+
+
+class LabelConfig(_Section):
+    labeller: Literal["implicit_reward", "python"] = Field(
+        "implicit_reward",
+        description="implicit_reward: β·[logp(π_{k-1}) − logp(π_{k-2})] (DICE); python: the function in python_reward.",
+    )
+    python_reward: str | None = Field(
+        None,
+        description="'module:function' taking (prompts: list[str], responses: list[str]) and returning list[float]; "
+        "used when labeller=python. It runs your code: name only modules you trust.",
+    )
+    batch_size: int = Field(16, gt=0, description="Sequences per forward pass when scoring.")
+
+
+class PairsConfig(_Section):
+    min_valid: int = Field(2, ge=2, description="Keep a prompt only if at least this many of its responses are valid (paper: 8 of 16).")
+    min_chars: int = Field(1, ge=0, description="Responses with fewer non-space characters are degenerate and dropped.")
+    length_unit: Literal["tokens", "chars"] = Field(
+        "tokens", description="Unit of len(y) in the length-regularised score r − α·len(y) (reference code: chars)."
+    )
+    debias_length: bool = Field(True, description="Search α so that the mean chosen−rejected length gap is ≈ 0.")
+    alpha_step: float = Field(0.001, gt=0, description="Step of the α sweep 0, step, 2·step, … (reference code: 0.001).")
+    alpha_max_steps: int = Field(1000, ge=0, description="Upper bound on α sweep steps.")
+    min_margin: float = Field(0.0, ge=0, description="Drop pairs whose score margin s(chosen) − s(rejected) is not above this.")
+    replay_ratio: float = Field(0.5, ge=0, lt=1, description="γ: share of offline pairs mixed into each round (paper best: 0.5).")
+
+
+class ReferenceConfig(_Section):
+    batch_size: int = Field(16, gt=0, description="Sequences per forward pass.")
+
+
+class TrainConfig(_Section):
+    loss: LossType = Field(LossType.DPO, description="Preference loss.")
+    beta: float = Field(0.1, gt=0, description="β of DPO; also scales the DICE implicit reward.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative-DPO label smoothing ε.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (paper: 5e-7 at 8B; the tiny default is larger).")
+    lr_schedule: Literal["constant_with_warmup", "cosine"] = Field("constant_with_warmup", description="Learning-rate schedule.")
+    warmup_steps: int = Field(2, ge=0, description="Linear warm-up optimizer steps (paper: 50).")
+    epochs: int = Field(1, ge=1, description="Passes over the round's pairs.")
+    micro_batch_size: int = Field(2, ge=1, description="Pairs per process per forward pass.")
+    global_batch_size: int = Field(8, ge=1, description="Pairs per optimizer step over all processes (paper: 32).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    num_processes: int = Field(1, ge=1, description="Training processes (GPUs; on CPU, gloo processes).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(3, description="DeepSpeed ZeRO stage.")
+    bf16: bool | None = Field(None, description="bfloat16 training; empty: on when a GPU is present.")
+    deepspeed_config: str | None = Field(
+        None, description="Optional DeepSpeed JSON whose settings override the ones dice derives from this section."
+    )
+    logp_reduction: Literal["sum", "mean"] = Field("sum", description="Sum (DPO) or per-token mean of response log-probs.")
+
+
+class RunConfig(_Section):
+    """A whole dice run: where it lives, how many rounds, and each stage's settings."""
+
+    name: str = Field("tiny", pattern=r"^[A-Za-z0-9._-]+$", description="Run name; its files live in runs_dir/name.")
+    runs_dir: str = Field("runs", description="Folder holding all runs.")
+    rounds: int = Field(2, ge=0, description="DICE rounds after round 0 (paper: 2-3).")
+    seed: int = Field(0, description="Seed of prompt selection, sampling, pair sampling and training order.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Models.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Shipped or user datasets.")
+    round0: Round0Config = Field(default_factory=Round0Config, description="How π_0 is obtained.")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Sampling K responses per prompt.")
+    label: LabelConfig = Field(default_factory=LabelConfig, description="Scoring responses.")
+    pairs: PairsConfig = Field(default_factory=PairsConfig, description="Building preference pairs.")
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig, description="Reference log-probs.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Preference training.")
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.label.labeller == "python" and not self.label.python_reward:
+            raise ValueError("label.python_reward must be set when label.labeller is 'python'")
+        if self.pairs.min_valid > self.generate.num_samples:
+            raise ValueError(
+                f"pairs.min_valid ({self.pairs.min_valid}) exceeds generate.num_samples ({self.generate.num_samples})"
+            )
+        per_step = self.train.micro_batch_size * self.train.num_processes
+        if self.train.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size × train.num_processes ({per_step})"
+            )
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  field {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, in place; returns it."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. generate.num_samples=8")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a RunConfig from YAML (or the embedded default when path is None) and apply overrides.
+
+    Raises:
+        ConfigError: naming the file and each offending field.
+    """
+    data: dict[str, Any] = {}
+    source = "embedded default"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: configuration file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
+        data = loaded or {}
+    if overrides:
+        source += " + overrides " + " ".join(overrides)
+        apply_overrides(data, overrides)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(source, e)) from None
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    """Write the fully resolved config as YAML (atomically), so stage processes read exactly what the flow ran."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(path)
+
+
+def config_hash(section: BaseModel | dict[str, Any]) -> str:
+    """Stable hash of a config section (or dict), used in stage fingerprints."""
+    data = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

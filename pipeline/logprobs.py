@@ -1,0 +1,132 @@
+"""Tokenising (prompt, response) pairs and computing per-sequence response log-probs.
+
+One encoding serves every consumer, so the implicit reward of the label stage, the reference log-probs
+and the policy log-probs in training are all computed over exactly the same tokens:
+    prompt tokens   = the chat template applied to one user message, with the generation prompt
+    response tokens = the response text tokenised without special tokens, followed by EOS
+`logp(π, x, y)` is the sum (or mean) over response tokens of log π(y_t | x, y_<t); prompt tokens are masked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+Reduction = Literal["sum", "mean"]
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of `prompt` as one user turn under the tokenizer's chat template, ready for the reply."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def encode(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids + EOS) for one pair."""
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return prompt_ids(tokenizer, prompt), response_ids + [tokenizer.eos_token_id]
+
+
+def collate(
+    seqs: Sequence[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad (prompt, response) id lists into (input_ids, attention_mask, response_mask), each (B, T)."""
+    width = max(len(p) + len(r) for p, r in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    response = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (p, r) in enumerate(seqs):
+        n = len(p) + len(r)
+        input_ids[i, :n] = torch.tensor(p + r)
+        attention[i, :n] = 1
+        response[i, len(p) : n] = 1
+    return input_ids, attention, response
+
+
+def sequence_logps(
+    logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor, reduction: Reduction = "sum"
+) -> torch.Tensor:
+    """Per-sequence response log-probs.
+
+    Args:
+        logits: (B, T, V) model outputs for `input_ids`.
+        input_ids: (B, T).
+        response_mask: (B, T), 1 on response tokens.
+        reduction: "sum" over response tokens (DPO) or "mean" per token (offline IPO).
+    Returns:
+        (B,) float32 log-probs.
+    """
+    logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+    targets = input_ids[:, 1:]  # (B, T-1)
+    mask = response_mask[:, 1:].float()  # (B, T-1)
+    # gather − logsumexp avoids materialising a second (B, T, V) log_softmax tensor
+    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (B, T-1)
+    total = (token_logps * mask).sum(-1)  # (B,)
+    if reduction == "mean":
+        return total / mask.sum(-1).clamp(min=1)
+    return total
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def require_model(path: str) -> None:
+    """Fail early, naming the model, when a local model folder is missing (hub ids, `org/name`, pass through)."""
+    p = Path(path)
+    looks_local = p.is_absolute() or path.startswith(".") or path.count("/") != 1
+    if looks_local and not (p / "config.json").is_file():
+        raise ValueError(f"model {path}: no model folder with a config.json there (did the round that writes it finish?)")
+
+
+def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = False, device: torch.device | None = None):
+    """Load a causal LM and its tokenizer for scoring (eval mode, safetensors only)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    require_model(path)
+    device = device or default_device()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model {path}: could not be loaded ({e})") from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+@torch.no_grad()
+def score(
+    model,
+    encoded: Sequence[tuple[list[int], list[int]]],
+    pad_id: int,
+    batch_size: int,
+    reduction: Reduction = "sum",
+) -> np.ndarray:
+    """Response log-probs of already-encoded pairs, batched by length (little padding). Returns (N,) float64."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
+    out = np.empty(len(encoded), dtype=np.float64)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        input_ids, attention, response = collate([encoded[i] for i in idx], pad_id)
+        input_ids, attention, response = input_ids.to(device), attention.to(device), response.to(device)
+        logits = model(input_ids=input_ids, attention_mask=attention).logits  # (b, T, V)
+        out[idx] = sequence_logps(logits, input_ids, response, reduction).double().cpu().numpy()
+    return out

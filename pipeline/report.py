@@ -1,0 +1,65 @@
+"""Per-round summaries read from the stage manifests: what `dice inspect` prints and the flow's artifacts show."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import MANIFEST_DIR, read_manifest
+
+STAGE_ORDER = ("generate", "label", "pairs", "reference", "train")
+
+
+def round_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """The run's round folders, in round order."""
+    found = []
+    for p in Path(run_dir).glob("round-*"):
+        m = re.fullmatch(r"round-(\d+)", p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def stage_manifests(round_dir: Path) -> dict[str, dict[str, Any]]:
+    out = {}
+    for stage in STAGE_ORDER:
+        m = read_manifest(round_dir / MANIFEST_DIR / f"{stage}.json")
+        if m is not None:
+            out[stage] = m
+    return out
+
+
+def round_summary(round_dir: Path) -> dict[str, Any]:
+    """One row of numbers for a round: counts, α, lengths, reward statistics, training results, durations."""
+    ms = stage_manifests(round_dir)
+    s = {stage: m.get("stats", {}) for stage, m in ms.items()}
+    g, lab, p, ref, t = (s.get(k, {}) for k in STAGE_ORDER)
+    row: dict[str, Any] = {
+        "round": int(round_dir.name.split("-")[1]),
+        "stages_done": "/".join(st for st in STAGE_ORDER if st in ms) or "-",
+        "complete": (round_dir / "manifest.json").is_file(),
+        "prompts": g.get("prompts"),
+        "responses": g.get("responses"),
+        "cut_at_limit": g.get("finish_length"),
+        "mean_tokens": g.get("mean_tokens"),
+        "reward_mean": lab.get("reward_mean"),
+        "reward_std": lab.get("reward_std"),
+        "alpha": p.get("alpha"),
+        "gap_alpha0": p.get("length_gap_alpha0"),
+        "gap": p.get("length_gap"),
+        "chosen_len": p.get("mean_chosen_len"),
+        "rejected_len": p.get("mean_rejected_len"),
+        "pairs_generated": p.get("pairs_generated"),
+        "pairs_offline": p.get("pairs_offline"),
+        "pairs_trained": t.get("pairs", ref.get("pairs")),
+        "train_steps": t.get("steps"),
+        "final_loss": t.get("final_loss"),
+        "final_accuracy": t.get("final_accuracy"),
+        "seconds": round(sum(m.get("duration_s", 0.0) for m in ms.values()), 1),
+    }
+    return row
+
+
+def run_summary(run_dir: str | Path) -> list[dict[str, Any]]:
+    return [round_summary(d) for _, d in round_dirs(run_dir)]

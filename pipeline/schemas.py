@@ -1,0 +1,99 @@
+"""Every Parquet table dice writes, declared in one place.
+
+Column names follow the conventions other preference trainers read: `prompt`/`chosen`/`rejected` for
+pairs and TRL's `ref_chosen_logps`/`ref_rejected_logps` for precomputed reference log-probs, so a round's
+`reference.parquet` is a ready DPO dataset elsewhere too. Strings are plain `string` (not large/dictionary)
+and there are no nested types, so pandas, polars, duckdb and `datasets` all open the files unchanged.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+PROMPTS = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+    ]
+)
+
+OFFLINE = pa.schema(
+    [
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("chosen", pa.string(), nullable=False),
+        pa.field("rejected", pa.string(), nullable=False),
+    ]
+)
+
+RESPONSES = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("sample_idx", pa.int32(), nullable=False),
+        pa.field("response", pa.string(), nullable=False),
+        pa.field("num_tokens", pa.int32(), nullable=False),  # generated tokens, EOS included when emitted
+        pa.field("num_chars", pa.int32(), nullable=False),
+        pa.field("finish_reason", pa.string(), nullable=False),  # "stop" (EOS/stop string) or "length"
+        pa.field("cumulative_logprob", pa.float64()),  # vLLM's sum of sampled-token log-probs
+        pa.field("seed", pa.int64(), nullable=False),  # the prompt's sampling seed
+        pa.field("model", pa.string(), nullable=False),  # the policy that generated it
+        pa.field("round", pa.int32(), nullable=False),
+    ]
+)
+
+# Labels keep every response column, so one file answers "what was sampled and how was it scored".
+LABELS = pa.schema(
+    list(RESPONSES)
+    + [
+        pa.field("policy_logp", pa.float64()),  # logp(π_{k-1}, x, y), summed over response tokens
+        pa.field("reference_logp", pa.float64()),  # logp(π_{k-2}, x, y)
+        pa.field("reward", pa.float64()),  # the label: null when the response could not be scored
+        pa.field("labeller", pa.string(), nullable=False),
+        pa.field("label_error", pa.string()),  # why reward is null (e.g. "too_long")
+    ]
+)
+
+PAIRS = pa.schema(
+    [
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("chosen", pa.string(), nullable=False),
+        pa.field("rejected", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # "generated" or "offline"
+        pa.field("chosen_reward", pa.float64()),  # null for offline pairs
+        pa.field("rejected_reward", pa.float64()),
+        pa.field("chosen_len", pa.int32()),  # in pairs.length_unit; null for offline pairs
+        pa.field("rejected_len", pa.int32()),
+        pa.field("alpha", pa.float64()),  # the round's length-debiasing α; null for offline pairs
+        pa.field("round", pa.int32(), nullable=False),
+    ]
+)
+
+REFERENCE = pa.schema(
+    list(PAIRS)
+    + [
+        pa.field("chosen_tokens", pa.int32(), nullable=False),  # response tokens scored, EOS included
+        pa.field("rejected_tokens", pa.int32(), nullable=False),
+        pa.field("ref_chosen_logps", pa.float64(), nullable=False),
+        pa.field("ref_rejected_logps", pa.float64(), nullable=False),
+    ]
+)
+
+TRAIN_METRICS = pa.schema(
+    [
+        pa.field("step", pa.int32(), nullable=False),
+        pa.field("epoch", pa.float64(), nullable=False),
+        pa.field("loss", pa.float64(), nullable=False),
+        pa.field("chosen_reward", pa.float64(), nullable=False),  # mean β·(logp_θ − logp_ref) of chosen
+        pa.field("rejected_reward", pa.float64(), nullable=False),
+        pa.field("margin", pa.float64(), nullable=False),
+        pa.field("accuracy", pa.float64(), nullable=False),  # share of pairs with chosen_reward > rejected_reward
+        pa.field("grad_norm", pa.float64()),
+        pa.field("learning_rate", pa.float64(), nullable=False),
+        pa.field("tokens", pa.int64(), nullable=False),  # non-padding tokens in the step, all processes
+        pa.field("tokens_per_s", pa.float64(), nullable=False),
+        pa.field("seconds", pa.float64(), nullable=False),
+    ]
+)

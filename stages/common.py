@@ -1,0 +1,44 @@
+"""The command line every stage shares: `python -m stages.<name> CONF [key=value ...] --round K [--force]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline import rounds
+from pipeline.artifacts import ArtifactError, StagePlan, execute
+from pipeline.config import ConfigError, RunConfig, load_config
+
+StageFn = Callable[[RunConfig, StagePlan], dict[str, Any]]
+
+
+def parse_args(stage: str, argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=f"Run the {stage} stage of one round.")
+    ap.add_argument("config", help="run configuration YAML (e.g. conf/tiny.yaml or runs/<run>/config.yaml)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. generate.num_samples=8")
+    ap.add_argument("--round", type=int, required=True, dest="round_", help="round index (0 = offline DPO round)")
+    ap.add_argument("--force", action="store_true", help="run even if the stage's manifest says it is done")
+    return ap.parse_args(argv)
+
+
+def main(stage: str, fn: StageFn, argv: list[str] | None = None) -> None:
+    """Load the config, plan the stage, run it unless done, print its manifest summary as one JSON line."""
+    args = parse_args(stage, argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        plan = rounds.plan(cfg, args.round_, stage)
+        manifest = execute(plan, lambda: fn(cfg, plan), force=args.force)
+    except (ConfigError, ArtifactError, ValueError) as e:
+        print(f"dice {stage}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    status = "skipped (already done)" if manifest["skipped"] else f"done in {manifest['duration_s']:.1f}s"
+    print(f"dice {stage} round {args.round_}: {status}")
+    print("DICE_STAGE_RESULT " + json.dumps({"stage": stage, "round": args.round_, "stats": manifest["stats"]}))
+
+
+def out_path(plan: StagePlan, name: str) -> Path:
+    return Path(plan.outputs[name])

@@ -1,0 +1,360 @@
+"""Stage `train`: preference training of π_k from π_{k-1} under DeepSpeed (ZeRO 0-3).
+
+Reads `reference.parquet` (pairs + reference log-probs: no reference model is resident) and the initial
+model; writes a consolidated Hugging Face safetensors checkpoint (`checkpoint/`, with the tokenizer) and
+per-step metrics (`train_metrics.parquet`, TRAIN_METRICS).
+
+Chosen and rejected responses of a micro-batch go through the model in one forward pass. Batches are
+length-grouped (pairs of similar length share a micro-batch) to waste little on padding. The data order
+is a seeded permutation; a global batch is split evenly across processes and micro-batches, so 1 and N
+processes see the same global batches. A global batch that runs short at the end is filled by wrapping
+around to the start, so every pair is trained on.
+
+Processes: `train.num_processes = 1` trains in this process; N > 1 re-launches this module under the
+`deepspeed` launcher (gloo on CPU, NCCL on GPU) with a free master port, and every rank's output appears
+in this process's output.
+
+    python -m stages.train conf/tiny.yaml --round 1
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import schemas
+from pipeline.artifacts import StagePlan, read_parquet, replace_dir, write_parquet
+from pipeline.config import RunConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def load_pairs(path: Path, tokenizer, max_length: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Encode the round's pairs; returns (examples, counts of dropped ones).
+
+    Raises on input that would train on garbage: missing reference columns, NaN reference log-probs,
+    an empty file. Pairs with chosen == rejected (zero signal) and pairs over `max_length` are dropped
+    and counted.
+    """
+    from pipeline.logprobs import encode
+
+    table = read_parquet(path, schemas.REFERENCE)
+    if table.num_rows == 0:
+        raise ValueError(f"{path}: no pairs to train on")
+    d = table.to_pydict()
+    for col in ("ref_chosen_logps", "ref_rejected_logps"):
+        bad = [i for i, v in enumerate(d[col]) if v is None or not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"{path}: column {col} is not finite in row {bad[0]} ({len(bad)} rows); re-run the reference stage")
+    examples, identical, too_long = [], 0, 0
+    for i in range(table.num_rows):
+        if d["chosen"][i] == d["rejected"][i]:
+            identical += 1
+            continue
+        c = encode(tokenizer, d["prompt"][i], d["chosen"][i])
+        r = encode(tokenizer, d["prompt"][i], d["rejected"][i])
+        if max(len(c[0]) + len(c[1]), len(r[0]) + len(r[1])) > max_length:
+            too_long += 1
+            continue
+        examples.append(
+            {"chosen": c, "rejected": r, "ref_chosen": d["ref_chosen_logps"][i], "ref_rejected": d["ref_rejected_logps"][i]}
+        )
+    if not examples:
+        raise ValueError(f"{path}: every pair was dropped ({identical} identical, {too_long} too long)")
+    return examples, {"dropped_identical": identical, "dropped_too_long": too_long}
+
+
+def global_batches(n: int, lengths: list[int], global_batch: int, epochs: int, seed: int) -> list[list[int]]:
+    """Seeded, length-grouped global batches of example indices.
+
+    Each epoch: a seeded permutation, cut into windows of 8 global batches, sorted by length inside each
+    window (so micro-batches hold similar lengths), cut into global batches, whose order is shuffled again.
+    """
+    rng = random.Random(seed)
+    batches: list[list[int]] = []
+    for _ in range(epochs):
+        order = list(range(n))
+        rng.shuffle(order)
+        if len(order) % global_batch:
+            order += order[: global_batch - len(order) % global_batch]  # wrap around: no pair left out
+        window = global_batch * 8
+        epoch_batches = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+            epoch_batches += [chunk[j : j + global_batch] for j in range(0, len(chunk), global_batch)]
+        rng.shuffle(epoch_batches)
+        batches += epoch_batches
+    return batches
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return f
+
+
+def deepspeed_config(cfg: RunConfig, world: int, on_gpu: bool) -> dict[str, Any]:
+    t = cfg.train
+    bf16 = t.bf16 if t.bf16 is not None else on_gpu
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * world),
+        "train_batch_size": t.global_batch_size,
+        "gradient_clipping": t.max_grad_norm,
+        "bf16": {"enabled": bool(bf16)},
+        "zero_optimization": {
+            "stage": t.zero_stage,
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
+        # dice passes a torch AdamW: no JIT-built fused op is needed on CPU.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.deepspeed_config:
+        p = Path(t.deepspeed_config)
+        try:
+            override = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{p}: cannot read the DeepSpeed config: {e}") from e
+        _merge(ds, override)
+    return ds
+
+
+def _merge(base: dict, override: dict) -> None:
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+def _init_distributed(on_gpu: bool) -> None:
+    import importlib
+
+    import deepspeed
+
+    if not on_gpu:
+        # The shared-memory all-reduce op is JIT-compiled on first use (~1 min); gloo alone is enough here.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+
+
+def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
+    """One rank's training. Rank 0 writes the outputs. Returns stats (rank 0)."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from pipeline.logprobs import collate, require_model, sequence_logps
+    from pipeline.losses import preference_loss
+
+    on_gpu = torch.cuda.is_available()
+    _init_distributed(on_gpu)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    t = cfg.train
+    torch.manual_seed(cfg.seed)
+    init = str(plan.inputs["init"])
+    require_model(init)
+    tokenizer = AutoTokenizer.from_pretrained(init, trust_remote_code=cfg.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    examples, dropped = load_pairs(Path(plan.inputs["reference"]), tokenizer, cfg.model.max_length)
+
+    ds_config = deepspeed_config(cfg, world, on_gpu)
+    bf16 = ds_config["bf16"]["enabled"]
+    # Kept alive through from_pretrained so ZeRO-3 partitions weights as they load (no full copy per rank).
+    hf_ds = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None  # noqa: F841
+    model = AutoModelForCausalLM.from_pretrained(
+        init,
+        dtype=torch.bfloat16 if bf16 else torch.float32,
+        trust_remote_code=cfg.model.trust_remote_code,
+        use_safetensors=True,
+    )
+    lengths = [len(e["chosen"][0]) + max(len(e["chosen"][1]), len(e["rejected"][1])) for e in examples]
+    batches = global_batches(len(examples), lengths, t.global_batch_size, t.epochs, cfg.seed)
+    total_steps = len(batches)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.lr_schedule, t.warmup_steps, total_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    engine.train()
+    device = engine.device
+    mb, per_rank = t.micro_batch_size, t.global_batch_size // world
+    steps_per_epoch = total_steps / t.epochs
+    metrics: list[dict[str, Any]] = []
+    for step, batch in enumerate(batches):
+        started = time.perf_counter()
+        mine = batch[rank * per_rank : (rank + 1) * per_rank]
+        sums = torch.zeros(6, dtype=torch.float64)  # loss, chosen_r, rejected_r, correct, pairs, tokens
+        for start in range(0, per_rank, mb):
+            ex = [examples[i] for i in mine[start : start + mb]]
+            # chosen and rejected in one forward pass: rows [0, b) chosen, [b, 2b) rejected
+            input_ids, attention, response = collate([e["chosen"] for e in ex] + [e["rejected"] for e in ex], tokenizer.pad_token_id)
+            input_ids, attention, response = input_ids.to(device), attention.to(device), response.to(device)
+            logits = engine(input_ids=input_ids, attention_mask=attention).logits  # (2b, T, V)
+            logps = sequence_logps(logits, input_ids, response, t.logp_reduction)  # (2b,)
+            b = len(ex)
+            ref_c = torch.tensor([e["ref_chosen"] for e in ex], dtype=logps.dtype, device=device)
+            ref_r = torch.tensor([e["ref_rejected"] for e in ex], dtype=logps.dtype, device=device)
+            losses, cr, rr = preference_loss(
+                t.loss, logps[:b], logps[b:], ref_c, ref_r, beta=t.beta, label_smoothing=t.label_smoothing
+            )
+            engine.backward(losses.mean())
+            engine.step()
+            sums += torch.tensor(
+                [losses.detach().sum().item(), cr.sum().item(), rr.sum().item(), (cr > rr).sum().item(), b, attention.sum().item()],
+                dtype=torch.float64,
+            )
+        dist.all_reduce(sums)
+        elapsed = time.perf_counter() - started
+        loss, cr_sum, rr_sum, correct, n, tokens = sums.tolist()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"round {plan.round}: training loss became {loss} at step {step}; lower train.learning_rate")
+        grad_norm = engine.get_global_grad_norm()
+        metrics.append(
+            {
+                "step": step,
+                "epoch": (step + 1) / steps_per_epoch,
+                "loss": loss / n,
+                "chosen_reward": cr_sum / n,
+                "rejected_reward": rr_sum / n,
+                "margin": (cr_sum - rr_sum) / n,
+                "accuracy": correct / n,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "learning_rate": scheduler.get_last_lr()[0],
+                "tokens": int(tokens),
+                "tokens_per_s": tokens / max(elapsed, 1e-9),
+                "seconds": elapsed,
+            }
+        )
+        if rank == 0:
+            m = metrics[-1]
+            print(
+                f"train round {plan.round} step {step + 1}/{total_steps} loss {m['loss']:.4f} "
+                f"acc {m['accuracy']:.2f} margin {m['margin']:.4f} lr {m['learning_rate']:.2e} "
+                f"{m['tokens_per_s']:.0f} tok/s",
+                flush=True,
+            )
+
+    # Consolidate the (possibly partitioned) weights: every rank takes part, rank 0 writes.
+    if ds_config["zero_optimization"]["stage"] == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict() if rank == 0 else None
+    if rank == 0:
+        final = Path(plan.outputs["checkpoint"])
+        tmp = final.with_name(f".{final.name}.writing")
+        shutil.rmtree(tmp, ignore_errors=True)
+        engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_parquet(pa.Table.from_pylist(metrics, schema=schemas.TRAIN_METRICS), plan.outputs["metrics"], schemas.TRAIN_METRICS)
+        replace_dir(tmp, final)
+    dist.barrier()
+    last = metrics[-1]
+    return {
+        "pairs": len(examples),
+        **dropped,
+        "steps": total_steps,
+        "processes": world,
+        "final_loss": last["loss"],
+        "final_accuracy": last["accuracy"],
+        "final_margin": last["margin"],
+        "mean_loss_first_step": metrics[0]["loss"],
+        "tokens_per_s": float(np.mean([m["tokens_per_s"] for m in metrics])),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- launching
+
+
+def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
+    """Train in this process (1 process) or under the deepspeed launcher (N processes)."""
+    n = cfg.train.num_processes
+    if n == 1:
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        return train_worker(cfg, plan)
+    import torch
+
+    stats_file = plan.round_dir / ".dice" / "train.stats.json"
+    stats_file.unlink(missing_ok=True)
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        # gloo ranks on one CPU machine: split the cores, or each rank's threads fight the others' (25x slower)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    config_file = plan.round_dir / ".dice" / "train.config.yaml"
+    from pipeline.config import save_config
+
+    save_config(cfg, config_file)
+    cmd = [
+        sys.executable, "-m", "deepspeed.launcher.runner",
+        "--num_gpus", str(n), "--master_port", str(free_port()), "--no_local_rank", "--module",
+        "stages.train", str(config_file), "--round", str(plan.round), "--worker", "--stats-file", str(stats_file),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"round {plan.round}: training failed (deepspeed exited with {proc.returncode}); see the rank output above")
+    return json.loads(stats_file.read_text())
+
+
+def _worker_main(argv: list[str]) -> None:
+    import argparse
+
+    from pipeline import rounds
+    from pipeline.config import load_config
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("config")
+    ap.add_argument("--round", type=int, required=True, dest="round_")
+    ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--stats-file", required=True)
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config)
+    stats = train_worker(cfg, rounds.plan(cfg, args.round_, "train"))
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(args.stats_file).write_text(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        _worker_main(sys.argv[1:])
+    else:
+        from stages.common import main
+
+        main("train", run)

@@ -1,0 +1,172 @@
+"""End to end: `dice run` (the real Prefect flow, vLLM, DeepSpeed), SIGKILLed in round 2's training, run again.
+
+One run serves every test in this module: it is the README's job on the tiny model, interrupted the hard
+way, then resumed; the tests read what it left on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import rounds
+from pipeline.config import save_config
+from tests.conftest import REPO, tiny_config
+
+DICE = str(Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "dice")
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def _run_until(cmd: list[str], env: dict, marker: str, timeout: float) -> tuple[subprocess.Popen, list[str]]:
+    """Start `cmd` in its own process group and return once a line containing `marker` was printed."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=5)
+        except queue.Empty:
+            continue
+        if line is None:
+            break
+        seen.append(line)
+        if marker in line:
+            return proc, seen
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"never saw {marker!r}; last output:\n" + "".join(seen[-40:]))
+
+
+def _manifests(run_dir: Path) -> dict[str, str]:
+    return {str(p.relative_to(run_dir)): p.read_text() for p in sorted(run_dir.glob("round-*/.dice/*.json"))}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model):
+    tmp = tmp_path_factory.mktemp("e2e")
+    cfg = tiny_config(tmp / "runs", tiny_model, name="e2e", rounds=2)
+    conf = tmp / "e2e.yaml"
+    save_config(cfg, conf)
+    env = _env(tmp)
+
+    proc, first = _run_until([DICE, "run", str(conf)], env, "train round 2 step 2/", timeout=900)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job dies at once, as when a node is lost
+    proc.wait()
+    before = _manifests(cfg.run_dir)
+    checkpoint_after_kill = (rounds.round_dir(cfg, 2) / "checkpoint").exists()
+
+    second = subprocess.run([DICE, "run", str(conf)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    return {"cfg": cfg, "conf": conf, "env": env, "before": before, "second": second.stdout + second.stderr,
+            "first": "".join(first), "checkpoint_after_kill": checkpoint_after_kill}  # fmt: skip
+
+
+def test_resume_after_sigkill_redoes_nothing_finished(run):
+    cfg, before = run["cfg"], run["before"]
+    assert not run["checkpoint_after_kill"]
+    assert "round-2/.dice/train.json" not in before  # it really died inside training
+    after = _manifests(cfg.run_dir)
+    for name, text in before.items():  # round 1, and round 2 up to reference: untouched manifests
+        assert after[name] == text, f"{name} was redone"
+    assert "round-2/.dice/train.json" in after
+    assert run["second"].count("already done, skipped") == len(before)
+
+    responses = pq.read_table(rounds.round_dir(cfg, 2) / "responses.parquet").to_pandas()
+    assert len(responses) == cfg.data.prompts_per_round * cfg.generate.num_samples
+    assert not responses.duplicated(["prompt_id", "sample_idx"]).any()
+    pairs = pq.read_table(rounds.round_dir(cfg, 2) / "pairs.parquet").to_pandas()
+    ref = pq.read_table(rounds.round_dir(cfg, 2) / "reference.parquet").to_pandas()
+    assert pairs.pair_id.is_unique and ref.pair_id.is_unique
+    assert set(ref.pair_id) <= set(pairs.pair_id)
+    train = json.loads((rounds.round_dir(cfg, 2) / ".dice/train.json").read_text())
+    assert train["stats"]["pairs"] == len(ref)
+
+
+def test_rounds_chain_their_models(run):
+    cfg = run["cfg"]
+    ckpt = {k: str(rounds.round_dir(cfg, k) / "checkpoint") for k in (0, 1, 2)}
+    for k in (1, 2):
+        rd = rounds.round_dir(cfg, k)
+        for f in ("responses.parquet", "labels.parquet", "pairs.parquet", "reference.parquet", "train_metrics.parquet",
+                  "checkpoint/model.safetensors", "checkpoint/tokenizer.json", "manifest.json"):  # fmt: skip
+            assert (rd / f).is_file(), rd / f
+        # round k generates from π_{k-1} and scores with π_{k-1} against π_{k-2}
+        models = set(pq.read_table(rd / "responses.parquet", columns=["model"]).column("model").to_pylist())
+        assert models == {ckpt[k - 1]}
+        label = json.loads((rd / ".dice/label.json").read_text())["inputs"]
+        assert label["policy"]["path"] == ckpt[k - 1]
+        assert label["reference"]["path"] == (ckpt[k - 2] if k == 2 else str(cfg.model.policy))
+        assert json.loads((rd / ".dice/reference.json").read_text())["inputs"]["reference"]["path"] == ckpt[k - 1]
+        assert json.loads((rd / ".dice/train.json").read_text())["inputs"]["init"]["path"] == ckpt[k - 1]
+        manifest = json.loads((rd / "manifest.json").read_text())
+        assert set(manifest["stages"]) == set(rounds.STAGES)
+        assert manifest["files"]["responses"]["rows"] == cfg.data.prompts_per_round * cfg.generate.num_samples
+    labels = pq.read_table(rounds.round_dir(cfg, 2) / "labels.parquet").to_pandas()
+    assert labels.reward.notna().mean() > 0.9 and labels.reward.std() > 0  # π_1 and π_0 differ
+
+
+def test_every_parquet_opens_in_pandas_polars_duckdb_datasets(run):
+    import duckdb
+    import pandas as pd
+    import polars as pl
+    from datasets import load_dataset
+
+    files = sorted(run["cfg"].run_dir.glob("round-*/*.parquet"))
+    assert len(files) == 3 + 2 * 5  # round 0: pairs, reference, metrics; rounds 1-2: five files each
+    for f in files:
+        n = pq.read_metadata(f).num_rows
+        assert len(pd.read_parquet(f)) == n
+        assert pl.read_parquet(f).height == n
+        assert duckdb.sql(f"select count(*) from read_parquet('{f}')").fetchone()[0] == n
+        assert load_dataset("parquet", data_files=str(f), split="train").num_rows == n
+
+
+def test_pairs_are_a_dpo_dataset(run):
+    """prompt/chosen/rejected are plain strings (the columns DPO trainers read) with TRL's reference columns."""
+    from datasets import load_dataset
+
+    ds = load_dataset("parquet", data_files=str(rounds.round_dir(run["cfg"], 1) / "reference.parquet"), split="train")
+    for col in ("prompt", "chosen", "rejected"):
+        assert ds.features[col].dtype == "string"
+        assert all(isinstance(x, str) and x for x in ds[col])
+    assert ds.features["ref_chosen_logps"].dtype == "float64"
+    assert all(c != r for c, r in zip(ds["chosen"], ds["rejected"]))
+    sources = set(ds["source"])
+    assert sources == {"generated", "offline"}  # replay γ = 0.5 mixes offline pairs in
+
+
+def test_inspect(run):
+    run_dir = str(run["cfg"].run_dir)
+    out = subprocess.run([DICE, "inspect", run_dir], capture_output=True, text=True, env={**run["env"], "COLUMNS": "120"})
+    assert out.returncode == 0, out.stderr
+    assert "round 2" in out.stdout and "alpha" in out.stdout and "final_loss" in out.stdout
+    rows = subprocess.run([DICE, "inspect", run_dir, "--round", "1", "--stage", "pairs", "--head", "2"],
+                          capture_output=True, text=True, env={**run["env"], "COLUMNS": "120"})  # fmt: skip
+    assert rows.returncode == 0, rows.stderr
+    assert rows.stdout.count("row ") == 2 and "chosen" in rows.stdout and "rejected" in rows.stdout
+
+
+def test_second_run_on_same_folder_is_refused(run, tmp_path):
+    from pipeline.artifacts import run_lock
+
+    with run_lock(run["cfg"].run_dir):
+        out = subprocess.run([DICE, "run", str(run["conf"])], cwd=REPO, env=run["env"], capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    assert out.returncode != 0
+    assert "already being run" in out.stdout + out.stderr

@@ -1,0 +1,132 @@
+"""The train stage on the real DeepSpeed engine (ZeRO-3, gloo on CPU), launched as users launch it."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline import rounds, schemas
+from pipeline.artifacts import execute
+from pipeline.config import save_config
+from stages import pairs, reference
+
+
+def _prepare_round0(cfg):
+    """Round 0's pairs and reference log-probs, in process (fast), so training has its input."""
+    for name, mod in (("pairs", pairs), ("reference", reference)):
+        plan = rounds.plan(cfg, 0, name)
+        execute(plan, lambda: mod.run(cfg, plan))
+
+
+def _train(cfg, tmp_path, *extra):
+    path = tmp_path / f"{cfg.name}-{cfg.train.num_processes}.yaml"
+    save_config(cfg, path)
+    return subprocess.run(
+        [sys.executable, "-m", "stages.train", str(path), "--round", "0", *extra],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model):
+    """The same round-0 training with 1 and with 2 processes (same global batch)."""
+    from tests.conftest import tiny_config
+
+    base = tmp_path_factory.mktemp("train")
+    cfgs = {}
+    for n in (1, 2):
+        cfg = tiny_config(base / f"runs{n}", tiny_model, **{"train.num_processes": n, "train.micro_batch_size": 2,
+                                                           "round0.max_pairs": 24, "train.learning_rate": 2e-4})  # fmt: skip
+        if n == 1:
+            _prepare_round0(cfg)
+        else:  # identical inputs: copy round 0's pairs/reference (and their manifests)
+            shutil.copytree(rounds.round_dir(cfgs[1], 0), rounds.round_dir(cfg, 0))
+        proc = _train(cfg, base)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        cfgs[n] = cfg
+    return cfgs
+
+
+def test_two_processes_match_one(trained):
+    m1 = pq.read_table(rounds.plan(trained[1], 0, "train").outputs["metrics"]).to_pandas()
+    m2 = pq.read_table(rounds.plan(trained[2], 0, "train").outputs["metrics"]).to_pandas()
+    assert len(m1) == len(m2) == math.ceil(24 / 8)
+    np.testing.assert_allclose(m1.loss, m2.loss, rtol=1e-4)
+    np.testing.assert_allclose(m1.margin, m2.margin, rtol=1e-3, atol=1e-5)
+    assert m1.loss.iloc[0] == pytest.approx(math.log(2), abs=1e-4)  # step 1: policy == reference, h = 0
+    assert (m1.grad_norm > 0).all() and (m1.tokens > 0).all()
+
+
+def test_checkpoint_is_complete_and_trained(trained, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.logprobs import encode, score
+
+    out = rounds.plan(trained[2], 0, "train").outputs["checkpoint"]
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))  # safetensors only
+    init = AutoModelForCausalLM.from_pretrained(tiny_model)
+    new = AutoModelForCausalLM.from_pretrained(out)
+    init_sd, new_sd = init.state_dict(), new.state_dict()
+    assert init_sd.keys() == new_sd.keys()
+    for name, value in init_sd.items():  # every trained parameter moved, nothing came back partitioned/empty
+        assert new_sd[name].shape == value.shape, name
+        assert not torch.equal(new_sd[name], value), name
+    # the trained policy prefers the chosen answers more than the initial one did
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    ref = pq.read_table(rounds.plan(trained[2], 0, "train").inputs["reference"]).to_pandas()
+    c = [encode(tok, p, y) for p, y in zip(ref.prompt, ref.chosen)]
+    r = [encode(tok, p, y) for p, y in zip(ref.prompt, ref.rejected)]
+    margin_new = score(new.eval(), c, tok.pad_token_id, 8) - score(new, r, tok.pad_token_id, 8)
+    margin_ref = ref.ref_chosen_logps - ref.ref_rejected_logps
+    assert (margin_new - margin_ref).mean() > 0
+
+
+def _broken_round(trained, tmp_path, mutate):
+    cfg = trained[1].model_copy(update={"runs_dir": str(tmp_path / "runs")})
+    shutil.copytree(rounds.round_dir(trained[1], 0), rounds.round_dir(cfg, 0))
+    shutil.rmtree(rounds.round_dir(cfg, 0) / "checkpoint")
+    path = rounds.plan(cfg, 0, "train").inputs["reference"]
+    pq.write_table(mutate(pq.read_table(path)), path)
+    return cfg, path
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda t: t.drop_columns(["ref_chosen_logps"]), "missing column(s) ref_chosen_logps"),
+        (lambda t: t.set_column(t.schema.get_field_index("ref_rejected_logps"), "ref_rejected_logps",
+                                pa.array([float("nan")] * t.num_rows)), "ref_rejected_logps is not finite in row 0"),
+        (lambda t: t.slice(0, 0), "no pairs to train on"),
+    ],
+)  # fmt: skip
+def test_bad_training_input_is_a_clear_error(trained, tmp_path, mutate, message):
+    cfg, path = _broken_round(trained, tmp_path, mutate)
+    proc = _train(cfg, tmp_path, "--force")
+    assert proc.returncode == 2
+    assert str(path) in proc.stderr and message in proc.stderr
+    assert not (rounds.round_dir(cfg, 0) / "checkpoint").exists()  # nothing half-written
+
+
+def test_identical_pairs_are_dropped_and_counted(trained, tmp_path):
+    def make_identical(t):
+        rejected = t.column("rejected").to_pylist()
+        rejected[0] = t.column("chosen")[0].as_py()
+        return t.set_column(t.schema.get_field_index("rejected"), "rejected", pa.array(rejected))
+
+    cfg, _ = _broken_round(trained, tmp_path, make_identical)
+    proc = _train(cfg, tmp_path, "--force")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert '"dropped_identical": 1' in proc.stdout
+    assert pq.read_metadata(rounds.plan(cfg, 0, "train").outputs["metrics"]).num_rows == 3
+    assert schemas.TRAIN_METRICS.names == pq.read_schema(rounds.plan(cfg, 0, "train").outputs["metrics"]).names
