@@ -9,7 +9,8 @@ Its one parameter is the typed `RunConfig`, so the Prefect UI shows the config a
 are rejected before a flow run is created. The deployment `iterate` (prefect.yaml) serves this flow.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: Prefect builds the flow's parameter model from the real
+# RunConfig annotation, and a string annotation fails to resolve when a deployment loads this file.
 
 import json
 import os

@@ -90,7 +90,7 @@ def test_bad_parameters_are_rejected_before_a_run_exists(served):
     out = _deployment_run(served["env"], "--params", json.dumps({"config": {"rounds": -1}}))
     assert out.returncode != 0
     text = out.stdout + out.stderr
-    assert "rounds" in text and "greater than or equal to 0" in text
+    assert "config.rounds" in text and "minimum of 0" in text
     assert not served["cfg"].run_dir.exists()
 
 

@@ -133,7 +133,7 @@ def test_every_parquet_opens_in_pandas_polars_duckdb_datasets(run):
         n = pq.read_metadata(f).num_rows
         assert len(pd.read_parquet(f)) == n
         assert pl.read_parquet(f).height == n
-        assert duckdb.sql(f"select count(*) from read_parquet('{f}')").fetchone()[0] == n
+        assert duckdb.sql(f"select count(*) from read_parquet('{f}')").fetchall() == [(n,)]
         assert load_dataset("parquet", data_files=str(f), split="train").num_rows == n
 
 
@@ -170,3 +170,27 @@ def test_second_run_on_same_folder_is_refused(run, tmp_path):
                              timeout=300)  # fmt: skip
     assert out.returncode != 0
     assert "already being run" in out.stdout + out.stderr
+
+
+def test_flow_under_prefect_harness_publishes_round_artifacts(run, tmp_path):
+    """The `dice` flow in-process under prefect_test_harness: a finished run resumes as all-skipped tasks and
+    each round publishes its table artifact with the round's numbers."""
+    from prefect.artifacts import Artifact
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.dice import _artifact_key, dice
+
+    cfg = run["cfg"]
+    before = _manifests(cfg.run_dir)
+    with prefect_test_harness(server_startup_timeout=120):
+        summaries = dice(config=cfg)
+        artifacts = {k: Artifact.get(_artifact_key(cfg.name, k)) for k in (0, 1, 2)}
+    assert _manifests(cfg.run_dir) == before  # nothing recomputed
+    assert [s["round"] for s in summaries] == [0, 1, 2]
+    for k, art in artifacts.items():
+        assert art is not None and art.type == "table"
+        table = {row["metric"]: row["value"] for row in json.loads(art.data)}
+        assert table["round"] == k and table["complete"] is True
+        if k:
+            assert table["pairs_generated"] == summaries[k]["pairs_generated"] > 0
+            assert "alpha" in table and "reward_mean" in table
