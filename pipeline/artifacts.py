@@ -159,6 +159,12 @@ def is_done(plan: StagePlan) -> bool:
     return True
 
 
+def plan_digest(plan: StagePlan) -> str:
+    """One hash of a plan's config and its inputs' content: equal digests mean the same work."""
+    parts = [_config_digest(plan.config)] + [f"{n}={fp}" for n, (_, fp) in sorted(_zip_fp(plan).items())]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+
 def _zip_fp(plan: StagePlan) -> dict[str, tuple[Path | str, str]]:
     return {name: (p, fingerprint(p)) for name, p in plan.inputs.items()}
 

@@ -23,9 +23,15 @@ class ConfigError(ValueError):
 
 
 class LossType(str, Enum):
-    """Preference losses (../shared/METHODS.md §1-5). The foundation trains `dpo`."""
+    """Preference losses (../shared/METHODS.md §2-5), implemented in pipeline/losses.py. DICE trains `dpo`."""
 
-    DPO = "dpo"
+    DPO = "dpo"  # sigmoid DPO; conservative DPO with label_smoothing > 0 (§1, §5)
+    IPO = "ipo"  # offline IPO on per-token-averaged log-probs (§5)
+    IPO_SOFT = "ipo_soft"  # IPO with a soft preference p: online IPO / IPO-MD (§3)
+    SLIC = "slic"  # SLiC hinge (§5)
+    IREPO = "irepo"  # regression of β·h onto logit(p̂) (§2)
+    SR_DPO = "sr_dpo"  # DPO with the self-refinement term Δ (§4)
+    SR_IPO = "sr_ipo"  # IPO with the self-refinement term Δ (§4)
 
 
 class _Section(BaseModel):
@@ -128,8 +134,14 @@ class ReferenceConfig(_Section):
 
 class TrainConfig(_Section):
     loss: LossType = Field(LossType.DPO, description="Preference loss.")
-    beta: float = Field(0.1, gt=0, description="β of DPO; also scales the DICE implicit reward.")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative-DPO label smoothing ε.")
+    beta: float = Field(0.1, gt=0, description="β of DPO, SLiC, iREPO and Sr-DPO; also scales the DICE implicit reward.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative-DPO label smoothing ε (loss=dpo only).")
+    tau: float = Field(0.1, gt=0, description="τ of the IPO losses (ipo, ipo_soft, sr_ipo): the target margin is 1/(2τ).")
+    sr_lambda: float = Field(0.5, ge=0, description="λ, the weight of the self-refinement term Δ in sr_dpo and sr_ipo.")
+    preference_smoothing: Literal["clip", "laplace"] = Field(
+        "clip", description="How irepo keeps p̂ off 0 and 1: clip to [ε, 1−ε], or laplace (k+½)/(N+1)."
+    )
+    preference_clip: float = Field(0.01, gt=0, lt=0.5, description="ε of preference_smoothing=clip.")
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (paper: 5e-7 at 8B; the tiny default is larger).")
     lr_schedule: Literal["constant_with_warmup", "cosine"] = Field("constant_with_warmup", description="Learning-rate schedule.")
     warmup_steps: int = Field(2, ge=0, description="Linear warm-up optimizer steps (paper: 50).")
@@ -144,7 +156,21 @@ class TrainConfig(_Section):
     deepspeed_config: str | None = Field(
         None, description="Optional DeepSpeed JSON whose settings override the ones dice derives from this section."
     )
-    logp_reduction: Literal["sum", "mean"] = Field("sum", description="Sum (DPO) or per-token mean of response log-probs.")
+    logp_reduction: Literal["sum", "mean"] | None = Field(
+        None,
+        description="Sum or per-token mean of response log-probs (policy and reference alike); empty: the loss's "
+        "own convention, mean for offline ipo (as TRL, confirmed with the IPO authors), sum for the others.",
+    )
+    checkpoint_every: int = Field(
+        0, ge=0, description="Save a DeepSpeed checkpoint every N optimizer steps so a killed training resumes (0: off)."
+    )
+
+    @property
+    def reduction(self) -> Literal["sum", "mean"]:
+        """The log-prob reduction in force: `logp_reduction`, or the loss's convention when it is empty."""
+        if self.logp_reduction is not None:
+            return self.logp_reduction
+        return "mean" if self.loss == LossType.IPO else "sum"
 
 
 class RunConfig(_Section):

@@ -67,6 +67,10 @@ PAIRS = pa.schema(
         pa.field("chosen_len", pa.int32()),  # in pairs.length_unit; null for offline pairs
         pa.field("rejected_len", pa.int32()),
         pa.field("alpha", pa.float64()),  # the round's length-debiasing α; null for offline pairs
+        # P(chosen ≻ rejected | prompt) and how many annotators it averages: 1.0 and 1 for hard labels
+        # (best-vs-worst, offline pairs); soft labellers write their empirical preference here.
+        pa.field("preference", pa.float64(), nullable=False),
+        pa.field("annotators", pa.int32(), nullable=False),
         pa.field("round", pa.int32(), nullable=False),
     ]
 )

@@ -65,13 +65,13 @@ def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
         policy_logps = ref_logps = np.full(n, np.nan)
         rewards = np.full(n, np.nan)
         for start in range(0, n, cfg.label.batch_size):
-            out = list(fn(prompts[start : start + cfg.label.batch_size], responses[start : start + cfg.label.batch_size]))
-            if len(out) != len(prompts[start : start + cfg.label.batch_size]):
+            stop = min(start + cfg.label.batch_size, n)
+            out = list(fn(prompts[start:stop], responses[start:stop]))
+            if len(out) != stop - start:
                 raise ValueError(
-                    f"label.python_reward={cfg.label.python_reward}: returned {len(out)} scores for "
-                    f"{len(prompts[start : start + cfg.label.batch_size])} responses"
+                    f"label.python_reward={cfg.label.python_reward}: returned {len(out)} scores for {stop - start} responses"
                 )
-            rewards[start : start + len(out)] = [float(x) if x is not None else math.nan for x in out]
+            rewards[start:stop] = [math.nan if x is None else float(x) for x in out]
     for i in np.flatnonzero(~np.isfinite(rewards)):
         errors[i] = errors[i] or "non_finite"
 

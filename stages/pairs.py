@@ -43,6 +43,8 @@ def _offline_rows(offline: pa.Table, idx: np.ndarray, k: int) -> dict[str, list]
         "chosen_len": [None] * n,
         "rejected_len": [None] * n,
         "alpha": [None] * n,
+        "preference": [1.0] * n,
+        "annotators": [1] * n,
         "round": [k] * n,
     }
 
@@ -92,6 +94,8 @@ def generated_pairs(labels: pa.Table, cfg: RunConfig, k: int) -> tuple[dict[str,
         "chosen_len": length[w].astype(int).tolist(),
         "rejected_len": length[l_].astype(int).tolist(),
         "alpha": [sel.alpha] * len(w),
+        "preference": [1.0] * len(w),  # best-vs-worst is a hard label
+        "annotators": [1] * len(w),
         "round": [k] * len(w),
     }
     stats = {

@@ -35,8 +35,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import schemas
-from pipeline.artifacts import StagePlan, read_parquet, replace_dir, write_parquet
-from pipeline.config import RunConfig
+from pipeline.artifacts import StagePlan, plan_digest, read_parquet, replace_dir, write_json_atomic, write_parquet
+from pipeline.config import LossType, RunConfig
 
 
 def free_port() -> int:
@@ -48,15 +48,21 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def load_pairs(path: Path, tokenizer, max_length: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Encode the round's pairs; returns (examples, counts of dropped ones).
+def load_pairs(path: Path, tokenizer, cfg: RunConfig) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Encode the round's pairs with what the configured loss needs; returns (examples, counts of dropped ones).
 
     Raises on input that would train on garbage: missing reference columns, NaN reference log-probs,
-    an empty file. Pairs with chosen == rejected (zero signal) and pairs over `max_length` are dropped
-    and counted.
+    an empty file. Pairs with chosen == rejected (zero signal) and pairs over `model.max_length` are
+    dropped and counted. Each example holds the (prompt, response) ids of chosen and rejected, their
+    reference log-probs in the configured reduction, the smoothed preference p̂ (ipo_soft, irepo), and
+    for sr_dpo/sr_ipo the ids of both responses after the quality-prefixed prompt.
     """
-    from pipeline.logprobs import encode
+    import torch
 
+    from pipeline.logprobs import encode
+    from pipeline.losses import SR_QUALITY_PREFIX, smooth_preference
+
+    t = cfg.train
     table = read_parquet(path, schemas.REFERENCE)
     if table.num_rows == 0:
         raise ValueError(f"{path}: no pairs to train on")
@@ -65,6 +71,7 @@ def load_pairs(path: Path, tokenizer, max_length: int) -> tuple[list[dict[str, A
         bad = [i for i, v in enumerate(d[col]) if v is None or not math.isfinite(v)]
         if bad:
             raise ValueError(f"{path}: column {col} is not finite in row {bad[0]} ({len(bad)} rows); re-run the reference stage")
+    refined = t.loss in (LossType.SR_DPO, LossType.SR_IPO)
     examples, identical, too_long = [], 0, 0
     for i in range(table.num_rows):
         if d["chosen"][i] == d["rejected"][i]:
@@ -72,12 +79,22 @@ def load_pairs(path: Path, tokenizer, max_length: int) -> tuple[list[dict[str, A
             continue
         c = encode(tokenizer, d["prompt"][i], d["chosen"][i])
         r = encode(tokenizer, d["prompt"][i], d["rejected"][i])
-        if max(len(c[0]) + len(c[1]), len(r[0]) + len(r[1])) > max_length:
+        ex: dict[str, Any] = {"chosen": c, "rejected": r}
+        if refined:  # Δ's forward passes see P ⊕ x (METHODS §4)
+            prefixed = f"{SR_QUALITY_PREFIX} {d['prompt'][i]}"
+            ex["chosen_prefixed"] = encode(tokenizer, prefixed, d["chosen"][i])
+            ex["rejected_prefixed"] = encode(tokenizer, prefixed, d["rejected"][i])
+        if max(len(p) + len(y) for p, y in ex.values()) > cfg.model.max_length:
             too_long += 1
             continue
-        examples.append(
-            {"chosen": c, "rejected": r, "ref_chosen": d["ref_chosen_logps"][i], "ref_rejected": d["ref_rejected_logps"][i]}
-        )
+        # reference.parquet stores summed log-probs; the per-token mean divides by the same response tokens
+        ex["ref_chosen"] = d["ref_chosen_logps"][i] / (d["chosen_tokens"][i] if t.reduction == "mean" else 1)
+        ex["ref_rejected"] = d["ref_rejected_logps"][i] / (d["rejected_tokens"][i] if t.reduction == "mean" else 1)
+        n = d["annotators"][i]
+        ex["preference"] = smooth_preference(
+            torch.tensor([d["preference"][i] * n], dtype=torch.float64), n, t.preference_smoothing, t.preference_clip
+        ).item() if t.loss == LossType.IREPO else d["preference"][i]  # fmt: skip
+        examples.append(ex)
     if not examples:
         raise ValueError(f"{path}: every pair was dropped ({identical} identical, {too_long} too long)")
     return examples, {"dropped_identical": identical, "dropped_too_long": too_long}
@@ -154,6 +171,44 @@ def _merge(base: dict, override: dict) -> None:
             base[k] = v
 
 
+# ---------------------------------------------------------------------------------------------- resume
+
+
+class TrainState:
+    """DeepSpeed checkpoints every `train.checkpoint_every` steps, so a killed training resumes mid-way.
+
+    `resume.json` (written after the checkpoint, atomically) records the tag, the metrics so far and the
+    digest of the plan (config + input fingerprints): a checkpoint of different work is never resumed.
+    """
+
+    def __init__(self, directory: Path, digest: str):
+        self.dir, self.digest = directory, digest
+        self.info = self.dir / "resume.json"
+
+    def resume(self, engine) -> list[dict[str, Any]]:
+        try:
+            info = json.loads(self.info.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return []
+        if info.get("digest") != self.digest:
+            return []
+        engine.load_checkpoint(str(self.dir), tag=info["tag"])
+        return info["metrics"]
+
+    def save(self, engine, metrics: list[dict[str, Any]], rank: int) -> None:
+        import torch.distributed as dist
+
+        tag = f"step-{len(metrics)}"
+        engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)  # every rank writes its shard
+        dist.barrier()
+        if rank == 0:
+            write_json_atomic(self.info, {"digest": self.digest, "tag": tag, "metrics": metrics})
+            for old in self.dir.glob("step-*"):
+                if old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+
 # ---------------------------------------------------------------------------------------------- worker
 
 
@@ -177,7 +232,7 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     from transformers.integrations import HfDeepSpeedConfig
 
     from pipeline.logprobs import collate, require_model, sequence_logps
-    from pipeline.losses import preference_loss
+    from pipeline.losses import preference_loss, refinement_delta
 
     on_gpu = torch.cuda.is_available()
     _init_distributed(on_gpu)
@@ -191,7 +246,7 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(init, trust_remote_code=cfg.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    examples, dropped = load_pairs(Path(plan.inputs["reference"]), tokenizer, cfg.model.max_length)
+    examples, dropped = load_pairs(Path(plan.inputs["reference"]), tokenizer, cfg)
 
     ds_config = deepspeed_config(cfg, world, on_gpu)
     bf16 = ds_config["bf16"]["enabled"]
@@ -215,24 +270,41 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     device = engine.device
     mb, per_rank = t.micro_batch_size, t.global_batch_size // world
     steps_per_epoch = total_steps / t.epochs
-    metrics: list[dict[str, Any]] = []
+    state = TrainState(plan.round_dir / ".dice" / "train-state", plan_digest(plan)) if t.checkpoint_every else None
+    metrics: list[dict[str, Any]] = state.resume(engine) if state else []
+    if metrics and rank == 0:
+        print(f"train round {plan.round}: resuming after step {len(metrics)}/{total_steps} from {state.dir}", flush=True)
     for step, batch in enumerate(batches):
+        if step < len(metrics):  # done before an interruption; the seeded order makes the rest identical
+            continue
         started = time.perf_counter()
         mine = batch[rank * per_rank : (rank + 1) * per_rank]
         sums = torch.zeros(6, dtype=torch.float64)  # loss, chosen_r, rejected_r, correct, pairs, tokens
         for start in range(0, per_rank, mb):
             ex = [examples[i] for i in mine[start : start + mb]]
+            b = len(ex)
+            prefixed = None
+            if t.loss in (LossType.SR_DPO, LossType.SR_IPO):
+                # Δ's extra pass: the same responses after the quality-prefixed prompt, current policy, no
+                # gradient. Run before the training forward so ZeRO-3's parameter fetch order stays the same.
+                with torch.no_grad():
+                    ids_p, att_p, resp_p = (
+                        x.to(device)
+                        for x in collate([e["chosen_prefixed"] for e in ex] + [e["rejected_prefixed"] for e in ex], tokenizer.pad_token_id)
+                    )
+                    prefixed = sequence_logps(engine(input_ids=ids_p, attention_mask=att_p).logits, ids_p, resp_p, t.reduction)  # (2b,)
             # chosen and rejected in one forward pass: rows [0, b) chosen, [b, 2b) rejected
             input_ids, attention, response = collate([e["chosen"] for e in ex] + [e["rejected"] for e in ex], tokenizer.pad_token_id)
             input_ids, attention, response = input_ids.to(device), attention.to(device), response.to(device)
             logits = engine(input_ids=input_ids, attention_mask=attention).logits  # (2b, T, V)
-            logps = sequence_logps(logits, input_ids, response, t.logp_reduction)  # (2b,)
-            b = len(ex)
-            ref_c = torch.tensor([e["ref_chosen"] for e in ex], dtype=logps.dtype, device=device)
-            ref_r = torch.tensor([e["ref_rejected"] for e in ex], dtype=logps.dtype, device=device)
+            logps = sequence_logps(logits, input_ids, response, t.reduction)  # (2b,)
+            as_tensor = lambda key: torch.tensor([e[key] for e in ex], dtype=logps.dtype, device=device)  # noqa: E731
+            delta = None if prefixed is None else refinement_delta(prefixed[:b], prefixed[b:], logps[:b], logps[b:])
             losses, cr, rr = preference_loss(
-                t.loss, logps[:b], logps[b:], ref_c, ref_r, beta=t.beta, label_smoothing=t.label_smoothing
-            )
+                t.loss, logps[:b], logps[b:], as_tensor("ref_chosen"), as_tensor("ref_rejected"),
+                beta=t.beta, label_smoothing=t.label_smoothing, tau=t.tau, preference=as_tensor("preference"),
+                delta=delta, sr_lambda=t.sr_lambda,
+            )  # fmt: skip
             engine.backward(losses.mean())
             engine.step()
             sums += torch.tensor(
@@ -269,20 +341,24 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
                 f"{m['tokens_per_s']:.0f} tok/s",
                 flush=True,
             )
+        if state and (step + 1) % t.checkpoint_every == 0 and step + 1 < total_steps:
+            state.save(engine, metrics, rank)
 
     # Consolidate the (possibly partitioned) weights: every rank takes part, rank 0 writes.
     if ds_config["zero_optimization"]["stage"] == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
+        weights = engine._zero3_consolidated_16bit_state_dict()
     else:
-        state = engine.module.state_dict() if rank == 0 else None
+        weights = engine.module.state_dict() if rank == 0 else None
     if rank == 0:
         final = Path(plan.outputs["checkpoint"])
         tmp = final.with_name(f".{final.name}.writing")
         shutil.rmtree(tmp, ignore_errors=True)
-        engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        engine.module.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_parquet(pa.Table.from_pylist(metrics, schema=schemas.TRAIN_METRICS), plan.outputs["metrics"], schemas.TRAIN_METRICS)
         replace_dir(tmp, final)
+        if state:
+            shutil.rmtree(state.dir, ignore_errors=True)  # the final checkpoint supersedes it
     dist.barrier()
     last = metrics[-1]
     return {

@@ -130,3 +130,70 @@ def test_identical_pairs_are_dropped_and_counted(trained, tmp_path):
     assert '"dropped_identical": 1' in proc.stdout
     assert pq.read_metadata(rounds.plan(cfg, 0, "train").outputs["metrics"]).num_rows == 3
     assert schemas.TRAIN_METRICS.names == pq.read_schema(rounds.plan(cfg, 0, "train").outputs["metrics"]).names
+
+
+def test_killed_training_resumes_from_its_deepspeed_checkpoint(trained, tmp_path):
+    """SIGKILL after step 2 of 3, run again: it resumes from the saved DeepSpeed state and ends exactly where
+    the uninterrupted run (same config, no checkpoints) ended."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    cfg = trained[1].model_copy(update={"runs_dir": str(tmp_path / "runs")})
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"checkpoint_every": 1})})
+    shutil.copytree(rounds.round_dir(trained[1], 0), rounds.round_dir(cfg, 0))
+    for p in ("checkpoint", "train_metrics.parquet", ".dice/train.json"):
+        target = rounds.round_dir(cfg, 0) / p
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    conf = tmp_path / "resume.yaml"
+    save_config(cfg, conf)
+    cmd = [sys.executable, "-u", "-m", "stages.train", str(conf), "--round", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if "step 2/3" in line:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (rounds.round_dir(cfg, 0) / "checkpoint").exists()
+    assert (rounds.round_dir(cfg, 0) / ".dice/train-state/resume.json").is_file()
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming after step" in again.stdout
+    assert not (rounds.round_dir(cfg, 0) / ".dice/train-state").exists()  # cleaned up once the model is saved
+    resumed = pq.read_table(rounds.round_dir(cfg, 0) / "train_metrics.parquet").to_pandas()
+    straight = pq.read_table(rounds.round_dir(trained[1], 0) / "train_metrics.parquet").to_pandas()
+    np.testing.assert_allclose(resumed.loss, straight.loss, rtol=1e-5)
+    a = load_file(rounds.round_dir(cfg, 0) / "checkpoint/model.safetensors")
+    b = load_file(rounds.round_dir(trained[1], 0) / "checkpoint/model.safetensors")
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "loss, first_step_loss",
+    [
+        # step 1: the policy IS the reference, so h = 0 for every pair; what remains is each loss at h = 0
+        ("dpo", math.log(2)),  # −log σ(0)
+        ("ipo", (0 - 1 / (2 * 0.1)) ** 2),  # (h − 1/(2τ))² = 25; only 25 if the reference is per-token mean too
+        ("ipo_soft", (0 - (1.0 - 0.5) / 0.1) ** 2),  # hard label p = 1: (h − (p − ½)/τ)² = 25
+        ("slic", 1.0),  # max(0, 1 − β·0)
+        ("irepo", math.log(0.99 / 0.01) ** 2),  # p = 1 clipped to 0.99: (β·0 − logit 0.99)² = 21.1
+        ("sr_dpo", None),  # depends on Δ ≠ 0
+        ("sr_ipo", None),
+    ],
+)
+def test_every_loss_trains_through_the_stage(trained, tmp_path, loss, first_step_loss):
+    cfg = trained[1].model_copy(update={"runs_dir": str(tmp_path / "runs")})
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"loss": loss})})
+    shutil.copytree(rounds.round_dir(trained[1], 0), rounds.round_dir(cfg, 0))
+    shutil.rmtree(rounds.round_dir(cfg, 0) / "checkpoint")
+    proc = _train(cfg, tmp_path, "--force")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    m = pq.read_table(rounds.round_dir(cfg, 0) / "train_metrics.parquet").to_pandas()
+    assert np.isfinite(m.loss).all() and len(m) == 3
+    if first_step_loss is not None:
+        assert m.loss.iloc[0] == pytest.approx(first_step_loss, rel=1e-4)
+    assert m.margin.iloc[0] == pytest.approx(0, abs=1e-5)  # h = 0 at the start, whatever the loss
+    assert m.margin.iloc[-1] != 0
