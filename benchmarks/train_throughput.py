@@ -242,12 +242,46 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def cpu_jiffies(pid: int) -> tuple[int, int]:
+    """(busy jiffies of the whole machine, CPU jiffies of process `pid`), to tell whether something else ran."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return busy, int(stat[11]) + int(stat[12])  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return 0, 0
+
+
+WAIT_QUIET_S = 0.0  # --wait-quiet
+
+
+def wait_quiet(limit_s: float) -> None:
+    """Wait (up to `limit_s`) until other processes use < 10% of the CPUs over a 2 s sample."""
+    deadline = time.perf_counter() + limit_s
+    hz, ncpu = os.sysconf("SC_CLK_TCK"), os.cpu_count() or 1
+    while True:
+        b0, c0 = cpu_jiffies(os.getpid())
+        time.sleep(2)
+        b1, c1 = cpu_jiffies(os.getpid())
+        share = ((b1 - b0) - (c1 - c0)) / hz / (2 * ncpu)
+        if share < 0.1:
+            return
+        if time.perf_counter() > deadline:
+            print(f"  (the machine is still busy: {100 * share:.0f}% of the CPUs used by others; going on)", flush=True)
+            return
+        time.sleep(8)
+
+
 def run_child(cmd: list[str], step_re: re.Pattern, log: Path) -> dict[str, Any]:
     """Run `cmd`, timestamping step lines on arrival. Returns step end times, the RESULT payload, peak RSS."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    if WAIT_QUIET_S:
+        wait_quiet(WAIT_QUIET_S)
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     step_ends: dict[int, float] = {}
+    step_cpu: dict[int, tuple[int, int]] = {}
     result: dict[str, Any] = {}
     with open(log, "w") as f:
         assert proc.stdout is not None
@@ -257,6 +291,7 @@ def run_child(cmd: list[str], step_re: re.Pattern, log: Path) -> dict[str, Any]:
             m = step_re.match(line)
             if m:
                 step_ends[int(m.group(1))] = now
+                step_cpu[int(m.group(1))] = cpu_jiffies(proc.pid)
             elif line.startswith(RESULT):
                 result = json.loads(line[len(RESULT) :])
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: ru_maxrss is its RSS high-water mark (KiB)
@@ -266,6 +301,7 @@ def run_child(cmd: list[str], step_re: re.Pattern, log: Path) -> dict[str, Any]:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... exited with {proc.returncode}; log {log}:\n{tail}")
     return {
         "step_ends": [step_ends[k] for k in sorted(step_ends)],
+        "step_cpu": [step_cpu[k] for k in sorted(step_cpu)],
         "result": result,
         "peak_rss_mib": usage.ru_maxrss / 1024,
         "process_wall_s": time.perf_counter() - started,
@@ -273,8 +309,9 @@ def run_child(cmd: list[str], step_re: re.Pattern, log: Path) -> dict[str, Any]:
     }
 
 
-def summarize(step_ends: list[float], tokens: list[int], padded: list[int], warmup: int) -> dict[str, Any]:
+def summarize(child: dict[str, Any], tokens: list[int], padded: list[int], warmup: int) -> dict[str, Any]:
     """Timed region: from the end of warm-up step `warmup` to the end of the last step."""
+    step_ends = child["step_ends"]
     if len(step_ends) != len(tokens) or len(step_ends) <= warmup:
         raise RuntimeError(f"saw {len(step_ends)} step ends for {len(tokens)} steps (warm-up {warmup})")
     wall = step_ends[-1] - step_ends[warmup - 1] if warmup else None
@@ -289,10 +326,20 @@ def summarize(step_ends: list[float], tokens: list[int], padded: list[int], warm
         "timed_padded_tokens": sum(padded[warmup:]),
         "padding_share": 1 - timed_tokens / sum(padded[warmup:]),
         "all_steps_tokens": sum(tokens),
+        # CPU time other processes used during the timed region, as a share of all cores: ~0 on a quiet machine
+        "foreign_cpu_share": _foreign_share(child["step_cpu"], warmup, wall),
     }
 
 
-def run_dice(args, model: Path, pairs, zero_stage: int) -> dict[str, Any]:
+def _foreign_share(step_cpu: list[tuple[int, int]], warmup: int, wall: float) -> float | None:
+    (b0, c0), (b1, c1) = step_cpu[warmup - 1], step_cpu[-1]
+    if not b1:
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    return max(0.0, ((b1 - b0) - (c1 - c0)) / hz) / (wall * (os.cpu_count() or 1))
+
+
+def run_dice(args, model: Path, pairs, zero_stage: int, rep: int = 0) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from pipeline import rounds
@@ -304,10 +351,10 @@ def run_dice(args, model: Path, pairs, zero_stage: int) -> dict[str, Any]:
     conf = OUT / "runs" / f"{name}.yaml"
     save_config(cfg, conf)
     cmd = [sys.executable, "-m", "stages.train", str(conf), "--round", "0", "--force"]
-    child = run_child(cmd, DICE_STEP, OUT / "logs" / f"dice-zero{zero_stage}.log")
+    child = run_child(cmd, DICE_STEP, OUT / "logs" / f"dice-zero{zero_stage}-run{rep + 1}.log")
     metrics = pq.read_table(rounds.plan(cfg, 0, "train").outputs["metrics"]).to_pylist()
     tokens = [m["tokens"] for m in metrics]
-    out = summarize(child["step_ends"], tokens, dice_padded_tokens(pairs, args), args.warmup)
+    out = summarize(child, tokens, dice_padded_tokens(pairs, args), args.warmup)
     out["self_reported_s"] = sum(m["seconds"] for m in metrics[args.warmup :])  # dice's own `seconds` column
     out["first_step_loss"] = metrics[0]["loss"]
     out["first_step_margin"] = metrics[0]["margin"]
@@ -317,7 +364,7 @@ def run_dice(args, model: Path, pairs, zero_stage: int) -> dict[str, Any]:
     return out
 
 
-def run_trl(args, model: Path, pairs) -> dict[str, Any]:
+def run_trl(args, model: Path, pairs, rep: int = 0) -> dict[str, Any]:
     data = OUT / "trl_pairs.jsonl"
     with open(data, "w") as f:
         for p in pairs:
@@ -327,9 +374,9 @@ def run_trl(args, model: Path, pairs) -> dict[str, Any]:
         "micro_batch": args.micro_batch, "global_batch": args.global_batch, "seed": args.seed,
     }  # fmt: skip
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "trl", "--worker-spec", json.dumps(spec)]
-    child = run_child(cmd, TRL_STEP, OUT / "logs" / "trl.log")
+    child = run_child(cmd, TRL_STEP, OUT / "logs" / f"trl-run{rep + 1}.log")
     r = child["result"]
-    out = summarize(child["step_ends"], r["tokens"], r["padded"], args.warmup)
+    out = summarize(child, r["tokens"], r["padded"], args.warmup)
     out["self_reported_s"] = sum(r["step_seconds"][args.warmup :])  # callback on_step_end intervals, in the child
     out["first_step_margin"] = r["first_step_margin"]
     out["trl_options"] = r["options"]
@@ -521,14 +568,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--warmup", type=int, default=2, help="leading steps left out of the timing")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each trainer, alternating; the median run is reported")
     ap.add_argument("--dice-zero-stages", default="3", help="comma list of ZeRO stages to run dice with (e.g. 3,0)")
     ap.add_argument("--skip-trl", action="store_true", help="run only dice")
     ap.add_argument("--profile-dice", action="store_true", help="also profile a smaller dice run (ZeRO-3)")
     ap.add_argument("--profile-pairs", type=int, default=96, help="pairs of the profiled run")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                    help="before each trainer, wait up to S seconds for other processes to leave the CPUs (shared machines)")
     ap.add_argument("--out", default=str(OUT / "train_throughput.json"))
     ap.add_argument("--worker", choices=["trl", "dice-profile"], help=argparse.SUPPRESS)
     ap.add_argument("--worker-spec", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
+
+
+def median_run(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median tokens/s (the lower one of the middle two), with every run's tokens/s and the
+    highest peak RSS."""
+    ordered = sorted(rs, key=lambda r: r["tokens_per_s"])
+    out = dict(ordered[(len(ordered) - 1) // 2])
+    out["tokens_per_s_runs"] = [r["tokens_per_s"] for r in rs]
+    out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in rs)
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
 def fmt_row(cols: list[str], widths: list[int]) -> str:
@@ -543,6 +607,10 @@ def main(argv: list[str] | None = None) -> None:
         return dice_profile_worker(json.loads(args.worker_spec))
     if args.global_batch % args.micro_batch:
         sys.exit("--global-batch must be a multiple of --micro-batch")
+    if args.warmup < 1 or args.pairs < (args.warmup + 1) * args.global_batch:
+        sys.exit("need --warmup >= 1 and at least (warmup + 1) × global-batch pairs")
+    global WAIT_QUIET_S
+    WAIT_QUIET_S = args.wait_quiet
     t_start = time.perf_counter()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     OUT.mkdir(parents=True, exist_ok=True)
@@ -567,23 +635,34 @@ def main(argv: list[str] | None = None) -> None:
     ref_s = score_reference(model, pairs)
     print(f"reference log-probs scored once in {ref_s:.1f} s (pipeline.logprobs.score, fp32)", flush=True)
 
-    results: dict[str, dict[str, Any]] = {}
-    for z in [int(s) for s in args.dice_zero_stages.split(",") if s.strip()]:
-        key = "dice" if z == 3 else f"dice (ZeRO-{z})"
-        print(f"running {key} ...", flush=True)
-        results[key] = run_dice(args, model, pairs, z)
-    if not args.skip_trl:
-        print("running TRL DPOTrainer ...", flush=True)
-        results["trl"] = run_trl(args, model, pairs)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    stages = [int(x) for x in args.dice_zero_stages.split(",") if x.strip()]
+    for rep in range(args.repeats):  # alternating, so a slow spell of the machine hits both
+        tag = f" (run {rep + 1}/{args.repeats})" if args.repeats > 1 else ""
+        for z in stages:
+            key = "dice" if z == 3 else f"dice (ZeRO-{z})"
+            print(f"running {key}{tag} ...", flush=True)
+            runs.setdefault(key, []).append(run_dice(args, model, pairs, z, rep))
+        if not args.skip_trl:
+            print(f"running TRL DPOTrainer{tag} ...", flush=True)
+            runs.setdefault("trl", []).append(run_trl(args, model, pairs, rep))
+    results = {k: median_run(v) for k, v in runs.items()}
 
-    header = ["trainer", "tokens/s", "timed wall s", "s/step", "timed steps", "timed tokens", "padding", "peak RSS MiB", "process s"]
-    widths = [16, 9, 12, 7, 11, 12, 7, 12, 9]
+    header = ["trainer", "tokens/s", "timed wall s", "s/step", "timed steps", "timed tokens", "padding", "peak RSS MiB", "process s", "foreign CPU"]
+    widths = [16, 9, 12, 7, 11, 12, 7, 12, 9, 11]
     print()
     print(fmt_row(header, widths))
     for k, r in results.items():
         print(fmt_row([k, f"{r['tokens_per_s']:.0f}", f"{r['timed_wall_s']:.2f}", f"{r['s_per_step']:.2f}", str(r["timed_steps"]),
                        str(r["timed_tokens"]), f"{100 * r['padding_share']:.1f}%", f"{r['peak_rss_mib']:.0f}",
-                       f"{r['process_wall_s']:.1f}"], widths))  # fmt: skip
+                       f"{r['process_wall_s']:.1f}", _pct(r["foreign_cpu_share"])], widths))  # fmt: skip
+    if args.repeats > 1:
+        print("tokens/s of every run (the table shows the median run): "
+              + "; ".join(f"{k} " + ", ".join(f"{x:.0f}" for x in r["tokens_per_s_runs"]) for k, r in results.items()))
+    busy = [k for k, r in results.items() if (r["foreign_cpu_share"] or 0) > 0.05]
+    if busy:
+        print(f"WARNING: other processes used >5% of the CPUs during the timed steps of {', '.join(busy)}: "
+              "the machine was not quiet, the numbers are noisy")
     ratios: dict[str, dict[str, float]] = {}
     if "trl" in results:
         for k, r in results.items():

@@ -161,6 +161,11 @@ class TrainConfig(_Section):
         description="Sum or per-token mean of response log-probs (policy and reference alike); empty: the loss's "
         "own convention, mean for offline ipo (as TRL, confirmed with the IPO authors), sum for the others.",
     )
+    offload_optimizer: bool = Field(False, description="ZeRO: keep optimizer states in CPU memory (ZeRO-Offload).")
+    offload_params: bool = Field(False, description="ZeRO-3: keep parameters in CPU memory between uses.")
+    hostfile: str | None = Field(
+        None, description="DeepSpeed hostfile for several nodes; num_processes is then the GPUs used per node."
+    )
     checkpoint_every: int = Field(
         0, ge=0, description="Save a DeepSpeed checkpoint every N optimizer steps so a killed training resumes (0: off)."
     )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,12 +30,16 @@ def parse_args(stage: str, argv: list[str] | None = None) -> argparse.Namespace:
 def main(stage: str, fn: StageFn, argv: list[str] | None = None) -> None:
     """Load the config, plan the stage, run it unless done, print its manifest summary as one JSON line."""
     args = parse_args(stage, argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed deprecation noise in logs
     try:
         cfg = load_config(args.config, args.overrides)
         plan = rounds.plan(cfg, args.round_, stage)
         manifest = execute(plan, lambda: fn(cfg, plan), force=args.force)
-    except (ConfigError, ArtifactError, ValueError) as e:
+    except (ConfigError, ArtifactError, ValueError, RuntimeError) as e:
+        if os.environ.get("DICE_DEBUG"):
+            raise
         print(f"dice {stage}: error: {e}", file=sys.stderr)
+        print("(set DICE_DEBUG=1 for the full traceback)", file=sys.stderr)
         sys.exit(2)
     status = "skipped (already done)" if manifest["skipped"] else f"done in {manifest['duration_s']:.1f}s"
     print(f"dice {stage} round {args.round_}: {status}")

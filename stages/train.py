@@ -137,6 +137,11 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 def deepspeed_config(cfg: RunConfig, world: int, on_gpu: bool) -> dict[str, Any]:
     t = cfg.train
+    if t.global_batch_size % (t.micro_batch_size * world):
+        raise ValueError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size × processes "
+            f"({t.micro_batch_size} × {world})"
+        )
     bf16 = t.bf16 if t.bf16 is not None else on_gpu
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -147,9 +152,13 @@ def deepspeed_config(cfg: RunConfig, world: int, on_gpu: bool) -> dict[str, Any]
         "zero_optimization": {
             "stage": t.zero_stage,
             "stage3_gather_16bit_weights_on_model_save": True,
+            **({"offload_optimizer": {"device": "cpu", "pin_memory": on_gpu}} if t.offload_optimizer else {}),
+            **({"offload_param": {"device": "cpu", "pin_memory": on_gpu}} if t.offload_params else {}),
         },
-        # dice passes a torch AdamW: no JIT-built fused op is needed on CPU.
+        # dice passes a torch AdamW unless the DeepSpeed JSON names an optimizer: no JIT-built op is needed,
+        # and ZeRO-Offload accepts it (DeepSpeedCPUAdam is faster: name it in train.deepspeed_config).
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -261,11 +270,16 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     lengths = [len(e["chosen"][0]) + max(len(e["chosen"][1]), len(e["rejected"][1])) for e in examples]
     batches = global_batches(len(examples), lengths, t.global_batch_size, t.epochs, cfg.seed)
     total_steps = len(batches)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.lr_schedule, t.warmup_steps, total_steps))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-    )
+    if "optimizer" in ds_config:  # the user's DeepSpeed JSON chose the optimizer (e.g. DeepSpeedCPUAdam)
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    # The schedule drives the torch optimizer inside DeepSpeed's ZeRO wrapper; the engine steps it at
+    # accumulation boundaries and saves/restores it with its checkpoints.
+    base_optimizer = getattr(optimizer, "optimizer", optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_lambda(t.lr_schedule, t.warmup_steps, total_steps))
+    engine.lr_scheduler = scheduler
     engine.train()
     device = engine.device
     mb, per_rank = t.micro_batch_size, t.global_batch_size // world
@@ -278,6 +292,7 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
         if step < len(metrics):  # done before an interruption; the seeded order makes the rest identical
             continue
         started = time.perf_counter()
+        lr_used = scheduler.get_last_lr()[0]  # the rate this step's update uses (the engine steps the schedule after)
         mine = batch[rank * per_rank : (rank + 1) * per_rank]
         sums = torch.zeros(6, dtype=torch.float64)  # loss, chosen_r, rejected_r, correct, pairs, tokens
         for start in range(0, per_rank, mb):
@@ -327,7 +342,7 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
                 "margin": (cr_sum - rr_sum) / n,
                 "accuracy": correct / n,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "learning_rate": scheduler.get_last_lr()[0],
+                "learning_rate": lr_used,
                 "tokens": int(tokens),
                 "tokens_per_s": tokens / max(elapsed, 1e-9),
                 "seconds": elapsed,
@@ -343,6 +358,13 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
             )
         if state and (step + 1) % t.checkpoint_every == 0 and step + 1 < total_steps:
             state.save(engine, metrics, rank)
+
+    # The trained engine's own log-probs of two chosen responses: the saved checkpoint must reproduce them.
+    engine.eval()
+    with torch.no_grad():
+        probe = [examples[i]["chosen"] for i in range(min(2, len(examples)))]
+        ids, att, resp = (x.to(device) for x in collate(probe, tokenizer.pad_token_id))
+        probe_logps = sequence_logps(engine(input_ids=ids, attention_mask=att).logits, ids, resp, "sum").tolist()
 
     # Consolidate the (possibly partitioned) weights: every rank takes part, rank 0 writes.
     if ds_config["zero_optimization"]["stage"] == 3:
@@ -371,6 +393,7 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
         "final_margin": last["margin"],
         "mean_loss_first_step": metrics[0]["loss"],
         "tokens_per_s": float(np.mean([m["tokens_per_s"] for m in metrics])),
+        "probe_chosen_logps": probe_logps,
     }
 
 
@@ -389,6 +412,8 @@ def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
 
     stats_file = plan.round_dir / ".dice" / "train.stats.json"
     stats_file.unlink(missing_ok=True)
+    for stale in plan.round_dir.glob(".dice/train.rank*.error"):
+        stale.unlink()
     env = dict(os.environ)
     if not torch.cuda.is_available():
         # gloo ranks on one CPU machine: split the cores, or each rank's threads fight the others' (25x slower)
@@ -398,14 +423,17 @@ def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     from pipeline.config import save_config
 
     save_config(cfg, config_file)
+    hosts = ["--hostfile", cfg.train.hostfile] if cfg.train.hostfile else []
     cmd = [
-        sys.executable, "-m", "deepspeed.launcher.runner",
+        sys.executable, "-m", "deepspeed.launcher.runner", *hosts,
         "--num_gpus", str(n), "--master_port", str(free_port()), "--no_local_rank", "--module",
         "stages.train", str(config_file), "--round", str(plan.round), "--worker", "--stats-file", str(stats_file),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"round {plan.round}: training failed (deepspeed exited with {proc.returncode}); see the rank output above")
+        errors = sorted(plan.round_dir.glob(".dice/train.rank*.error"))
+        detail = f"{errors[0].stem.split('.')[-1]} failed:\n{errors[0].read_text()}" if errors else "see the rank output above"
+        raise RuntimeError(f"round {plan.round}: training failed (deepspeed exited with {proc.returncode}); {detail}")
     return json.loads(stats_file.read_text())
 
 
@@ -422,7 +450,15 @@ def _worker_main(argv: list[str]) -> None:
     ap.add_argument("--stats-file", required=True)
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
-    stats = train_worker(cfg, rounds.plan(cfg, args.round_, "train"))
+    plan = rounds.plan(cfg, args.round_, "train")
+    try:
+        stats = train_worker(cfg, plan)
+    except BaseException:  # record this rank's error for the launcher's message, then fail as usual
+        import traceback
+
+        rank = os.environ.get("RANK", "0")
+        (plan.round_dir / ".dice" / f"train.rank{rank}.error").write_text(traceback.format_exc()[-4000:])
+        raise
     if int(os.environ.get("RANK", "0")) == 0:
         Path(args.stats_file).write_text(json.dumps(stats))
 

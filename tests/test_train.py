@@ -63,6 +63,8 @@ def test_two_processes_match_one(trained):
     np.testing.assert_allclose(m1.margin, m2.margin, rtol=1e-3, atol=1e-5)
     assert m1.loss.iloc[0] == pytest.approx(math.log(2), abs=1e-4)  # step 1: policy == reference, h = 0
     assert (m1.grad_norm > 0).all() and (m1.tokens > 0).all()
+    # linear warm-up over 2 steps, then constant: lr·1/3, lr·2/3, lr
+    np.testing.assert_allclose(m1.learning_rate, [2e-4 / 3, 4e-4 / 3, 2e-4], rtol=1e-6)
 
 
 def test_checkpoint_is_complete_and_trained(trained, tiny_model):
@@ -197,3 +199,54 @@ def test_every_loss_trains_through_the_stage(trained, tmp_path, loss, first_step
         assert m.loss.iloc[0] == pytest.approx(first_step_loss, rel=1e-4)
     assert m.margin.iloc[0] == pytest.approx(0, abs=1e-5)  # h = 0 at the start, whatever the loss
     assert m.margin.iloc[-1] != 0
+
+
+def test_checkpoint_reloads_to_the_engines_logps(trained):
+    """The consolidated safetensors checkpoint (2 processes, ZeRO-3) gives the log-probs the engine gave."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.logprobs import encode, score
+
+    rd = rounds.round_dir(trained[2], 0)
+    probe = json.loads((rd / ".dice/train.json").read_text())["stats"]["probe_chosen_logps"]
+    model = AutoModelForCausalLM.from_pretrained(rd / "checkpoint").eval()
+    tok = AutoTokenizer.from_pretrained(rd / "checkpoint")
+    ref = pq.read_table(rd / "reference.parquet").slice(0, 2).to_pylist()
+    ours = score(model, [encode(tok, r["prompt"], r["chosen"]) for r in ref], tok.pad_token_id, 2)
+    np.testing.assert_allclose(ours, probe, atol=1e-4, rtol=1e-5)
+
+
+def test_zero3_offload_trains_like_without(trained, tmp_path):
+    cfg = trained[1].model_copy(update={"runs_dir": str(tmp_path / "runs")})
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"offload_optimizer": True, "offload_params": True})})
+    shutil.copytree(rounds.round_dir(trained[1], 0), rounds.round_dir(cfg, 0))
+    shutil.rmtree(rounds.round_dir(cfg, 0) / "checkpoint")
+    proc = _train(cfg, tmp_path, "--force")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    offloaded = pq.read_table(rounds.round_dir(cfg, 0) / "train_metrics.parquet").column("loss").to_numpy()
+    straight = pq.read_table(rounds.round_dir(trained[1], 0) / "train_metrics.parquet").column("loss").to_numpy()
+    np.testing.assert_allclose(offloaded, straight, rtol=1e-4)
+
+
+def test_a_failing_rank_fails_the_stage_with_its_error(trained, tmp_path):
+    def nan_logps(t):
+        return t.set_column(t.schema.get_field_index("ref_chosen_logps"), "ref_chosen_logps",
+                            pa.array([float("nan")] * t.num_rows))  # fmt: skip
+
+    cfg, path = _broken_round(trained, tmp_path, nan_logps)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_processes": 2})})
+    proc = _train(cfg, tmp_path, "--force")
+    assert proc.returncode == 2
+    assert "training failed" in proc.stderr and "failed:" in proc.stderr  # the rank's own traceback follows
+    assert "ref_chosen_logps is not finite" in proc.stderr
+
+
+def test_lr_schedules():
+    from stages.train import lr_lambda
+
+    const = lr_lambda("constant_with_warmup", 2, 10)
+    assert [const(s) for s in range(4)] == pytest.approx([1 / 3, 2 / 3, 1, 1])
+    cos = lr_lambda("cosine", 0, 10)
+    assert [cos(s) for s in (0, 5, 10)] == pytest.approx([1, 0.5, 0], abs=1e-12)  # half-way: ½(1 + cos π/2)
