@@ -185,6 +185,11 @@ class RunConfig(_Section):
     runs_dir: str = Field("runs", description="Folder holding all runs.")
     rounds: int = Field(2, ge=0, description="DICE rounds after round 0 (paper: 2-3).")
     seed: int = Field(0, description="Seed of prompt selection, sampling, pair sampling and training order.")
+    gpu_slots: str | None = Field(
+        "gpu",
+        description="Prefect global concurrency limit whose slots GPU stages hold, one per GPU they use, so stages "
+        "queue for GPUs (create it: prefect gcl create gpu --limit <GPUs>). Empty, or no such limit: no queueing.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig, description="Models.")
     data: DataConfig = Field(default_factory=DataConfig, description="Shipped or user datasets.")
     round0: Round0Config = Field(default_factory=Round0Config, description="How π_0 is obtained.")

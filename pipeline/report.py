@@ -56,6 +56,8 @@ def round_summary(round_dir: Path) -> dict[str, Any]:
         "train_steps": t.get("steps"),
         "final_loss": t.get("final_loss"),
         "final_accuracy": t.get("final_accuracy"),
+        "final_margin": t.get("final_margin"),
+        "train_tokens_per_s": t.get("tokens_per_s"),
         "seconds": round(sum(m.get("duration_s", 0.0) for m in ms.values()), 1),
     }
     return row

@@ -118,3 +118,20 @@ def plan(cfg: RunConfig, k: int, stage: str) -> StagePlan:
         config={"train": cfg.train.model_dump(mode="json"), "seed": cfg.seed, **scoring},
         roles={"init": f"π_{k - 1}", "output": f"π_{k}"},
     )
+
+
+def gpus_used(cfg: RunConfig, stage: str) -> int:
+    """GPUs a stage occupies while it runs (0 for CPU-only stages): what it holds of the `gpu_slots` limit."""
+    return {
+        "generate": cfg.generate.engine.tensor_parallel_size,
+        "label": 1 if cfg.label.labeller == "implicit_reward" else 0,
+        "reference": 1,
+        "train": cfg.train.num_processes,
+    }.get(stage, 0)
+
+
+def latest_complete_round(cfg: RunConfig) -> int:
+    """The highest round whose manifest exists (-1 when none has finished)."""
+    from pipeline.report import round_dirs
+
+    return max((k for k, d in round_dirs(cfg.run_dir) if (d / "manifest.json").is_file()), default=-1)

@@ -7,6 +7,11 @@ and Prefect run for real in the stage processes the flow starts.
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -72,3 +77,60 @@ def llm(tiny_model):
     yield engine
     del engine
 
+
+
+BIN = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str, every: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _healthy(api: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM a process group started with start_new_session, SIGKILL it if it lingers."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server start` on loopback, as the README runs it; yields the environment that points at it."""
+    tmp = tmp_path_factory.mktemp("prefect-server")
+    api = f"http://127.0.0.1:{free_port()}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "home"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+           "PREFECT_WORKER_QUERY_SECONDS": "2"}  # fmt: skip
+    log = open(tmp / "server.log", "w")
+    port = api.split(":")[-1].split("/")[0]
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        wait_for(lambda: _healthy(api), 120, "the Prefect server")
+        yield env
+    finally:
+        stop(server)
+        log.close()
