@@ -18,10 +18,13 @@ import subprocess
 import sys
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Optional
+
+from pydantic import Field
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
+from prefect.concurrency.sync import concurrency
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipeline import rounds
@@ -68,7 +71,15 @@ def run_stage(config_path: str, cfg: RunConfig, k: int, stage: str) -> dict[str,
         logger.info(f"round {k} {stage}: already done, skipped")
         manifest = read_manifest(plan.manifest_path) or {}
         return manifest.get("stats", {})
-    result = _stream([sys.executable, "-m", f"stages.{stage}", config_path, "--round", str(k)], f"round {k} {stage}")
+    cmd = [sys.executable, "-m", f"stages.{stage}", config_path, "--round", str(k)]
+    slots = rounds.gpus_used(cfg, stage)
+    if cfg.gpu_slots and slots:
+        # Queue for GPUs instead of oversubscribing them: hold one slot of the `gpu_slots` limit per GPU
+        # (a no-op when no such limit exists, e.g. on a laptop).
+        with concurrency(cfg.gpu_slots, occupy=slots, strict=False):
+            result = _stream(cmd, f"round {k} {stage}")
+    else:
+        result = _stream(cmd, f"round {k} {stage}")
     return json.loads(result)["stats"] if result else {}
 
 
@@ -104,11 +115,22 @@ def publish_round(cfg: RunConfig, k: int) -> dict[str, Any]:
 
 
 @flow(name="dice", log_prints=True)
-def dice(config: RunConfig = RunConfig()) -> list[dict[str, Any]]:  # noqa: B008 (the default is immutable in use)
+def dice(
+    config: RunConfig = RunConfig(),  # noqa: B008 (the default is immutable in use)
+    more_rounds: Annotated[
+        Optional[int],
+        Field(ge=1, description="Continue the run by this many rounds after its latest finished round "
+              "(scheduled deployments); empty: run config.rounds."),
+    ] = None,  # fmt: skip
+) -> list[dict[str, Any]]:
     """Iterative self-alignment rounds (DICE): round 0 offline DPO, then generate → label → pairs → reference → train."""
-    cfg = config
     logger = get_run_logger()
-    with run_lock(cfg.run_dir):
+    with run_lock(config.run_dir):
+        cfg = config
+        if more_rounds is not None:
+            latest = rounds.latest_complete_round(config)
+            cfg = config.model_copy(update={"rounds": max(latest, 0) + more_rounds})
+            logger.info(f"run {cfg.name}: latest finished round {latest}; continuing to round {cfg.rounds}")
         config_path = cfg.run_dir / "config.yaml"
         save_config(cfg, config_path)
         if cfg.model.build_tiny_if_missing and not Path(cfg.model.policy).exists():
