@@ -62,6 +62,9 @@ def serve(
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides of those defaults."),
     deployment: str = typer.Option("iterate", help="Deployment name in prefect.yaml."),
     prefect_yaml: Path = typer.Option(Path("prefect.yaml"), help="Where the deployment is declared."),
+    more_rounds: Optional[int] = typer.Option(None, min=1, help="Each flow run continues the run by N rounds (for schedules)."),
+    interval: Optional[int] = typer.Option(None, min=1, help="Schedule: start a flow run every N seconds."),
+    cron: Optional[str] = typer.Option(None, help='Schedule: a cron string, e.g. "0 3 * * *".'),
 ) -> None:
     """Serve the `dice/iterate` deployment declared in prefect.yaml; then `prefect deployment run dice/iterate`."""
     import yaml
@@ -77,11 +80,17 @@ def serve(
     parameters = dict(spec.get("parameters") or {})
     if config or overrides:
         parameters["config"] = _load(config, overrides).model_dump(mode="json")
-    schedule = {}
+    if more_rounds is not None:
+        parameters["more_rounds"] = more_rounds
+    schedule: dict[str, Any] = {}
     for s in spec.get("schedules") or []:
         for key in ("cron", "interval"):
             if s.get(key) is not None:
                 schedule[key] = s[key]
+    if interval is not None:
+        schedule = {"interval": interval}
+    if cron is not None:
+        schedule = {"cron": cron}
     _prefect_env()
     from flows.dice import dice
 
