@@ -75,6 +75,61 @@ def sequence_logps(
     return total
 
 
+def _head_only_applies(model) -> bool:
+    """True when logits are exactly lm_head(final hidden state): no soft-capping or scaling after the head."""
+    cfg = model.config
+    return (
+        getattr(cfg, "final_logit_softcapping", None) is None
+        and getattr(cfg, "logit_scale", None) in (None, 1.0)
+        and not hasattr(model, "logit_scale")
+        and model.get_output_embeddings() is not None
+    )
+
+
+def response_logps(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, reduction: Reduction = "sum"
+) -> torch.Tensor:
+    """Per-sequence response log-probs of a causal LM, computing the LM head only where it is needed.
+
+    The head (and the float32 log-softmax over the vocabulary) runs only at the positions that predict a
+    response token, not at prompt or padding positions: with 128k-token vocabularies that is most of the
+    memory of a forward pass. Models whose logits are more than the head of the last hidden state (soft-capping,
+    scaling) take the plain path through `.logits`.
+
+    Args:
+        model: a transformers causal LM (or anything with get_decoder()/get_output_embeddings()).
+        input_ids, attention_mask, response_mask: (B, T), as from `collate`.
+    Returns:
+        (B,) float32 log-probs.
+    """
+    if not _head_only_applies(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+        return sequence_logps(logits, input_ids, response_mask, reduction)
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    predicts = response_mask[:, 1:].bool()  # (B, T-1): position t predicts response token t+1
+    rows = predicts.nonzero()[:, 0]  # (N,) the sequence of each kept position
+    logits = model.get_output_embeddings()(hidden[:, :-1][predicts]).float()  # (N, V)
+    targets = input_ids[:, 1:][predicts]  # (N,)
+    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (N,)
+    total = torch.zeros(input_ids.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+    total = total.index_add(0, rows, token_logps)  # (B,)
+    if reduction == "mean":
+        return total / predicts.sum(-1).clamp(min=1)
+    return total
+
+
+class ResponseScorer(torch.nn.Module):
+    """A causal LM whose forward returns per-sequence response log-probs (what DeepSpeed's engine wraps in
+    training, so its backward hooks see the (2B,) log-probs rather than a (2B, T, V) logits tensor)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, response_mask, reduction: Reduction = "sum") -> torch.Tensor:
+        return response_logps(self.lm, input_ids, attention_mask, response_mask, reduction)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -127,6 +182,5 @@ def score(
         idx = order[start : start + batch_size]
         input_ids, attention, response = collate([encoded[i] for i in idx], pad_id)
         input_ids, attention, response = input_ids.to(device), attention.to(device), response.to(device)
-        logits = model(input_ids=input_ids, attention_mask=attention).logits  # (b, T, V)
-        out[idx] = sequence_logps(logits, input_ids, response, reduction).double().cpu().numpy()
+        out[idx] = response_logps(model, input_ids, attention, response, reduction).double().cpu().numpy()
     return out

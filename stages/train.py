@@ -240,7 +240,7 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
-    from pipeline.logprobs import collate, require_model, sequence_logps
+    from pipeline.logprobs import ResponseScorer, collate, require_model
     from pipeline.losses import preference_loss, refinement_delta
 
     on_gpu = torch.cuda.is_available()
@@ -270,11 +270,12 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     lengths = [len(e["chosen"][0]) + max(len(e["chosen"][1]), len(e["rejected"][1])) for e in examples]
     batches = global_batches(len(examples), lengths, t.global_batch_size, t.epochs, cfg.seed)
     total_steps = len(batches)
+    scorer = ResponseScorer(model)  # the engine's forward returns (2b,) response log-probs
     if "optimizer" in ds_config:  # the user's DeepSpeed JSON chose the optimizer (e.g. DeepSpeedCPUAdam)
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        engine, optimizer, _, _ = deepspeed.initialize(model=scorer, model_parameters=scorer.parameters(), config=ds_config)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        optimizer = torch.optim.AdamW(scorer.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+        engine, optimizer, _, _ = deepspeed.initialize(model=scorer, optimizer=optimizer, config=ds_config)
     # The schedule drives the torch optimizer inside DeepSpeed's ZeRO wrapper; the engine steps it at
     # accumulation boundaries and saves/restores it with its checkpoints.
     base_optimizer = getattr(optimizer, "optimizer", optimizer)
@@ -307,12 +308,11 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
                         x.to(device)
                         for x in collate([e["chosen_prefixed"] for e in ex] + [e["rejected_prefixed"] for e in ex], tokenizer.pad_token_id)
                     )
-                    prefixed = sequence_logps(engine(input_ids=ids_p, attention_mask=att_p).logits, ids_p, resp_p, t.reduction)  # (2b,)
+                    prefixed = engine(ids_p, att_p, resp_p, t.reduction)  # (2b,)
             # chosen and rejected in one forward pass: rows [0, b) chosen, [b, 2b) rejected
             input_ids, attention, response = collate([e["chosen"] for e in ex] + [e["rejected"] for e in ex], tokenizer.pad_token_id)
             input_ids, attention, response = input_ids.to(device), attention.to(device), response.to(device)
-            logits = engine(input_ids=input_ids, attention_mask=attention).logits  # (2b, T, V)
-            logps = sequence_logps(logits, input_ids, response, t.reduction)  # (2b,)
+            logps = engine(input_ids, attention, response, t.reduction)  # (2b,) response log-probs
             as_tensor = lambda key: torch.tensor([e[key] for e in ex], dtype=logps.dtype, device=device)  # noqa: E731
             delta = None if prefixed is None else refinement_delta(prefixed[:b], prefixed[b:], logps[:b], logps[b:])
             losses, cr, rr = preference_loss(
@@ -364,18 +364,20 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     with torch.no_grad():
         probe = [examples[i]["chosen"] for i in range(min(2, len(examples)))]
         ids, att, resp = (x.to(device) for x in collate(probe, tokenizer.pad_token_id))
-        probe_logps = sequence_logps(engine(input_ids=ids, attention_mask=att).logits, ids, resp, "sum").tolist()
+        probe_logps = engine(ids, att, resp, "sum").tolist()
 
     # Consolidate the (possibly partitioned) weights: every rank takes part, rank 0 writes.
     if ds_config["zero_optimization"]["stage"] == 3:
         weights = engine._zero3_consolidated_16bit_state_dict()
     else:
         weights = engine.module.state_dict() if rank == 0 else None
+    if weights is not None:  # keys of the wrapper are "lm.<name>": the checkpoint is the bare model
+        weights = {k.removeprefix("lm."): v for k, v in weights.items()}
     if rank == 0:
         final = Path(plan.outputs["checkpoint"])
         tmp = final.with_name(f".{final.name}.writing")
         shutil.rmtree(tmp, ignore_errors=True)
-        engine.module.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        engine.module.lm.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_parquet(pa.Table.from_pylist(metrics, schema=schemas.TRAIN_METRICS), plan.outputs["metrics"], schemas.TRAIN_METRICS)
         replace_dir(tmp, final)
