@@ -53,6 +53,10 @@ def run(
     except RunLocked as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(3) from None
+    except RuntimeError as e:  # a stage failed; its own message (file, row, field) is in `e`
+        err.print(f"[red]error:[/red] {e}")
+        err.print(f"Finished stages are kept; fix the cause and run the same command again to resume ({cfg.run_dir}).")
+        raise typer.Exit(1) from None
     _print_summary(cfg.run_dir)
 
 

@@ -194,3 +194,19 @@ def test_flow_under_prefect_harness_publishes_round_artifacts(run, tmp_path):
         if k:
             assert table["pairs_generated"] == summaries[k]["pairs_generated"] > 0
             assert "alpha" in table and "reward_mean" in table
+
+
+def test_bad_input_fails_the_run_with_the_file_and_line(tmp_path, tiny_model):
+    """A broken offline set: `dice run` stops at round 0's pairs with the file and line, no traceback."""
+    offline = tmp_path / "offline.jsonl"
+    lines = (REPO / "data/offline_prefs.jsonl").read_text().splitlines()[:5]
+    offline.write_text("\n".join(lines + ['{"prompt": "p", "chosen": "same", "rejected": "same"}']) + "\n")
+    cfg = tiny_config(tmp_path / "runs", tiny_model, name="bad", **{"data.offline": str(offline)})
+    conf = tmp_path / "bad.yaml"
+    save_config(cfg, conf)
+    out = subprocess.run([DICE, "run", str(conf)], cwd=REPO, env=_env(tmp_path), capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 1
+    assert f"{offline}: line 6: chosen and rejected are identical" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (rounds.round_dir(cfg, 0) / "pairs.parquet").exists()
