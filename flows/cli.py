@@ -13,7 +13,7 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="dice: iterative self-alignment rounds (DICE) on vLLM, DeepSpeed and Prefect.")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # error lines stay whole (paths are long; users grep them)
 
 
 def _prefect_env() -> None:
