@@ -114,11 +114,17 @@ def inspect(
     round_: Optional[int] = typer.Option(None, "--round", help="Show rows of this round (with --stage)."),
     stage: Optional[str] = typer.Option(None, help="generate | label | pairs | reference | train (its Parquet output)."),
     head: int = typer.Option(5, help="Rows to show."),
+    sql: Optional[str] = typer.Option(
+        None, help="A duckdb query over all rounds: views responses, labels, pairs, reference, train_metrics (with `round`)."
+    ),
 ) -> None:
     """Print a per-round table of a run; with --round and --stage, the first rows of that stage's Parquet."""
     if not run_dir.is_dir():
         err.print(f"[red]error:[/red] {run_dir}: no such run folder")
         raise typer.Exit(2)
+    if sql is not None:
+        _print_sql(run_dir, sql)
+        return
     if stage is None and round_ is None:
         _print_summary(run_dir)
         return
@@ -176,6 +182,87 @@ def _print_rows(run_dir: Path, k: int, stage: str, head: int) -> None:
         for c in pf.schema_arrow.names:
             table.add_row(c, _fmt(r[c], 2000))
         console.print(table)
+
+
+def _duckdb(run_dir: Path):
+    """A duckdb connection with one view per stage output: the union over rounds, with a `round` column."""
+    import duckdb
+
+    from pipeline.rounds import OUTPUT_FILES
+
+    con = duckdb.connect()
+    for files in OUTPUT_FILES.values():
+        for f in files.values():
+            if not f.endswith(".parquet") or not list(run_dir.glob(f"round-*/{f}")):
+                continue
+            name = Path(f).stem  # responses, labels, pairs, reference, train_metrics
+            pattern = str(run_dir / "round-*" / f).replace("'", "''")
+            src = f"read_parquet('{pattern}', filename = true, union_by_name = true)"
+            cols = [r[0] for r in con.execute(f"describe select * from {src}").fetchall()]
+            # train_metrics has no `round` column: its folder gives it
+            from_folder = "" if "round" in cols else ", cast(regexp_extract(filename, 'round-(\\d+)', 1) as integer) as round"
+            con.execute(f"create view {name} as select * exclude (filename){from_folder} from {src}")
+    return con
+
+
+def _print_sql(run_dir: Path, sql: str) -> None:
+    import duckdb
+
+    try:
+        rel = _duckdb(run_dir).execute(sql)
+        names = [d[0] for d in rel.description]
+        rows = rel.fetchall()
+    except duckdb.Error as e:
+        err.print(f"[red]error:[/red] --sql: {e}")
+        raise typer.Exit(2) from None
+    table = Table(title=f"{len(rows)} rows")
+    for n in names:
+        table.add_column(n, overflow="fold")
+    for r in rows[:1000]:
+        table.add_row(*[_fmt(v, 80) for v in r])
+    console.print(table)
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A run folder, e.g. runs/tiny."),
+    out: Optional[Path] = typer.Option(None, help="Output HTML (default: RUN_DIR/report.html)."),
+) -> None:
+    """Write a self-contained HTML page of plots per round: rewards, lengths, α, agreement, training curves."""
+    from pipeline.html_report import write_report
+
+    if not run_dir.is_dir():
+        err.print(f"[red]error:[/red] {run_dir}: no such run folder")
+        raise typer.Exit(2)
+    console.print(f"report written to {write_report(run_dir, out)}")
+
+
+@app.command()
+def diff(
+    run_dir: Path = typer.Argument(..., help="A run folder."),
+    a: int = typer.Argument(..., help="First round."),
+    b: int = typer.Argument(..., help="Second round."),
+    examples: int = typer.Option(2, help="Example prompts to show with one response from each round."),
+) -> None:
+    """Compare two rounds: counts, lengths, rewards, α, training results, and how responses changed."""
+    from pipeline.report import round_diff
+
+    for k in (a, b):
+        if not (run_dir / f"round-{k}").is_dir():
+            err.print(f"[red]error:[/red] {run_dir / f'round-{k}'}: no such round")
+            raise typer.Exit(2)
+    result = round_diff(run_dir, a, b, examples)
+    table = Table(title=f"{run_dir}: round {a} → round {b}")
+    for c, j in (("metric", "left"), (f"round {a}", "right"), (f"round {b}", "right"), ("change", "right")):
+        table.add_column(c, justify=j)
+    for name, (x, y) in result["metrics"].items():
+        change = f"{y - x:+.4g}" if isinstance(x, (int, float)) and isinstance(y, (int, float)) and not isinstance(x, bool) else ""
+        table.add_row(name, _fmt(x, 24), _fmt(y, 24), change)
+    console.print(table)
+    for ex in result["examples"]:
+        console.print(f"[bold]{_fmt(ex['prompt'], 200)}[/bold]")
+        console.print(f"  round {a}: {_fmt(ex['a'], 300)}")
+        console.print(f"  round {b}: {_fmt(ex['b'], 300)}")
 
 
 @app.command("tiny-model")

@@ -30,6 +30,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pipeline import rounds
 from pipeline.artifacts import is_done, read_manifest, run_lock, write_json_atomic
 from pipeline.config import RunConfig, save_config
+from pipeline.html_report import round_markdown, write_report
 from pipeline.report import round_summary, stage_manifests
 
 REPO = Path(__file__).resolve().parent.parent
@@ -111,6 +112,12 @@ def publish_round(cfg: RunConfig, k: int) -> dict[str, Any]:
     summary = round_summary(rd)
     table = [{"metric": key, "value": "" if v is None else (round(v, 4) if isinstance(v, float) else v)} for key, v in summary.items()]
     create_table_artifact(table=table, key=_artifact_key(cfg.name, k), description=f"dice run {cfg.name}, round {k}")
+    report = write_report(cfg.run_dir)  # the whole run's HTML, regenerated as each round lands
+    create_markdown_artifact(
+        key=_artifact_key(cfg.name, k) + "-plots",
+        markdown=round_markdown(cfg.run_dir, k, report),
+        description=f"dice run {cfg.name}, round {k}: plots (full report: {report})",
+    )
     return summary
 
 

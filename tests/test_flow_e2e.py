@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -185,6 +187,7 @@ def test_flow_under_prefect_harness_publishes_round_artifacts(run, tmp_path):
     with prefect_test_harness(server_startup_timeout=120):
         summaries = dice(config=cfg)
         artifacts = {k: Artifact.get(_artifact_key(cfg.name, k)) for k in (0, 1, 2)}
+        plots = {k: Artifact.get(_artifact_key(cfg.name, k) + "-plots") for k in (0, 1, 2)}
     assert _manifests(cfg.run_dir) == before  # nothing recomputed
     assert [s["round"] for s in summaries] == [0, 1, 2]
     for k, art in artifacts.items():
@@ -194,6 +197,8 @@ def test_flow_under_prefect_harness_publishes_round_artifacts(run, tmp_path):
         if k:
             assert table["pairs_generated"] == summaries[k]["pairs_generated"] > 0
             assert "alpha" in table and "reward_mean" in table
+            assert plots[k].type == "markdown" and plots[k].data.count("![") == 5  # the report's round plots
+    assert (cfg.run_dir / "report.html").is_file()
 
 
 def test_bad_input_fails_the_run_with_the_file_and_line(tmp_path, tiny_model):
@@ -211,3 +216,53 @@ def test_bad_input_fails_the_run_with_the_file_and_line(tmp_path, tiny_model):
     tail = out.stderr[out.stderr.rindex("error: round 0 pairs failed"):]
     assert f"{offline}: line 6: chosen and rejected are identical" in tail and "Traceback" not in tail
     assert not (rounds.round_dir(cfg, 0) / "pairs.parquet").exists()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+def test_report_renders_every_plot_in_a_headless_browser(run, tmp_path):
+    out = tmp_path / "report.html"
+    done = subprocess.run([DICE, "report", str(run["cfg"].run_dir), "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'chrome'}",
+         "--virtual-time-budget=5000", "--dump-dom", out.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+    body = re.search(r'<body data-plots="(\d+)" data-plots-loaded="(\d+)"', dom)
+    assert body, dom[:500]
+    expected = ["plot-alpha", "plot-round0-training"] + [
+        f"plot-round{k}-{p}" for k in (1, 2) for p in ("rewards", "lengths", "pair-lengths", "agreement", "training")
+    ]
+    assert int(body.group(1)) == int(body.group(2)) == len(expected)  # every image decoded with a real size
+    for plot_id in expected:
+        assert f'id="{plot_id}"' in dom, plot_id
+
+
+def test_inspect_sql_and_diff(run):
+    import pandas as pd
+
+    run_dir = run["cfg"].run_dir
+    env = {**run["env"], "COLUMNS": "200"}
+    out = subprocess.run([DICE, "inspect", str(run_dir), "--sql",
+                          "select round, count(*) as n from responses group by round order by round"],
+                         capture_output=True, text=True, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    for k in (1, 2):
+        n = pq.read_metadata(rounds.round_dir(run["cfg"], k) / "responses.parquet").num_rows
+        assert re.search(rf"│ {k}\s+│ {n}\s+│", out.stdout), out.stdout
+    steps = subprocess.run([DICE, "inspect", str(run_dir), "--sql", "select max(round) from train_metrics"],
+                           capture_output=True, text=True, env=env)  # fmt: skip
+    assert steps.returncode == 0 and "│ 2 " in steps.stdout
+    bad = subprocess.run([DICE, "inspect", str(run_dir), "--sql", "select * from nonsense"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "nonsense" in bad.stderr
+
+    diff = subprocess.run([DICE, "diff", str(run_dir), "1", "2"], capture_output=True, text=True, env=env)
+    assert diff.returncode == 0, diff.stderr
+    for k in (1, 2):
+        labels = pd.read_parquet(rounds.round_dir(run["cfg"], k) / "labels.parquet")
+        assert f"{labels.num_tokens.mean():.4g}" in diff.stdout  # mean_tokens of each round
+        assert f"{labels.num_tokens.median():.4g}" in diff.stdout

@@ -45,3 +45,45 @@ def test_scheduled_deployment_continues_a_run_one_round_per_tick(prefect_server,
     assert {p.name: p.read_text() for p in (rounds.round_dir(cfg, 1) / ".dice").glob("*.json")} == manifests
     gen = json.loads((rounds.round_dir(cfg, 2) / ".dice/generate.json").read_text())
     assert gen["inputs"]["policy"]["path"] == str(rounds.round_dir(cfg, 1) / "checkpoint")
+
+
+def test_gpu_stages_queue_for_gpu_slots(prefect_server, tmp_path, tiny_model):
+    """With the `gpu` limit's only slot held elsewhere, a run does its CPU stage (pairs) and then waits at the
+    first GPU stage (reference) until the slot frees up; then it finishes."""
+    import time
+
+    env = prefect_server
+    _prefect(env, "gcl", "create", "gpu-test", "--limit", "1")
+    flag, release = tmp_path / "held", tmp_path / "release"
+    holder = subprocess.Popen(
+        [str(BIN / "python"), "-c",
+         "import pathlib, time\n"
+         "from prefect.concurrency.sync import concurrency\n"
+         "with concurrency('gpu-test', occupy=1, strict=True):\n"
+         f"    pathlib.Path({str(flag)!r}).touch()\n"
+         f"    while not pathlib.Path({str(release)!r}).exists(): time.sleep(0.5)\n"],
+        env=env, start_new_session=True,
+    )  # fmt: skip
+    cfg = tiny_config(tmp_path / "runs", tiny_model, name="queued", rounds=0, gpu_slots="gpu-test",
+                      **{"round0.max_pairs": 16})  # fmt: skip
+    conf = tmp_path / "queued.yaml"
+    save_config(cfg, conf)
+    run = None
+    try:
+        wait_for(flag.exists, 120, "the slot holder")
+        run = subprocess.Popen([str(BIN / "dice"), "run", str(conf)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        rd = rounds.round_dir(cfg, 0)
+        wait_for((rd / "pairs.parquet").is_file, 300, "the CPU stage")
+        time.sleep(15)
+        assert not (rd / "reference.parquet").exists()  # queued behind the held GPU slot
+        released_at = time.time()
+        release.touch()
+        assert run.wait(timeout=600) == 0
+        assert (rd / "reference.parquet").stat().st_mtime > released_at
+        assert (rd / "checkpoint" / "model.safetensors").is_file()
+    finally:
+        release.touch()
+        stop(holder)
+        if run is not None and run.poll() is None:
+            stop(run)
