@@ -151,7 +151,19 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     num_processes: int = Field(1, ge=1, description="Training processes (GPUs; on CPU, gloo processes).")
-    zero_stage: Literal[0, 1, 2, 3] = Field(3, description="DeepSpeed ZeRO stage.")
+    zero_stage: Literal[0, 1, 2, 3, "auto"] = Field(
+        "auto",
+        description="DeepSpeed ZeRO stage; auto: 3 with several processes or offloaded parameters, 2 with an "
+        "offloaded optimizer, else 0 (ZeRO-3's bookkeeping costs ~25% on one process and partitions nothing).",
+    )
+
+    def resolved_zero_stage(self, world: int) -> int:
+        """The ZeRO stage in force for `world` processes."""
+        if self.zero_stage != "auto":
+            return self.zero_stage
+        if world > 1 or self.offload_params:
+            return 3
+        return 2 if self.offload_optimizer else 0
     bf16: bool | None = Field(None, description="bfloat16 training; empty: on when a GPU is present.")
     deepspeed_config: str | None = Field(
         None, description="Optional DeepSpeed JSON whose settings override the ones dice derives from this section."

@@ -105,7 +105,8 @@ def response_logps(
     if not _head_only_applies(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
         return sequence_logps(logits, input_ids, response_mask, reduction)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
     predicts = response_mask[:, 1:].bool()  # (B, T-1): position t predicts response token t+1
     rows = predicts.nonzero()[:, 0]  # (N,) the sequence of each kept position
     logits = model.get_output_embeddings()(hidden[:, :-1][predicts]).float()  # (N, V)

@@ -150,7 +150,7 @@ def deepspeed_config(cfg: RunConfig, world: int, on_gpu: bool) -> dict[str, Any]
         "gradient_clipping": t.max_grad_norm,
         "bf16": {"enabled": bool(bf16)},
         "zero_optimization": {
-            "stage": t.zero_stage,
+            "stage": t.resolved_zero_stage(world),
             "stage3_gather_16bit_weights_on_model_save": True,
             **({"offload_optimizer": {"device": "cpu", "pin_memory": on_gpu}} if t.offload_optimizer else {}),
             **({"offload_param": {"device": "cpu", "pin_memory": on_gpu}} if t.offload_params else {}),
@@ -284,6 +284,8 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     engine.train()
     device = engine.device
     mb, per_rank = t.micro_batch_size, t.global_batch_size // world
+    stage = ds_config["zero_optimization"]["stage"]
+    own_grad_norm = None
     steps_per_epoch = total_steps / t.epochs
     state = TrainState(plan.round_dir / ".dice" / "train-state", plan_digest(plan)) if t.checkpoint_every else None
     metrics: list[dict[str, Any]] = state.resume(engine) if state else []
@@ -321,6 +323,10 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
                 delta=delta, sr_lambda=t.sr_lambda,
             )  # fmt: skip
             engine.backward(losses.mean())
+            if stage == 0 and engine.is_gradient_accumulation_boundary():
+                # ZeRO-0 reports no gradient norm: take it (before clipping, as ZeRO does) from the full grads
+                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                own_grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
             engine.step()
             sums += torch.tensor(
                 [losses.detach().sum().item(), cr.sum().item(), rr.sum().item(), (cr > rr).sum().item(), b, attention.sum().item()],
@@ -331,7 +337,7 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
         loss, cr_sum, rr_sum, correct, n, tokens = sums.tolist()
         if not math.isfinite(loss):
             raise FloatingPointError(f"round {plan.round}: training loss became {loss} at step {step}; lower train.learning_rate")
-        grad_norm = engine.get_global_grad_norm()
+        grad_norm = engine.get_global_grad_norm() if stage else own_grad_norm
         metrics.append(
             {
                 "step": step,
