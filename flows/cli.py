@@ -118,11 +118,15 @@ def inspect(
         None, help="A duckdb query over all rounds: views responses, labels, pairs, reference, train_metrics (with `round`)."
     ),
 ) -> None:
-    """Print a per-round table of a run; with --round and --stage, the first rows of that stage's Parquet."""
+    """Print a per-round table of a run; with --round and --stage, the first rows of that stage's Parquet; with
+    --sql, a duckdb query's result (e.g. --sql "select round, avg(reward) from labels group by round")."""
     if not run_dir.is_dir():
         err.print(f"[red]error:[/red] {run_dir}: no such run folder")
         raise typer.Exit(2)
     if sql is not None:
+        if round_ is not None or stage is not None:
+            err.print("[red]error:[/red] --sql queries all rounds; filter with `where round = K` instead of --round/--stage")
+            raise typer.Exit(2)
         _print_sql(run_dir, sql)
         return
     if stage is None and round_ is None:
@@ -199,26 +203,38 @@ def _duckdb(run_dir: Path):
             pattern = str(run_dir / "round-*" / f).replace("'", "''")
             src = f"read_parquet('{pattern}', filename = true, union_by_name = true)"
             cols = [r[0] for r in con.execute(f"describe select * from {src}").fetchall()]
-            # train_metrics has no `round` column: its folder gives it
-            from_folder = "" if "round" in cols else ", cast(regexp_extract(filename, 'round-(\\d+)', 1) as integer) as round"
+            # train_metrics has no `round` column: the name of the file's folder gives it
+            from_folder = "" if "round" in cols else ", cast(regexp_extract(filename, 'round-(\\d+)/[^/]*$', 1) as integer) as round"
             con.execute(f"create view {name} as select * exclude (filename){from_folder} from {src}")
     return con
+
+
+def _views(con) -> list[str]:
+    return [r[0] for r in con.execute("select view_name from duckdb_views() where not internal order by view_name").fetchall()]
 
 
 def _print_sql(run_dir: Path, sql: str) -> None:
     import duckdb
 
+    views: list[str] = []
     try:
-        rel = _duckdb(run_dir).execute(sql)
+        con = _duckdb(run_dir)
+        views = _views(con)
+        rel = con.execute(sql)
+        if rel.description is None:  # a statement without a result (e.g. `create table`)
+            console.print("(no result)")
+            return
         names = [d[0] for d in rel.description]
         rows = rel.fetchall()
     except duckdb.Error as e:
         err.print(f"[red]error:[/red] --sql: {e}")
+        err.print(f"views over {run_dir}: {', '.join(views) or 'none (no round has written a Parquet file yet)'}")
         raise typer.Exit(2) from None
-    table = Table(title=f"{len(rows)} rows")
+    shown = rows[:1000]
+    table = Table(title=f"{len(rows)} rows" + (f" (the first {len(shown)} shown)" if len(shown) < len(rows) else ""))
     for n in names:
         table.add_column(n, overflow="fold")
-    for r in rows[:1000]:
+    for r in shown:
         table.add_row(*[_fmt(v, 80) for v in r])
     console.print(table)
 
@@ -245,7 +261,7 @@ def diff(
     examples: int = typer.Option(2, help="Example prompts to show with one response from each round."),
 ) -> None:
     """Compare two rounds: counts, lengths, rewards, α, training results, and how responses changed."""
-    from pipeline.report import round_diff
+    from pipeline.html_report import round_diff
 
     for k in (a, b):
         if not (run_dir / f"round-{k}").is_dir():
@@ -256,13 +272,27 @@ def diff(
     for c, j in (("metric", "left"), (f"round {a}", "right"), (f"round {b}", "right"), ("change", "right")):
         table.add_column(c, justify=j)
     for name, (x, y) in result["metrics"].items():
-        change = f"{y - x:+.4g}" if isinstance(x, (int, float)) and isinstance(y, (int, float)) and not isinstance(x, bool) else ""
+        change = f"{y - x:+.4g}" if isinstance(x, (int, float)) and isinstance(y, (int, float)) else ""
         table.add_row(name, _fmt(x, 24), _fmt(y, 24), change)
     console.print(table)
-    for ex in result["examples"]:
-        console.print(f"[bold]{_fmt(ex['prompt'], 200)}[/bold]")
-        console.print(f"  round {a}: {_fmt(ex['a'], 300)}")
-        console.print(f"  round {b}: {_fmt(ex['b'], 300)}")
+    shared = result["shared"]
+    if shared is None:
+        missing = [str(k) for k, n in zip((a, b), result["metrics"]["responses"]) if n is None]
+        why = (f"round {missing[0]} has no responses" if len(missing) == 1 else "neither round has responses" if missing
+               else "no prompt was answered in both rounds")  # fmt: skip
+        console.print(f"{why.capitalize()}: nothing to compare response by response.")
+        return
+    console.print(
+        f"{shared['prompts']} prompts answered in both rounds: their mean response length changed by "
+        f"{shared['mean_tokens_change']:+.4g} tokens ({shared['mean_chars_change']:+.4g} chars) from round {a} to round {b}."
+    )
+    for ex in result["examples"]:  # the shared prompts whose length changed most
+        t = Table(title=f"prompt {ex['prompt_id']} (mean length {ex['change']:+.4g} tokens)", show_header=True, expand=True)
+        t.add_column(f"round {a} ({ex['a_tokens']} tokens)", overflow="fold", ratio=1)
+        t.add_column(f"round {b} ({ex['b_tokens']} tokens)", overflow="fold", ratio=1)
+        t.add_row(_fmt(ex["a"], 600), _fmt(ex["b"], 600))
+        console.print(f"[bold]{_fmt(ex['prompt'], 300)}[/bold]")
+        console.print(t)
 
 
 @app.command("tiny-model")

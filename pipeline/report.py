@@ -65,32 +65,3 @@ def round_summary(round_dir: Path) -> dict[str, Any]:
 
 def run_summary(run_dir: str | Path) -> list[dict[str, Any]]:
     return [round_summary(d) for _, d in round_dirs(run_dir)]
-
-
-def round_diff(run_dir: str | Path, a: int, b: int, examples: int = 2) -> dict[str, Any]:
-    """Numbers of rounds a and b side by side, and example prompts answered in both rounds."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    run_dir = Path(run_dir)
-    sa, sb = round_summary(run_dir / f"round-{a}"), round_summary(run_dir / f"round-{b}")
-
-    def responses(k: int):
-        p = run_dir / f"round-{k}" / "labels.parquet"
-        return pq.read_table(p).to_pandas() if p.is_file() else None
-
-    ra, rb = responses(a), responses(b)
-    metrics: dict[str, tuple[Any, Any]] = {key: (sa.get(key), sb.get(key)) for key in sa if key not in ("round",)}
-    for name, fn in (("median_tokens", lambda r: float(np.median(r.num_tokens))), ("mean_chars", lambda r: float(r.num_chars.mean()))):
-        metrics[name] = (fn(ra) if ra is not None else None, fn(rb) if rb is not None else None)
-    shown = []
-    if ra is not None and rb is not None:
-        common = sorted(set(ra.prompt) & set(rb.prompt))
-        ga, gb = ra.groupby("prompt"), rb.groupby("prompt")
-        if common:
-            change = [gb.get_group(p).num_tokens.mean() - ga.get_group(p).num_tokens.mean() for p in common]
-            metrics["shared_prompts"] = (len(common), len(common))
-            metrics["mean_length_change_on_shared_prompts"] = (0.0, float(np.mean(change)))
-        for p in common[:examples]:
-            shown.append({"prompt": p, "a": ga.get_group(p).response.iloc[0], "b": gb.get_group(p).response.iloc[0]})
-    return {"metrics": metrics, "examples": shown}
