@@ -578,7 +578,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=2, help="leading steps left out of the timing")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1, help="runs of each trainer, alternating; the fastest is reported")
-    ap.add_argument("--dice-zero-stages", default="3", help="comma list of ZeRO stages to run dice with (e.g. 3,0)")
+    ap.add_argument("--dice-zero-stages", default="auto",
+                    help="comma list of ZeRO stages to run dice with: auto (dice's default: 0 on one process), 0-3")
     ap.add_argument("--skip-trl", action="store_true", help="run only dice")
     ap.add_argument("--profile-dice", action="store_true", help="also profile a smaller dice run")
     ap.add_argument("--profile-pairs", type=int, default=96, help="pairs of the profiled run")
@@ -646,11 +647,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"reference log-probs scored once in {ref_s:.1f} s (pipeline.logprobs.score, fp32)", flush=True)
 
     runs: dict[str, list[dict[str, Any]]] = {}
-    stages = [int(x) for x in args.dice_zero_stages.split(",") if x.strip()]
+    stages = [x.strip() if x.strip() == "auto" else int(x) for x in args.dice_zero_stages.split(",") if x.strip()]
     for rep in range(args.repeats):  # alternating, so a slow spell of the machine hits both
         tag = f" (run {rep + 1}/{args.repeats})" if args.repeats > 1 else ""
         for z in stages:
-            key = "dice" if z == 3 else f"dice (ZeRO-{z})"
+            key = "dice" if z == "auto" else f"dice (ZeRO-{z})"
             print(f"running {key}{tag} ...", flush=True)
             runs.setdefault(key, []).append(run_dice(args, model, pairs, z, rep))
         if not args.skip_trl:

@@ -198,9 +198,9 @@ class RunConfig(_Section):
     rounds: int = Field(2, ge=0, description="DICE rounds after round 0 (paper: 2-3).")
     seed: int = Field(0, description="Seed of prompt selection, sampling, pair sampling and training order.")
     gpu_slots: str | None = Field(
-        "gpu",
+        None,
         description="Prefect global concurrency limit whose slots GPU stages hold, one per GPU they use, so stages "
-        "queue for GPUs (create it: prefect gcl create gpu --limit <GPUs>). Empty, or no such limit: no queueing.",
+        "queue for GPUs (e.g. gpu, after: prefect gcl create gpu --limit <GPUs>). Empty: no queueing.",
     )
     model: ModelConfig = Field(default_factory=ModelConfig, description="Models.")
     data: DataConfig = Field(default_factory=DataConfig, description="Shipped or user datasets.")
