@@ -8,7 +8,6 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from pipeline import rounds
@@ -44,7 +43,3 @@ def main(stage: str, fn: StageFn, argv: list[str] | None = None) -> None:
     status = "skipped (already done)" if manifest["skipped"] else f"done in {manifest['duration_s']:.1f}s"
     print(f"dice {stage} round {args.round_}: {status}")
     print("DICE_STAGE_RESULT " + json.dumps({"stage": stage, "round": args.round_, "stats": manifest["stats"]}))
-
-
-def out_path(plan: StagePlan, name: str) -> Path:
-    return Path(plan.outputs[name])
