@@ -145,12 +145,15 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def is_done(plan: StagePlan) -> bool:
-    """True when the stage's manifest matches the plan's inputs and config and its outputs are intact."""
+def is_done(plan: StagePlan, inputs: dict[str, dict[str, str]] | None = None) -> bool:
+    """True when the stage's manifest matches the plan's inputs and config and its outputs are intact.
+
+    `inputs`: the plan's input record, when the caller already has it (fingerprinting is not free).
+    """
     m = read_manifest(plan.manifest_path)
     if m is None or m.get("config_digest") != _config_digest(plan.config):
         return False
-    if m.get("inputs", {}) != {n: {"path": str(p), "fingerprint": f} for n, (p, f) in _zip_fp(plan).items()}:
+    if m.get("inputs", {}) != (inputs if inputs is not None else input_record(plan)):
         return False
     for name, out in plan.outputs.items():
         rec = m.get("outputs", {}).get(name)
@@ -161,12 +164,13 @@ def is_done(plan: StagePlan) -> bool:
 
 def plan_digest(plan: StagePlan) -> str:
     """One hash of a plan's config and its inputs' content: equal digests mean the same work."""
-    parts = [_config_digest(plan.config)] + [f"{n}={fp}" for n, (_, fp) in sorted(_zip_fp(plan).items())]
+    parts = [_config_digest(plan.config)] + [f"{n}={r['fingerprint']}" for n, r in sorted(input_record(plan).items())]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
-def _zip_fp(plan: StagePlan) -> dict[str, tuple[Path | str, str]]:
-    return {name: (p, fingerprint(p)) for name, p in plan.inputs.items()}
+def input_record(plan: StagePlan) -> dict[str, dict[str, str]]:
+    """The plan's inputs as a manifest records them: name -> {path, fingerprint}."""
+    return {name: {"path": str(p), "fingerprint": fingerprint(p)} for name, p in plan.inputs.items()}
 
 
 def execute(plan: StagePlan, fn: Callable[[], dict[str, Any]], *, force: bool = False) -> dict[str, Any]:
@@ -174,21 +178,21 @@ def execute(plan: StagePlan, fn: Callable[[], dict[str, Any]], *, force: bool = 
 
     `fn` writes the plan's outputs (each atomically) and returns stats (row counts, α, ...).
     """
-    if not force and is_done(plan):
+    inputs = input_record(plan)  # fingerprinted once, before running: the inputs this result comes from
+    if not force and is_done(plan, inputs):
         m = read_manifest(plan.manifest_path)
         assert m is not None
         m["skipped"] = True
         return m
     # A stale manifest must not survive a re-run that fails half way.
     plan.manifest_path.unlink(missing_ok=True)
-    inputs = _zip_fp(plan)  # fingerprint before running: the inputs this result was computed from
     started = time.time()
     stats = fn()
     finished = time.time()
     manifest = {
         "stage": plan.stage,
         "round": plan.round,
-        "inputs": {n: {"path": str(p), "fingerprint": f} for n, (p, f) in inputs.items()},
+        "inputs": inputs,
         "outputs": {
             n: {"path": str(p), "fingerprint": fingerprint(p), **_rows(p)} for n, p in plan.outputs.items()
         },
