@@ -57,9 +57,10 @@ def _stream(cmd: list[str], what: str) -> str | None:
 
 
 @task(name="tiny-model", cache_policy=NONE)
-def build_tiny_model(path: str, prompts: str, offline: str) -> str:
-    """Build the offline tiny model (tiny preset) when it is not on disk yet."""
-    _stream([sys.executable, "-m", "flows.cli", "tiny-model", path, "--data", prompts, "--data", offline], "tiny-model")
+def build_tiny_model(path: str, data: list[str], sft_steps: int) -> str:
+    """Build the offline tiny model (tiny and toy presets) when it is not on disk yet."""
+    files = [arg for f in data for arg in ("--data", f)]
+    _stream([sys.executable, "-m", "flows.cli", "tiny-model", path, *files, "--sft-steps", str(sft_steps)], "tiny-model")
     return path
 
 
@@ -82,6 +83,52 @@ def run_stage(config_path: str, cfg: RunConfig, k: int, stage: str) -> dict[str,
     else:
         result = _stream(cmd, f"round {k} {stage}")
     return json.loads(result)["stats"] if result else {}
+
+
+# ---------------------------------------------------------------------------------------------- shard fan-out
+# With `generate.shard_deployment` set, the flow hands round k's missing prompt shards to that deployment
+# (`generate-shards` in prefect.yaml): `generate.shard_runs` flow runs, run i taking every N-th missing shard,
+# picked up by workers on any machine that serves the pool (`prefect worker start --pool dice-generate`).
+# Workers must see the same files at the same paths (a shared filesystem, started from the repo root). When
+# they are done, the ordinary generate task runs and finds every shard written: it only concatenates them.
+
+
+@flow(name="dice-generate-shards", log_prints=True)
+def generate_shards(config_path: str, k: int, shards: list[int]) -> None:
+    """Generate some prompt shards of round k (`python -m stages.generate --shards`), on the worker's machine."""
+    cmd = [sys.executable, "-m", "stages.generate", config_path, "--round", str(k), "--shards", ",".join(map(str, shards))]
+    _stream(cmd, f"round {k} generate shards {shards}")
+
+
+@task(name="generate-shards", cache_policy=NONE)
+def _shard_run(deployment: str, config_path: str, k: int, shards: list[int]) -> str:
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(deployment, parameters={"config_path": config_path, "k": k, "shards": shards},
+                         flow_run_name=f"round-{k}-shards-{shards[0]}-every-{shards[1] - shards[0] if len(shards) > 1 else 1}",
+                         timeout=None, poll_interval=2)  # fmt: skip
+    if run.state is None or not run.state.is_completed():
+        raise RuntimeError(f"round {k}: flow run {run.name} ({run.id}) of {deployment} for shards {shards} ended "
+                           f"{run.state.name if run.state else 'without a state'}")  # fmt: skip
+    return str(run.id)
+
+
+def hand_out_generate_shards(config_path: str, cfg: RunConfig, k: int) -> list[str]:
+    """Fan round k's missing shards out to `cfg.generate.shard_deployment` and wait for every flow run."""
+    from stages.generate import missing_shards
+
+    plan = rounds.plan(cfg, k, "generate")
+    if is_done(plan):
+        return []
+    missing = missing_shards(cfg, plan)
+    n = cfg.generate.shard_runs
+    groups = [missing[i::n] for i in range(n) if missing[i::n]]
+    get_run_logger().info(f"round {k} generate: {len(missing)} shards to {cfg.generate.shard_deployment} "
+                          f"in {len(groups)} flow runs")  # fmt: skip
+    path = str(Path(config_path).resolve())
+    futures = [_shard_run.with_options(task_run_name=f"round-{k}-generate-shards-{g[0]}")
+               .submit(cfg.generate.shard_deployment, path, k, g) for g in groups]  # fmt: skip
+    return [f.result() for f in futures]
 
 
 def _artifact_key(name: str, k: int) -> str:
@@ -141,7 +188,8 @@ def dice(
         config_path = cfg.run_dir / "config.yaml"
         save_config(cfg, config_path)
         if cfg.model.build_tiny_if_missing and not Path(cfg.model.policy).exists():
-            build_tiny_model(cfg.model.policy, cfg.data.prompts, cfg.data.offline)
+            data = cfg.model.tiny_data or [cfg.data.prompts, cfg.data.offline]
+            build_tiny_model(cfg.model.policy, data, cfg.model.tiny_sft_steps)
         summaries = []
         for k in range(0, cfg.rounds + 1):
             stages = rounds.stages_of_round(cfg, k)
@@ -149,6 +197,8 @@ def dice(
                 continue
             logger.info(f"round {k}: {' → '.join(stages)}")
             for stage in stages:
+                if stage == "generate" and cfg.generate.shard_deployment:
+                    hand_out_generate_shards(str(config_path), cfg, k)  # then the stage only concatenates
                 run_stage.with_options(task_run_name=f"round-{k}-{stage}")(str(config_path), cfg, k, stage)
             summaries.append(publish_round(cfg, k))
         create_markdown_artifact(

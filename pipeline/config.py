@@ -52,6 +52,10 @@ class ModelConfig(_Section):
     build_tiny_if_missing: bool = Field(
         True, description="Build the offline tiny model at `policy` when that folder does not exist (tiny preset)."
     )
+    tiny_data: list[str] | None = Field(
+        None, description="JSONL files the tiny model's tokenizer and supervised pass use (empty: data.prompts and data.offline)."
+    )
+    tiny_sft_steps: int = Field(300, ge=0, description="Supervised steps when building the tiny model.")
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python code.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype for scoring and generation; auto: bfloat16 on GPU, float32 on CPU."
@@ -71,6 +75,9 @@ class DataConfig(_Section):
     prompts_per_round: int = Field(
         32, gt=0, description="Prompts used per round; rounds take consecutive disjoint slices of the prompt file."
     )
+    offline_per_round: int | None = Field(
+        None, gt=0, description="With offline_rounds: offline pairs sampled for each round ≥ 1 (empty: all of them)."
+    )
 
 
 class Round0Config(_Section):
@@ -84,6 +91,12 @@ class Round0Config(_Section):
 
 class EngineConfig(_Section):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine (tensor parallelism).")
+    data_parallel_size: int = Field(
+        0,
+        ge=0,
+        description="vLLM engines run at once, each its own process on tensor_parallel_size GPUs "
+        "(CUDA_VISIBLE_DEVICES), sharing out the prompt shards; 0: as many as the visible GPUs allow.",
+    )
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of GPU memory vLLM may take.")
     kv_cache_memory_bytes: int | None = Field(
         256 << 20, description="KV-cache size in bytes; required on CPU (vLLM's memory check fails without it). Empty on GPU."
@@ -93,19 +106,115 @@ class EngineConfig(_Section):
     in_process: bool = Field(True, description="Run the vLLM engine in the stage process (2-5 s start instead of 13-28 s).")
     max_model_len: int | None = Field(None, gt=0, description="Context length of the engine (empty: the model's).")
 
+    def resolved_data_parallel_size(self) -> int:
+        """Engines to run: `data_parallel_size`, or (0) the visible GPUs // tensor_parallel_size, at least 1."""
+        if self.data_parallel_size:
+            return self.data_parallel_size
+        import torch
+
+        return max(torch.cuda.device_count() // self.tensor_parallel_size, 1)
+
 
 class GenerateConfig(_Section):
     num_samples: int = Field(4, ge=2, description="K: responses sampled per prompt (paper: 16).")
     temperature: float = Field(0.8, ge=0, description="Sampling temperature (paper: 0.7-0.9).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (paper: 0.9-1.0).")
     max_tokens: int = Field(160, gt=0, description="Response token limit; responses cut here are dropped by pairs (paper: 2048).")
+    stop: list[str] = Field(
+        default_factory=list, description="Stop strings: a response ends before the first one (finish_reason stop)."
+    )
+    stop_token_ids: list[int] = Field(
+        default_factory=list, description="Token ids that end a response, besides the tokenizer's EOS (e.g. <|eot_id|>)."
+    )
+    sampler: Literal["vllm", "mixture"] = Field(
+        "vllm",
+        description="vllm: sample π_{k-1} with vLLM; mixture: IPO-MD's geometric mixture π_{k-1}^(1-β_m)·π_0^(β_m), "
+        "token by token with transformers (pipeline/mixture.py).",
+    )
+    mixture_beta: float = Field(
+        0.0, ge=0, le=1, description="β_m of sampler=mixture: weight of the reference π_0's logits (0: the policy)."
+    )
+    mixture_batch_size: int = Field(32, gt=0, description="Sequences decoded together by the mixture sampler.")
+    shard_size: int = Field(
+        256,
+        gt=0,
+        description="Prompts per shard: each shard's responses are written as it completes, so a killed "
+        "generation resumes at the shards not yet written; also the unit handed to engines and machines.",
+    )
+    shard_deployment: str | None = Field(
+        None,
+        description="Prefect deployment (e.g. dice-generate-shards/generate-shards) that the flow hands prompt "
+        "shards to, so workers on several machines generate them; empty: one generate task on this machine.",
+    )
+    shard_runs: int = Field(
+        2, ge=1, description="Flow runs of shard_deployment per round (e.g. one per machine); each takes every N-th shard."
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine settings.")
 
 
+class JudgeConfig(_Section):
+    """One AI annotator (../shared/METHODS.md §6): a backend, a pairwise template, and how to reach it."""
+
+    id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9._:-]+$", description="Annotator id in preferences.parquet (empty: judge-<index>)."
+    )
+    backend: Literal["vllm", "http", "python"] = Field(
+        "vllm",
+        description="vllm: a local model on the vLLM engine; http: an OpenAI-compatible server; python: a "
+        "callable 'module:function'(prompt, response_a, response_b, **options) -> P(a ≻ b).",
+    )
+    model: str | None = Field(
+        None, description="vllm: the judge model (folder or hub id; empty: π_{k-1}); http: the server's model name."
+    )
+    template: str = Field(
+        "conf/judges/pairwise.txt",
+        description="Pairwise prompt template with {instruction}, {response_a} and {response_b} (vllm, http).",
+    )
+    format: Literal["chat", "completion"] = Field(
+        "chat",
+        description="chat: the filled template is one user message under the judge's chat template (http: "
+        "/v1/chat/completions); completion: the filled template is the raw prompt (http: /v1/completions).",
+    )
+    answer_tokens: tuple[str, str] = Field(
+        ("A", "B"), description="The answer tokens meaning 'response A is better' and 'response B is better'."
+    )
+    top_logprobs: int = Field(
+        20, ge=2, le=20, description="Top log-probs read from the first answer token (an answer token outside them fails)."
+    )
+    seed: int = Field(0, description="Request seed (vllm, http); annotators may differ only by seed or template.")
+    url: str | None = Field(None, description="http: the server's base URL, e.g. http://127.0.0.1:8000/v1.")
+    api_key_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="http: NAME of the environment variable holding the API key (never the key itself).",
+    )
+    concurrency: int = Field(8, ge=1, description="http: requests in flight at once.")
+    timeout_s: float = Field(60.0, gt=0, description="http: seconds before a request times out (then retried).")
+    max_retries: int = Field(3, ge=0, description="http: retries of a timed-out or 408/429/5xx request.")
+    backoff_s: float = Field(0.5, ge=0, description="http: first retry delay in seconds, doubled on each retry.")
+    function: str | None = Field(
+        None, description="python: 'module:function' returning P(response_a ≻ response_b); runs your code."
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="python: keyword arguments passed to the function (e.g. noise, seed)."
+    )
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> JudgeConfig:
+        if self.backend == "http" and not (self.url and self.model):
+            raise ValueError("an http judge needs `url` and `model`")
+        if self.backend == "python" and not self.function:
+            raise ValueError("a python judge needs `function` ('module:function')")
+        if self.answer_tokens[0] == self.answer_tokens[1]:
+            raise ValueError(f"answer_tokens must differ (got {list(self.answer_tokens)})")
+        return self
+
+
 class LabelConfig(_Section):
-    labeller: Literal["implicit_reward", "python"] = Field(
+    labeller: Literal["implicit_reward", "python", "judge", "reward_model"] = Field(
         "implicit_reward",
-        description="implicit_reward: β·[logp(π_{k-1}) − logp(π_{k-2})] (DICE); python: the function in python_reward.",
+        description="implicit_reward: β·[logp(π_{k-1}) − logp(π_{k-2})] (DICE); python: the function in python_reward; "
+        "judge: AI annotators in `judges` compare every pair (iREPO, online IPO); reward_model: `reward_model` scores.",
     )
     python_reward: str | None = Field(
         None,
@@ -113,23 +222,82 @@ class LabelConfig(_Section):
         "used when labeller=python. It runs your code: name only modules you trust.",
     )
     batch_size: int = Field(16, gt=0, description="Sequences per forward pass when scoring.")
+    judges: list[JudgeConfig] = Field(
+        default_factory=list, description="labeller=judge: the N annotators; p̂ is the mean of their probabilities."
+    )
+    ranking: Literal["bradley_terry", "copeland"] = Field(
+        "bradley_terry",
+        description="labeller=judge: per-response score from the pairwise p̂ (the `reward` column): Bradley-Terry "
+        "(Zermelo) maximum likelihood on soft outcomes, or Copeland (wins − losses at p̂ ≠ ½).",
+    )
+    ranking_prior: float = Field(
+        0.01, gt=0, description="bradley_terry: L2 weight on the scores, so all-win/all-loss responses stay finite."
+    )
+    reward_model: str | None = Field(
+        None, description="labeller=reward_model: a sequence-classification model (one output) with its own tokenizer."
+    )
+    reward_model_format: str | None = Field(
+        None,
+        description="Fallback text '…{prompt}…{response}…' for a reward model whose tokenizer has no chat template.",
+    )
+    trust_remote_code: bool = Field(False, description="Allow judge and reward models to run their own Python code.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine settings of local judges.")
+    min_annotators: int = Field(
+        1, ge=1, description="labeller=judge: a comparison counts (ranking, pairs) only with this many annotators' p."
+    )
+
+    def judge_ids(self) -> list[str]:
+        """The annotators' ids: `id`, or judge-<index>."""
+        return [j.id or f"judge-{i}" for i, j in enumerate(self.judges)]
 
 
 class PairsConfig(_Section):
+    strategy: Literal["best_worst", "all_pairs", "random"] = Field(
+        "best_worst",
+        description="best_worst: one pair per prompt, max vs min score (DICE); all_pairs: every compared pair "
+        "(soft-label losses); random: random_pairs_per_prompt disjoint random pairs (online IPO).",
+    )
+    random_pairs_per_prompt: int = Field(1, ge=1, description="strategy=random: disjoint pairs drawn per prompt.")
+    preference_from_rewards: Literal["auto", "hard", "sigmoid"] = Field(
+        "auto",
+        description="Soft label of scalar-reward pairs: hard (1.0), sigmoid σ(r_chosen − r_rejected); auto: sigmoid "
+        "for reward_model, hard otherwise. Judges always use their p̂.",
+    )
+    min_annotators: int = Field(1, ge=1, description="Judges: drop comparisons fewer annotators answered without failure.")
+    min_preference_margin: float = Field(
+        0.0, ge=0, lt=0.5, description="Judges: drop pairs whose |p̂ − ½| is not above this (0: drop exact ties)."
+    )
     min_valid: int = Field(2, ge=2, description="Keep a prompt only if at least this many of its responses are valid (paper: 8 of 16).")
     min_chars: int = Field(1, ge=0, description="Responses with fewer non-space characters are degenerate and dropped.")
     length_unit: Literal["tokens", "chars"] = Field(
         "tokens", description="Unit of len(y) in the length-regularised score r − α·len(y) (reference code: chars)."
     )
-    debias_length: bool = Field(True, description="Search α so that the mean chosen−rejected length gap is ≈ 0.")
+    debias_length: bool = Field(
+        True, description="Search α so that the mean chosen−rejected length gap is ≈ 0 (best_worst on scalar rewards)."
+    )
     alpha_step: float = Field(0.001, gt=0, description="Step of the α sweep 0, step, 2·step, … (reference code: 0.001).")
     alpha_max_steps: int = Field(1000, ge=0, description="Upper bound on α sweep steps.")
-    min_margin: float = Field(0.0, ge=0, description="Drop pairs whose score margin s(chosen) − s(rejected) is not above this.")
+    min_margin: float = Field(
+        0.0,
+        ge=0,
+        description="Drop pairs whose score margin s(chosen) − s(rejected) is not above this (s: r − α·len, or the "
+        "judges' ranking score).",
+    )
     replay_ratio: float = Field(0.5, ge=0, lt=1, description="γ: share of offline pairs mixed into each round (paper best: 0.5).")
 
 
 class ReferenceConfig(_Section):
     batch_size: int = Field(16, gt=0, description="Sequences per forward pass.")
+    packing: bool = Field(
+        True,
+        description="Score padding-free rows with each prompt once (exact), here and for the label stage's implicit "
+        "reward; off, or a model packing cannot handle: padded batches.",
+    )
+    model: Literal["previous", "initial"] = Field(
+        "previous",
+        description="The reference of round k's training: previous = π_{k-1}, the model training starts from (DICE, "
+        "iterative DPO); initial = π_0 in every round (online IPO, IPO-MD: the reference stays the regulariser).",
+    )
 
 
 class TrainConfig(_Section):
@@ -181,6 +349,11 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(
         0, ge=0, description="Save a DeepSpeed checkpoint every N optimizer steps so a killed training resumes (0: off)."
     )
+    packing: bool = Field(
+        True,
+        description="Padding-free micro-batches: one row per micro-batch, each pair's prompt once with chosen and "
+        "rejected after it (exact); models packing cannot handle train padded (README, Training).",
+    )
 
     @property
     def reduction(self) -> Literal["sum", "mean"]:
@@ -196,6 +369,11 @@ class RunConfig(_Section):
     name: str = Field("tiny", pattern=r"^[A-Za-z0-9._-]+$", description="Run name; its files live in runs_dir/name.")
     runs_dir: str = Field("runs", description="Folder holding all runs.")
     rounds: int = Field(2, ge=0, description="DICE rounds after round 0 (paper: 2-3).")
+    offline_rounds: bool = Field(
+        False,
+        description="Rounds ≥ 1 train on freshly sampled offline pairs only, without generating or labelling: the "
+        "offline baseline of a recipe (continued offline training, same steps per round as data.offline_per_round).",
+    )
     seed: int = Field(0, description="Seed of prompt selection, sampling, pair sampling and training order.")
     gpu_slots: str | None = Field(
         None,
@@ -215,6 +393,13 @@ class RunConfig(_Section):
     def _check(self) -> RunConfig:
         if self.label.labeller == "python" and not self.label.python_reward:
             raise ValueError("label.python_reward must be set when label.labeller is 'python'")
+        if self.label.labeller == "judge" and not self.label.judges:
+            raise ValueError("label.judges must list at least one annotator when label.labeller is 'judge'")
+        if self.label.labeller == "reward_model" and not self.label.reward_model:
+            raise ValueError("label.reward_model must be set when label.labeller is 'reward_model'")
+        ids = self.label.judge_ids()
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"label.judges: annotator ids must be unique (got {ids})")
         if self.pairs.min_valid > self.generate.num_samples:
             raise ValueError(
                 f"pairs.min_valid ({self.pairs.min_valid}) exceeds generate.num_samples ({self.generate.num_samples})"

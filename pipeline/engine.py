@@ -32,6 +32,12 @@ def make_llm(model: str, engine: EngineConfig, *, dtype: str, seed: int, trust_r
         kwargs["max_model_len"] = engine.max_model_len
     if on_gpu:
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+    else:
+        # On CPU, a prefill split across engine steps rewinds the request's seeded generator, which the CPU
+        # generator cannot do ("CPU Generator does not use offset"): any step with more prompt tokens than the
+        # batch budget (e.g. 64 prompts × K=8) crashed. Whole prefills only, with a budget that fits any prompt.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(8192, engine.max_model_len or 0)
     if engine.kv_cache_memory_bytes:
         kwargs["kv_cache_memory_bytes"] = engine.kv_cache_memory_bytes
     elif not on_gpu:

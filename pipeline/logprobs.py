@@ -16,6 +16,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from pipeline.packing import PackedBatch, enable_packing, group_by_prompt, is_packed, pack
+
 Reduction = Literal["sum", "mean"]
 
 
@@ -119,15 +121,48 @@ def response_logps(
     return total
 
 
+def packed_response_logps(model, batch: PackedBatch, reduction: Reduction = "sum") -> torch.Tensor:
+    """Per-sequence response log-probs of a packed row (pipeline.packing): the same numbers as `response_logps`
+    on the padded batch, with each prompt computed once, no padding, and the LM head only where it is needed.
+
+    Args:
+        model: a causal LM switched to the packed attention by `pipeline.packing.enable_packing`.
+        batch: from `pipeline.packing.pack`, on the model's device.
+    Returns:
+        (S,) float32 log-probs, sequences in the order of `pack` (group after group, response after response).
+    """
+    if batch.input_ids.shape[1] == 0:  # only 1-token responses without prompts: nothing is predicted
+        return torch.zeros(batch.num_seqs, device=batch.input_ids.device)
+    kw = {"position_ids": batch.position_ids, "use_cache": False, "dice_packed": batch.attention}
+    if _head_only_applies(model):
+        hidden = model.get_decoder()(input_ids=batch.input_ids, **kw).last_hidden_state  # (1, N, H)
+        logits = model.get_output_embeddings()(hidden[0].index_select(0, batch.head_index)).float()  # (Np, V)
+    else:  # soft-capped or scaled logits: the whole model, then the predicting positions
+        logits = model(input_ids=batch.input_ids, **kw).logits[0].index_select(0, batch.head_index).float()  # (Np, V)
+    token_logps = logits.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (Np,)
+    total = torch.zeros(batch.num_seqs, dtype=token_logps.dtype, device=token_logps.device)
+    total = total.index_add(0, batch.seq_index, token_logps)  # (S,)
+    if reduction == "mean":
+        return total / batch.predicted.clamp(min=1)
+    return total
+
+
 class ResponseScorer(torch.nn.Module):
     """A causal LM whose forward returns per-sequence response log-probs (what DeepSpeed's engine wraps in
-    training, so its backward hooks see the (2B,) log-probs rather than a (2B, T, V) logits tensor)."""
+    training, so its backward hooks see the (2B,) log-probs rather than a (2B, T, V) logits tensor).
+
+    Called with padded tensors (input_ids, attention_mask, response_mask, from `collate`) or with `packed=` a
+    `pipeline.packing.PackedBatch` (the model must have been switched by `enable_packing`)."""
 
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, response_mask, reduction: Reduction = "sum") -> torch.Tensor:
+    def forward(
+        self, input_ids=None, attention_mask=None, response_mask=None, reduction: Reduction = "sum", packed: PackedBatch | None = None
+    ) -> torch.Tensor:
+        if packed is not None:
+            return packed_response_logps(self.lm, packed, reduction)
         return response_logps(self.lm, input_ids, attention_mask, response_mask, reduction)
 
 
@@ -174,11 +209,35 @@ def score(
     pad_id: int,
     batch_size: int,
     reduction: Reduction = "sum",
+    packing: bool = True,
+    max_length: int | None = None,
 ) -> np.ndarray:
-    """Response log-probs of already-encoded pairs, batched by length (little padding). Returns (N,) float64."""
+    """Response log-probs of already-encoded (prompt ids, response ids) pairs. Returns (N,) float64.
+
+    With `packing` and a packable model (`pipeline.packing.enable_packing` switches it), responses that share a
+    prompt are scored as one group with the prompt computed once, `batch_size` sequences per padding-free row;
+    otherwise padded batches of `batch_size` sequences, grouped by length (little padding). The numbers agree
+    to float rounding (tests/test_packing.py). `max_length` (the longest prompt + response) lets sliding-window
+    models whose window no sequence outgrows be packed."""
     device = next(model.parameters()).device
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
     out = np.empty(len(encoded), dtype=np.float64)
+    if packing and (is_packed(model) or enable_packing(model, max_length) is None):
+        rows: list[list[tuple[list[int], list[int]]]] = [[]]
+        size = 0
+        for prompt, idx in group_by_prompt(encoded):  # whole groups per row, up to batch_size sequences
+            for start in range(0, len(idx), batch_size):
+                part = idx[start : start + batch_size]
+                if size and size + len(part) > batch_size:
+                    rows.append([])
+                    size = 0
+                rows[-1].append((prompt, part))
+                size += len(part)
+        for row in rows:
+            batch = pack([(p, [encoded[i][1] for i in idx]) for p, idx in row]).to(device)
+            flat = [i for _, idx in row for i in idx]
+            out[flat] = packed_response_logps(model, batch, reduction).double().cpu().numpy()
+        return out
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         input_ids, attention, response = collate([encoded[i] for i in idx], pad_id)

@@ -45,6 +45,11 @@ def round_summary(round_dir: Path) -> dict[str, Any]:
         "mean_tokens": g.get("mean_tokens"),
         "reward_mean": lab.get("reward_mean"),
         "reward_std": lab.get("reward_std"),
+        "label_unscored": lab.get("unscored"),
+        # judges: comparisons asked (pairs × annotators), failed ones (recorded, excluded), HTTP retries
+        "label_comparisons": lab.get("comparisons"),
+        "label_failed": lab.get("comparisons_failed"),
+        "label_retries": lab.get("retries"),
         "alpha": p.get("alpha"),
         "gap_alpha0": p.get("length_gap_alpha0"),
         "gap": p.get("length_gap"),

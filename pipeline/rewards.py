@@ -1,10 +1,11 @@
-"""Rewards: the DPO implicit reward (DICE's labeller and training's reward metric) and Python-callable rewards."""
+"""Rewards: the DPO implicit reward (DICE's labeller and training's reward metric), Python-callable rewards, and
+sequence-classification reward models (labeller=reward_model)."""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")  # np.ndarray or torch.Tensor: the same arithmetic serves both
 
@@ -24,18 +25,23 @@ def implicit_reward(policy_logps: T, reference_logps: T, beta: float) -> T:
     return beta * (policy_logps - reference_logps)
 
 
-def load_reward_fn(spec: str) -> RewardFn:
-    """Import 'module:function' named in `label.python_reward`. The user names their own trusted code."""
+def load_callable(spec: str, field: str) -> Callable[..., Any]:
+    """Import the 'module:function' named in config field `field`. The user names their own trusted code."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"label.python_reward={spec!r}: expected 'module:function'")
+        raise ValueError(f"{field}={spec!r}: expected 'module:function'")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"label.python_reward={spec!r}: cannot import it ({e})") from e
+        raise ValueError(f"{field}={spec!r}: cannot import it ({e})") from e
     if not callable(fn):
-        raise ValueError(f"label.python_reward={spec!r} is not callable")
+        raise ValueError(f"{field}={spec!r} is not callable")  # noqa: TRY004 -- a config error, reported as such
     return fn
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """Import 'module:function' named in `label.python_reward`."""
+    return load_callable(spec, "label.python_reward")
 
 
 def prompt_coverage(prompts: list[str], responses: list[str]) -> list[float]:
@@ -50,3 +56,110 @@ def prompt_coverage(prompts: list[str], responses: list[str]) -> list[float]:
         used = {w.strip(".,;:!?\"'()").lower() for w in response.split()}
         scores.append(len(words & used) / len(words) if words else 0.0)
     return scores
+
+
+# ---------------------------------------------------------------------------------------------- reward models
+#
+# A reward model has its OWN tokenizer and chat template: it never sees the policy's token ids. Each
+# (prompt, response) is re-encoded from text as a two-turn conversation under the reward model's chat template
+# (or `label.reward_model_format` when it has none), so a reward model with a tokenizer different from the
+# policy's is expected, not an error. What IS an error: no chat template and no fallback format, a tokenizer
+# whose ids do not fit the model's embedding (the tokenizer does not belong to the model), or more than one output.
+
+
+def load_reward_model(path: str, dtype: str = "auto", trust_remote_code: bool = False):
+    """A sequence-classification reward model and its tokenizer (eval mode, safetensors only)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.logprobs import default_device, require_model, resolve_dtype
+
+    require_model(path)
+    device = default_device()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
+    except (OSError, ValueError) as e:
+        raise ValueError(f"reward model {path}: could not be loaded ({e})") from e
+    if model.config.num_labels != 1:
+        raise ValueError(
+            f"reward model {path}: it has {model.config.num_labels} outputs; "
+            "dice needs a single-score model (num_labels=1)"
+        )
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"reward model {path}: its tokenizer has no pad token and no EOS token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id  # the classifier reads the last non-pad position
+    return model.to(device).eval(), tokenizer
+
+
+def reward_model_ids(tokenizer, prompt: str, response: str, fallback: str | None, model: str = "") -> list[int]:
+    """Token ids of one (prompt, response) under the reward model's chat template, or the fallback format.
+
+    Raises:
+        ValueError: naming the model and `label.reward_model_format` when there is neither.
+    """
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if fallback is None:
+        raise ValueError(
+            f"reward model {model}: its tokenizer has no chat template; set label.reward_model_format "
+            "(e.g. 'Question: {prompt}\\nAnswer: {response}')"
+        )
+    return tokenizer(fallback.format(prompt=prompt, response=response), add_special_tokens=True)["input_ids"]
+
+
+def check_format(fallback: str | None) -> None:
+    """`label.reward_model_format` must name {prompt} and {response}."""
+    if fallback is None:
+        return
+    import string
+
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(fallback) if f is not None}
+    except ValueError as e:
+        raise ValueError(f"label.reward_model_format: not a valid format ({e})") from e
+    if fields != {"prompt", "response"}:
+        raise ValueError(
+            f"label.reward_model_format: needs exactly {{prompt}} and {{response}} (has {sorted(fields)})"
+        )
+
+
+def score_reward_model(model, tokenizer, encoded: list[list[int]], batch_size: int, name: str = ""):
+    """Scores r of already-encoded sequences, batched by length with right padding. Returns (N,) float64.
+
+    Raises:
+        ValueError: when an id is outside the model's vocabulary (its tokenizer does not belong to it).
+    """
+    import numpy as np
+    import torch
+
+    vocab = model.get_input_embeddings().num_embeddings
+    top = max((max(x) for x in encoded if x), default=-1)
+    if top >= vocab:
+        raise ValueError(
+            f"reward model {name}: its tokenizer produced token id {top}, but the model has {vocab} "
+            "embeddings; "
+            "the tokenizer saved with it does not belong to this model"
+        )
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out = np.empty(len(encoded), dtype=np.float64)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
+            attention = torch.zeros((len(idx), width), dtype=torch.long)  # (B, T)
+            for row, i in enumerate(idx):
+                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+                attention[row, : len(encoded[i])] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits  # (B, 1)
+            out[idx] = logits[:, 0].double().cpu().numpy()
+    return out

@@ -19,7 +19,7 @@ ROUND0_STAGES = ("pairs", "reference", "train")
 # The file each stage writes in its round folder.
 OUTPUT_FILES = {
     "generate": {"responses": "responses.parquet"},
-    "label": {"labels": "labels.parquet"},
+    "label": {"labels": "labels.parquet", "preferences": "preferences.parquet"},
     "pairs": {"pairs": "pairs.parquet"},
     "reference": {"reference": "reference.parquet"},
     "train": {"checkpoint": "checkpoint", "metrics": "train_metrics.parquet"},
@@ -33,7 +33,7 @@ def round_dir(cfg: RunConfig, k: int) -> Path:
 def stages_of_round(cfg: RunConfig, k: int) -> tuple[str, ...]:
     if k == 0:
         return ROUND0_STAGES if cfg.round0.mode == "offline_dpo" else ()
-    return STAGES
+    return ROUND0_STAGES if cfg.offline_rounds else STAGES
 
 
 def model_of(cfg: RunConfig, j: int) -> str:
@@ -46,6 +46,14 @@ def model_of(cfg: RunConfig, j: int) -> str:
     if j == 0 and not offline_round0:
         return cfg.model.policy
     return str(round_dir(cfg, j) / OUTPUT_FILES["train"]["checkpoint"])
+
+
+def training_reference(cfg: RunConfig, k: int) -> int:
+    """j of the reference π_j that round k's training is regularised towards: π_{k-1} (reference.model=previous),
+    or π_0 in every round ≥ 1 (reference.model=initial: online IPO, IPO-MD)."""
+    if k >= 1 and cfg.reference.model == "initial":
+        return 0
+    return k - 1
 
 
 def _out(cfg: RunConfig, k: int, stage: str) -> dict[str, Path]:
@@ -64,51 +72,79 @@ def plan(cfg: RunConfig, k: int, stage: str) -> StagePlan:
     }
     policy, reference = model_of(cfg, k - 1), model_of(cfg, k - 2) if k >= 1 else ""
     if stage == "generate":
+        gen_inputs: dict[str, Path | str] = {"policy": policy, "prompts": Path(cfg.data.prompts)}
+        gen_roles = {"policy": f"π_{k - 1}"}
+        if cfg.generate.sampler == "mixture":
+            # IPO-MD's regulariser is the run's initial model π_0, whatever the round (METHODS.md §3)
+            gen_inputs["mixture_reference"] = model_of(cfg, 0)
+            gen_roles["mixture_reference"] = "π_0"
+        # How the work is spread (engines, machines) does not change the responses: not fingerprinted, so a
+        # generation killed on one layout resumes its shards on another.
+        generate_cfg = cfg.generate.model_dump(mode="json", exclude={"shard_deployment", "shard_runs"})
+        generate_cfg["engine"].pop("data_parallel_size")
         return StagePlan(
             stage, k, rd,
-            inputs={"policy": policy, "prompts": Path(cfg.data.prompts)},
+            inputs=gen_inputs,
             outputs=_out(cfg, k, stage),
             config={
-                "generate": cfg.generate.model_dump(mode="json"),
+                "generate": generate_cfg,
                 "prompts_per_round": cfg.data.prompts_per_round,
                 "max_prompt_tokens": cfg.model.max_prompt_tokens,
                 "seed": cfg.seed,
                 "dtype": cfg.model.dtype,
                 "trust_remote_code": cfg.model.trust_remote_code,
             },
-            roles={"policy": f"π_{k - 1}"},
+            roles=gen_roles,
         )
     if stage == "label":
+        lab = cfg.label
+        label_inputs: dict[str, Path | str] = {"responses": rd / OUTPUT_FILES["generate"]["responses"]}
+        label_roles: dict[str, str] = {}
+        if lab.labeller == "implicit_reward":
+            label_inputs.update(policy=policy, reference=reference)
+            label_roles.update(policy=f"π_{k - 1}", reference=f"π_{k - 2}")
+        elif lab.labeller == "reward_model":
+            label_inputs["reward_model"] = str(lab.reward_model)
+        else:  # judge: the judge models and templates are inputs; an http judge's secrets never are
+            for jid, j in zip(lab.judge_ids(), lab.judges):
+                if j.backend == "vllm":
+                    label_inputs[f"judge:{jid}"] = j.model or policy
+                    label_roles[f"judge:{jid}"] = j.model or f"π_{k - 1}"
+                if j.backend != "python":
+                    label_inputs[f"template:{jid}"] = Path(j.template)
         return StagePlan(
             stage, k, rd,
-            inputs={
-                "responses": rd / OUTPUT_FILES["generate"]["responses"],
-                "policy": policy,
-                "reference": reference,
-            },
+            inputs=label_inputs,
             outputs=_out(cfg, k, stage),
-            config={"label": cfg.label.model_dump(mode="json"), "beta": cfg.train.beta, **scoring},
-            roles={"policy": f"π_{k - 1}", "reference": f"π_{k - 2}"},
+            config={"label": lab.model_dump(mode="json"), "beta": cfg.train.beta, **scoring},
+            roles=label_roles,
         )
     if stage == "pairs":
         inputs: dict[str, Path | str] = {"offline": Path(cfg.data.offline)}
-        if k >= 1:
+        if k >= 1 and not cfg.offline_rounds:
             inputs["labels"] = rd / OUTPUT_FILES["label"]["labels"]
+            if cfg.label.labeller == "judge":
+                inputs["preferences"] = rd / OUTPUT_FILES["label"]["preferences"]
         return StagePlan(
             stage, k, rd, inputs=inputs, outputs=_out(cfg, k, stage),
             config={
                 "pairs": cfg.pairs.model_dump(mode="json"),
+                "labeller": cfg.label.labeller,
+                "min_annotators": cfg.label.min_annotators,
                 "round0": cfg.round0.model_dump(mode="json"),
+                "offline_rounds": cfg.offline_rounds,
+                "offline_per_round": cfg.data.offline_per_round,
                 "seed": cfg.seed,
             },
         )
     if stage == "reference":
+        ref_j = training_reference(cfg, k)
         return StagePlan(
             stage, k, rd,
-            inputs={"pairs": rd / OUTPUT_FILES["pairs"]["pairs"], "reference": policy},
+            inputs={"pairs": rd / OUTPUT_FILES["pairs"]["pairs"], "reference": model_of(cfg, ref_j)},
             outputs=_out(cfg, k, stage),
             config={"batch_size": cfg.reference.batch_size, **scoring},
-            roles={"reference": f"π_{k - 1}"},
+            roles={"reference": f"π_{ref_j}"},
         )
     # train
     return StagePlan(
@@ -123,8 +159,13 @@ def plan(cfg: RunConfig, k: int, stage: str) -> StagePlan:
 def gpus_used(cfg: RunConfig, stage: str) -> int:
     """GPUs a stage occupies while it runs (0 for CPU-only stages): what it holds of the `gpu_slots` limit."""
     return {
-        "generate": cfg.generate.engine.tensor_parallel_size,
-        "label": 1 if cfg.label.labeller == "implicit_reward" else 0,
+        # each engine: tensor_parallel_size GPUs for vLLM, one GPU for the mixture sampler's two models
+        "generate": (1 if cfg.generate.sampler == "mixture" else cfg.generate.engine.tensor_parallel_size)
+        * cfg.generate.engine.resolved_data_parallel_size(),
+        "label": int(
+            cfg.label.labeller in ("implicit_reward", "reward_model")
+            or any(j.backend == "vllm" for j in cfg.label.judges if cfg.label.labeller == "judge")
+        ),
         "reference": 1,
         "train": cfg.train.num_processes,
     }.get(stage, 0)

@@ -53,6 +53,27 @@ LABELS = pa.schema(
         pa.field("label_error", pa.string()),  # why reward is null (e.g. "too_long")
     ]
 )
+# With labeller=judge, `reward` is the response's ranking score (label.ranking) from the comparisons below, and
+# the log-prob columns are null. With labeller=reward_model, `reward` is the reward model's score r.
+
+# One row per (prompt, unordered response pair, annotator) that a judge labeller asked: the raw values each
+# annotator gave, so p̂ = mean of `p` over a pair's annotators (failed rows excluded) can be recomputed.
+# Written by the label stage as `preferences.parquet` (empty for scalar labellers).
+PREFERENCES = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("idx_a", pa.int32(), nullable=False),  # sample_idx of response a (shown first in order ab)
+        pa.field("idx_b", pa.int32(), nullable=False),  # sample_idx of response b; idx_a < idx_b
+        pa.field("annotator", pa.string(), nullable=False),  # label.judges[i].id (or judge-<i>)
+        pa.field("p_ab", pa.float64()),  # P(a ≻ b) with a shown first: softmax([ℓ_A, ℓ_B])[0]
+        pa.field("p_ba", pa.float64()),  # P(b ≻ a) with b shown first
+        pa.field("p", pa.float64()),  # ½(p_ab + 1 − p_ba): position bias cancelled; null when an order failed
+        pa.field("error", pa.string()),  # null, or why p is null: timeout, http_<code>, unparseable, ...
+        pa.field("error_detail", pa.string()),  # a short message for `error` (never secrets)
+        pa.field("attempts", pa.int32(), nullable=False),  # requests sent for both orders, retries included
+        pa.field("round", pa.int32(), nullable=False),
+    ]
+)
 
 PAIRS = pa.schema(
     [

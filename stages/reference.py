@@ -2,8 +2,9 @@
 
 The reference of round k's training is π_{k-1}, the model training starts from (DICE §1.6; round 0: the
 initial policy). Training reads these numbers from `reference.parquet` instead of holding a second model
-in memory. Pairs whose prompt+response exceeds `model.max_length` tokens, or whose log-prob is not finite,
-are dropped and counted.
+in memory. Chosen and rejected are scored as one group per prompt (`reference.packing`, pipeline.packing:
+the prompt computed once, no padding; the same numbers as padded batches). Pairs whose prompt+response
+exceeds `model.max_length` tokens, or whose log-prob is not finite, are dropped and counted.
 
 Writes `reference.parquet` (REFERENCE = PAIRS + token counts + `ref_chosen_logps`/`ref_rejected_logps`,
 TRL's column names: the file is a DPO dataset with precomputed reference log-probs for other trainers too).
@@ -37,7 +38,12 @@ def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     )
     ok = np.flatnonzero(fits)
     both = [chosen[i] for i in ok] + [rejected[i] for i in ok]
-    logps = score(model, both, tokenizer.pad_token_id, cfg.reference.batch_size) if len(ok) else np.empty(0)
+    # packed (reference.packing): each pair's prompt once, chosen and rejected after it, no padding (exact)
+    logps = (
+        score(model, both, tokenizer.pad_token_id, cfg.reference.batch_size, packing=cfg.reference.packing,
+              max_length=cfg.model.max_length)
+        if len(ok) else np.empty(0)
+    )  # fmt: skip
     ref_c, ref_r = logps[: len(ok)], logps[len(ok) :]
     finite = np.isfinite(ref_c) & np.isfinite(ref_r)
     keep = ok[finite]

@@ -4,8 +4,12 @@ Reads `reference.parquet` (pairs + reference log-probs: no reference model is re
 model; writes a consolidated Hugging Face safetensors checkpoint (`checkpoint/`, with the tokenizer) and
 per-step metrics (`train_metrics.parquet`, TRAIN_METRICS).
 
-Chosen and rejected responses of a micro-batch go through the model in one forward pass. Batches are
-length-grouped (pairs of similar length share a micro-batch) to waste little on padding. The data order
+Chosen and rejected responses of a micro-batch go through the model in one forward pass. By default
+(`train.packing`) that pass is one padding-free row in which each pair is [prompt | chosen | rejected]: the
+prompt is computed once, rejected attends to the prompt and to itself only, and the LM head runs only where a
+response token is predicted (pipeline.packing; exact, the same numbers as the padded pass). Models packing
+cannot handle take padded micro-batches. Batches are length-grouped (pairs of similar length share a
+micro-batch), which also keeps the padded path's padding low. The data order
 is a seeded permutation; a global batch is split evenly across processes and micro-batches, so 1 and N
 processes see the same global batches. A global batch that runs short at the end is filled by wrapping
 around to the start, so every pair is trained on.
@@ -242,6 +246,7 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
 
     from pipeline.logprobs import ResponseScorer, collate, require_model
     from pipeline.losses import preference_loss, refinement_delta
+    from pipeline.packing import enable_packing, pack
 
     on_gpu = torch.cuda.is_available()
     _init_distributed(on_gpu)
@@ -267,6 +272,23 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
         trust_remote_code=cfg.model.trust_remote_code,
         use_safetensors=True,
     )
+    # Packed micro-batches (pipeline.packing): one padding-free row, each pair as [prompt | chosen | rejected].
+    unpackable = enable_packing(model, cfg.model.max_length) if t.packing else "train.packing is off"
+    if rank == 0 and t.packing and unpackable:
+        print(f"train round {plan.round}: padded micro-batches ({unpackable})", flush=True)
+    packed = unpackable is None
+
+    def forward(pairs: list[tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]]) -> tuple[Any, int]:
+        """(2b,) response log-probs of b (chosen, rejected) encodings, chosen rows first; and the logical tokens."""
+        if packed:
+            batch = pack([(c[0], [c[1], r[1]]) for c, r in pairs]).to(device)  # chosen and rejected share the prompt
+            logps = engine(packed=batch, reduction=t.reduction)  # (2b,) c_0, r_0, c_1, r_1, ...
+            return logps.view(len(pairs), 2).t().reshape(-1), batch.tokens  # (2b,) chosen then rejected
+        input_ids, attention, response = (
+            x.to(device) for x in collate([c for c, _ in pairs] + [r for _, r in pairs], tokenizer.pad_token_id)
+        )
+        return engine(input_ids, attention, response, t.reduction), int(attention.sum().item())  # (2b,)
+
     lengths = [len(e["chosen"][0]) + max(len(e["chosen"][1]), len(e["rejected"][1])) for e in examples]
     batches = global_batches(len(examples), lengths, t.global_batch_size, t.epochs, cfg.seed)
     total_steps = len(batches)
@@ -306,15 +328,9 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
                 # Δ's extra pass: the same responses after the quality-prefixed prompt, current policy, no
                 # gradient. Run before the training forward so ZeRO-3's parameter fetch order stays the same.
                 with torch.no_grad():
-                    ids_p, att_p, resp_p = (
-                        x.to(device)
-                        for x in collate([e["chosen_prefixed"] for e in ex] + [e["rejected_prefixed"] for e in ex], tokenizer.pad_token_id)
-                    )
-                    prefixed = engine(ids_p, att_p, resp_p, t.reduction)  # (2b,)
-            # chosen and rejected in one forward pass: rows [0, b) chosen, [b, 2b) rejected
-            input_ids, attention, response = collate([e["chosen"] for e in ex] + [e["rejected"] for e in ex], tokenizer.pad_token_id)
-            input_ids, attention, response = input_ids.to(device), attention.to(device), response.to(device)
-            logps = engine(input_ids, attention, response, t.reduction)  # (2b,) response log-probs
+                    prefixed, _ = forward([(e["chosen_prefixed"], e["rejected_prefixed"]) for e in ex])  # (2b,)
+            # chosen and rejected in one forward pass: [0, b) chosen, [b, 2b) rejected
+            logps, tokens = forward([(e["chosen"], e["rejected"]) for e in ex])  # (2b,) response log-probs
             as_tensor = lambda key: torch.tensor([e[key] for e in ex], dtype=logps.dtype, device=device)  # noqa: E731
             delta = None if prefixed is None else refinement_delta(prefixed[:b], prefixed[b:], logps[:b], logps[b:])
             losses, cr, rr = preference_loss(
@@ -329,7 +345,7 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
                 own_grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
             engine.step()
             sums += torch.tensor(
-                [losses.detach().sum().item(), cr.sum().item(), rr.sum().item(), (cr > rr).sum().item(), b, attention.sum().item()],
+                [losses.detach().sum().item(), cr.sum().item(), rr.sum().item(), (cr > rr).sum().item(), b, tokens],
                 dtype=torch.float64,
             )
         dist.all_reduce(sums)

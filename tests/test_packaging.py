@@ -65,4 +65,4 @@ def test_kubernetes_template_requests_gpus_and_declares_its_variables():
     docker = deployments["iterate-docker"]["work_pool"]["job_variables"]
     assert docker["container_create_kwargs"]["device_requests"][0]["Capabilities"] == [["gpu"]]
     for d in deployments.values():
-        assert d["entrypoint"] == "flows/dice.py:dice"
+        assert d["entrypoint"] == ("flows/dice.py:generate_shards" if d["name"] == "generate-shards" else "flows/dice.py:dice")

@@ -170,3 +170,86 @@ def test_length_debiasing_flips_the_cheaper_prompt():
     assert out["rejected"] == ["a long", "b short"]
     assert out["alpha"] == [pytest.approx(0.002)] * 2
     assert all(math.isclose(r, x) for r, x in zip(out["chosen_reward"], [0.9, 1.5]))  # rewards are r, not s
+
+
+# ---------------------------------------------------------------------------------------------- soft labels
+
+
+def judge_cfg(**pairs):
+    return RunConfig.model_validate(
+        {"label": {"labeller": "judge", "judges": [{"backend": "python", "function": "m:f"}]}, "pairs": pairs}
+    )
+
+
+def preference_rows(spec):
+    """spec: (prompt_id, idx_a, idx_b, annotator, p or None) -> PREFERENCES rows (p_ab/p_ba chosen to give p)."""
+    rows = [
+        {"prompt_id": pid, "idx_a": a, "idx_b": b, "annotator": who, "p_ab": None if p is None else p,
+         "p_ba": None if p is None else 1 - p, "p": p, "error": "timeout" if p is None else None,
+         "error_detail": None, "attempts": 2, "round": 1}
+        for pid, a, b, who, p in spec
+    ]  # fmt: skip
+    return pa.Table.from_pylist(rows, schema=schemas.PREFERENCES)
+
+
+# prompt_id, response, ranking score, finish_reason, num_tokens
+JUDGED = [
+    ("q1", "q1 best", 2.0, "stop", 50),  # q1 chosen by the ranking (long: no α for judges)
+    ("q1", "q1 mid", 0.0, "stop", 10),
+    ("q1", "q1 worst", -2.0, "stop", 5),  # q1 rejected
+    ("q2", "q2 a", 1.0, "stop", 5),  # q2: best/worst compared by nobody without failure -> dropped
+    ("q2", "q2 b", -1.0, "stop", 5),
+    ("q3", "q3 a", 0.5, "stop", 5),  # q3: p̂ = ½ exactly -> a preference tie, dropped
+    ("q3", "q3 b", -0.5, "stop", 5),
+]
+PREFS = [
+    ("q1", 0, 1, "j1", 0.9), ("q1", 0, 1, "j2", 0.7),  # p̂(best ≻ mid) = 0.8
+    ("q1", 0, 2, "j1", 0.6), ("q1", 0, 2, "j2", 1.0),  # p̂(best ≻ worst) = 0.8 from 2 annotators
+    ("q1", 1, 2, "j1", 0.2), ("q1", 1, 2, "j2", None),  # p̂(mid ≻ worst) = 0.2, one annotator failed
+    ("q2", 0, 1, "j1", None), ("q2", 0, 1, "j2", None),  # both failed
+    ("q3", 0, 1, "j1", 0.4), ("q3", 0, 1, "j2", 0.6),  # p̂ = 0.5
+]  # fmt: skip
+
+
+def test_judges_best_worst_uses_ranking_and_p_hat():
+    out, stats = generated_pairs(label_rows(JUDGED), judge_cfg(), k=1, preferences=preference_rows(PREFS))
+    assert out["prompt_id"] == ["q1"] and (out["chosen"], out["rejected"]) == (["q1 best"], ["q1 worst"])
+    assert out["preference"] == [pytest.approx(0.8)] and out["annotators"] == [2]  # mean of 0.6 and 1.0
+    assert out["alpha"] == [0.0] and stats["alpha"] == 0.0  # length gap +45 left alone: the ranking decides
+    assert stats["dropped_no_comparison"] == 1 and stats["dropped_preference_ties"] == 1
+
+
+def test_judges_all_pairs_oriented_by_p_hat_and_min_annotators():
+    out, stats = generated_pairs(label_rows(JUDGED), judge_cfg(strategy="all_pairs"), k=1, preferences=preference_rows(PREFS))
+    # q1: (best, mid) 0.8; (best, worst) 0.8; (mid, worst) p̂ 0.2 -> flipped: worst ≻ mid at 0.8, from 1 annotator
+    assert list(zip(out["chosen"], out["rejected"])) == [("q1 best", "q1 mid"), ("q1 best", "q1 worst"), ("q1 worst", "q1 mid")]
+    assert out["preference"] == [pytest.approx(0.8)] * 3 and out["annotators"] == [2, 2, 1]
+    assert out["pair_id"] == ["r1-q1-0-1", "r1-q1-0-2", "r1-q1-2-1"]
+    assert stats["dropped_no_comparison"] == 1 and stats["dropped_preference_ties"] == 1  # q2, q3
+    cfg = judge_cfg(strategy="all_pairs")
+    cfg.label.min_annotators = 2  # the one-annotator comparison no longer counts
+    out, stats = generated_pairs(label_rows(JUDGED), cfg, k=1, preferences=preference_rows(PREFS))
+    assert len(out["pair_id"]) == 2 and stats["dropped_no_comparison"] == 2
+
+
+def test_scalar_rewards_all_pairs_random_and_sigmoid():
+    table = [
+        ("a", "a1", 1.0, "stop", 3),
+        ("a", "a2", 3.0, "stop", 3),
+        ("a", "a3", 1.0, "stop", 3),  # a1 vs a3: equal rewards -> a tie, dropped
+        ("a", "a4", 0.0, "stop", 3),
+    ]
+    out, stats = generated_pairs(label_rows(table), cfg(strategy="all_pairs"), k=1)
+    assert len(out["pair_id"]) == 5 and stats["dropped_ties"] == 1  # C(4, 2) − 1
+    assert all(c > r for c, r in zip(out["chosen_reward"], out["rejected_reward"]))
+    assert out["preference"] == [1.0] * 5  # implicit reward: hard labels by default
+    soft = RunConfig.model_validate({"pairs": {"strategy": "all_pairs", "preference_from_rewards": "sigmoid"}})
+    out, _ = generated_pairs(label_rows(table), soft, k=1)
+    assert out["preference"] == [pytest.approx(1 / (1 + math.exp(-(c - r)))) for c, r in
+                                 zip(out["chosen_reward"], out["rejected_reward"])]  # fmt: skip
+    rand = RunConfig.model_validate({"pairs": {"strategy": "random", "random_pairs_per_prompt": 5}})
+    out, _ = generated_pairs(label_rows(table), rand, k=1)
+    used = out["chosen"] + out["rejected"]
+    assert len(used) == len(set(used)) and len(out["pair_id"]) <= 2  # disjoint, at most ⌊4/2⌋ per prompt
+    again, _ = generated_pairs(label_rows(table), rand, k=1)
+    assert again == out  # seeded by (seed, round)

@@ -218,6 +218,30 @@ def test_checkpoint_reloads_to_the_engines_logps(trained):
     np.testing.assert_allclose(ours, probe, atol=1e-4, rtol=1e-5)
 
 
+def test_packed_training_equals_padded(trained, tmp_path):
+    """The default packed micro-batches ([prompt | chosen | rejected], no padding) train exactly as padded ones
+    (train.packing=false): same per-step losses, margins, gradient norms and logical token counts, same weights."""
+    from safetensors.torch import load_file
+
+    cfg = trained[1].model_copy(update={"runs_dir": str(tmp_path / "runs")})
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"packing": False})})
+    assert trained[1].train.packing  # the default
+    shutil.copytree(rounds.round_dir(trained[1], 0), rounds.round_dir(cfg, 0))
+    shutil.rmtree(rounds.round_dir(cfg, 0) / "checkpoint")
+    proc = _train(cfg, tmp_path, "--force")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    padded = pq.read_table(rounds.round_dir(cfg, 0) / "train_metrics.parquet").to_pandas()
+    packed = pq.read_table(rounds.round_dir(trained[1], 0) / "train_metrics.parquet").to_pandas()
+    np.testing.assert_allclose(packed.loss, padded.loss, rtol=1e-5)
+    np.testing.assert_allclose(packed.margin, padded.margin, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(packed.grad_norm, padded.grad_norm, rtol=1e-4)
+    assert packed.tokens.tolist() == padded.tokens.tolist()  # prompt+chosen + prompt+rejected, counted alike
+    a = load_file(rounds.round_dir(cfg, 0) / "checkpoint/model.safetensors")
+    b = load_file(rounds.round_dir(trained[1], 0) / "checkpoint/model.safetensors")
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
 def test_zero3_offload_trains_like_without(trained, tmp_path):
     cfg = trained[1].model_copy(update={"runs_dir": str(tmp_path / "runs")})
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"offload_optimizer": True, "offload_params": True})})
