@@ -68,20 +68,6 @@ def test_scoring_matches_vllm_sampler_logprobs(llm, tiny_model):
     assert len(set(np.round(ours, 3))) > 6  # varied samples, not one repeated answer
 
 
-@pytest.fixture(scope="module")
-def perturbed_model(tiny_model, tmp_path_factory):
-    """A second model with the tiny model's tokenizer and slightly different weights (a stand-in π_{k-2})."""
-    model, tok = _model_and_tokenizer(tiny_model)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=gen))
-    path = tmp_path_factory.mktemp("models") / "perturbed"
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_label_implicit_reward(make_config, llm, tiny_model, perturbed_model):
     """reward = β·[logp(policy) − logp(reference)], with logp checked against a plain one-sequence forward."""
     cfg = make_config(**{"round0.mode": "skip", "model.reference": str(perturbed_model), "train.beta": 0.25})

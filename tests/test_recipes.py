@@ -38,12 +38,12 @@ def test_every_recipe_has_a_gpu_twin():
         assert "/" in g.model.policy  # a hub model id, not the toy model
 
 
-def _short(path, tmp_path, tiny_model):
+def _short(path, tmp_path, tiny_model, reference):
     """The recipe, shortened: one round from the session's tiny model, a handful of prompts, two optimizer steps."""
     return load_config(path, [
         f"runs_dir={tmp_path / 'runs'}", f"model.policy={tiny_model}", "model.build_tiny_if_missing=false",
-        "round0.mode=skip", "rounds=1", "data.prompts_per_round=6", "data.offline_per_round=16",
-        "generate.max_tokens=48", "pairs.min_valid=2",
+        "round0.mode=skip", f"model.reference={reference}", "rounds=1", "data.prompts_per_round=6", "data.offline_per_round=16",
+        "generate.max_tokens=128", "pairs.min_valid=2",
         f"data.prompts={REPO / 'data/toy/prompts.jsonl'}", f"data.offline={REPO / 'data/toy/offline_prefs.jsonl'}",
     ])  # fmt: skip
 
@@ -57,8 +57,9 @@ def _run_round(cfg, k, llm):
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
-def test_recipe_runs_a_round_end_to_end(path, tmp_path, tiny_model, llm):
-    cfg = _short(path, tmp_path, tiny_model)
+def test_recipe_runs_a_round_end_to_end(path, tmp_path, tiny_model, perturbed_model, llm):
+    # π_-1 differs from π_0, so the implicit reward is not identically zero
+    cfg = _short(path, tmp_path, tiny_model, perturbed_model)
     _run_round(cfg, 1, llm)
     rd = rounds.round_dir(cfg, 1)
     pairs = pq.read_table(rd / "pairs.parquet").to_pandas()
