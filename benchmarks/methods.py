@@ -203,6 +203,11 @@ def main(argv: list[str] | None = None) -> None:
 
     base = evaluated(pi0)
     results: dict[str, Any] = {"rounds": args.rounds, "seed": args.seed, "pi0_seconds": wall0, "recipes": {}}
+    earlier = RESULTS / "methods.json"
+    if earlier.is_file():  # a subset run updates its rows and keeps the others of the same settings
+        old = json.loads(earlier.read_text())
+        if (old.get("rounds"), old.get("seed")) == (args.rounds, args.seed):
+            results["recipes"] = {n: r for n, r in old["recipes"].items() if n in VARIANTS}
     for name in names:
         preset, extra, what = VARIANTS[name]
         overrides = [*common, f"name={name}", f"rounds={args.rounds}", "round0.mode=skip",
@@ -218,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
             r = per_round[-1]
             print(f"  round {k}: true reward {r['true_reward']:+.3f}  win {r['win_rate']:.3f}  tokens {r['tokens']:.1f}", flush=True)
         results["recipes"][name] = {"preset": preset, "overrides": extra, "what": what, "seconds": wall, "rounds": per_round}
+    results["recipes"] = {n: results["recipes"][n] for n in VARIANTS if n in results["recipes"]}  # table order
     write_results(results, args.update_readme)
 
 

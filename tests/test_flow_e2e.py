@@ -130,7 +130,7 @@ def test_every_parquet_opens_in_pandas_polars_duckdb_datasets(run):
     from datasets import load_dataset
 
     files = sorted(run["cfg"].run_dir.glob("round-*/*.parquet"))
-    assert len(files) == 3 + 2 * 5  # round 0: pairs, reference, metrics; rounds 1-2: five files each
+    assert len(files) == 3 + 2 * 6  # round 0: pairs, reference, metrics; rounds 1-2: six files each (preferences too)
     for f in files:
         n = pq.read_metadata(f).num_rows
         assert len(pd.read_parquet(f)) == n
