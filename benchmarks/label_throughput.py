@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.train_throughput import DATA, OUT, build_model, percentiles, wait_quiet  # noqa: E402
+from benchmarks.train_throughput import DATA, OUT, add_model_args, build_model, percentiles, wait_quiet  # noqa: E402
 
 
 def build_groups(tokenizer, args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -84,14 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: the cores)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(OUT / "label_throughput.json"))
-    # the model: the train benchmark's (same flags, same folder)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--intermediate", type=int, default=768)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=2048)
-    ap.add_argument("--sft-steps", type=int, default=20)
+    add_model_args(ap)  # the train benchmark's model: same flags, same folder
     args = ap.parse_args(argv)
     if args.k < 2:
         sys.exit("--k must be >= 2")

@@ -253,9 +253,9 @@ def write_results(results: dict[str, Any], update_readme: bool) -> None:
     (RESULTS / "methods.json").write_text(json.dumps(results, indent=2))
     md = table(results)
     cmd = "`.venv/bin/python benchmarks/methods.py`"
+    pi0 = next(iter(results["recipes"].values()))["rounds"][0]["true_reward"]  # round 0 is the shared π_0
     note = (f"Toy task, {results['rounds']} rounds from one shared π_0, seed {results['seed']}; R = mean true reward "
-            f"of 96 held-out prompts × {EVAL_SAMPLES} samples (π_0: {results['recipes'] and next(iter(results['recipes'].values()))['rounds'][0]['true_reward']:+.3f}); "
-            f"produced by {cmd}.")  # fmt: skip
+            f"of 96 held-out prompts × {EVAL_SAMPLES} samples (π_0: {pi0:+.3f}); produced by {cmd}.")  # fmt: skip
     (RESULTS / "methods.md").write_text(note + "\n\n" + md + "\n")
     plot(results)
     print("\n" + md)

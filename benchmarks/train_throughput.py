@@ -559,11 +559,8 @@ def run_profile(args, model: Path, pairs) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pairs", type=int, default=256, help="preference pairs (one epoch over them)")
-    ap.add_argument("--long-frac", type=float, default=0.2, help="share of pairs given 1-4 more responses per side")
-    ap.add_argument("--max-len", type=int, default=512, help="cap on prompt+response tokens of a sequence")
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """The tiny model's shape flags (model_dir names the folder after them; the label benchmark shares them)."""
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--intermediate", type=int, default=768)
     ap.add_argument("--layers", type=int, default=6)
@@ -571,6 +568,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--sft-steps", type=int, default=20, help="supervised steps of the tiny model build")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", type=int, default=256, help="preference pairs (one epoch over them)")
+    ap.add_argument("--long-frac", type=float, default=0.2, help="share of pairs given 1-4 more responses per side")
+    ap.add_argument("--max-len", type=int, default=512, help="cap on prompt+response tokens of a sequence")
+    add_model_args(ap)
     ap.add_argument("--micro-batch", type=int, default=4, help="pairs per forward pass (both trainers)")
     ap.add_argument("--global-batch", type=int, default=16, help="pairs per optimizer step (both trainers)")
     ap.add_argument("--beta", type=float, default=0.1)

@@ -137,12 +137,17 @@ def _from_top(top: dict[str, float], answers: tuple[str, str]) -> float:
     return answer_probability(top[answers[0]], top[answers[1]])
 
 
-def parse_completion(body: Any, answers: tuple[str, str]) -> float:
-    """P(first ≻ second) from a /v1/completions body: choices[0].logprobs.top_logprobs[0] maps token -> log-prob."""
+def _choice_logprobs(body: Any) -> Any:
+    """choices[0].logprobs of an OpenAI-format body (None when absent); a body without choices[0] fails."""
     try:
-        logprobs = body["choices"][0].get("logprobs")
+        return body["choices"][0].get("logprobs")
     except (KeyError, IndexError, TypeError, AttributeError) as e:
         raise JudgeFailure("unparseable", f"no choices[0] in the response ({type(e).__name__})") from e
+
+
+def parse_completion(body: Any, answers: tuple[str, str]) -> float:
+    """P(first ≻ second) from a /v1/completions body: choices[0].logprobs.top_logprobs[0] maps token -> log-prob."""
+    logprobs = _choice_logprobs(body)
     if not logprobs or not logprobs.get("top_logprobs"):
         raise JudgeFailure("missing_logprobs", "the response has no logprobs.top_logprobs")
     top = logprobs["top_logprobs"][0]
@@ -156,10 +161,7 @@ def parse_completion(body: Any, answers: tuple[str, str]) -> float:
 
 def parse_chat(body: Any, answers: tuple[str, str]) -> float:
     """P(first ≻ second) from a /v1/chat/completions body: choices[0].logprobs.content[0].top_logprobs."""
-    try:
-        logprobs = body["choices"][0].get("logprobs")
-    except (KeyError, IndexError, TypeError, AttributeError) as e:
-        raise JudgeFailure("unparseable", f"no choices[0] in the response ({type(e).__name__})") from e
+    logprobs = _choice_logprobs(body)
     if not logprobs or not logprobs.get("content"):
         raise JudgeFailure("missing_logprobs", "the response has no logprobs.content")
     entries = logprobs["content"][0].get("top_logprobs") if isinstance(logprobs["content"][0], dict) else None

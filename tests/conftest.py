@@ -79,22 +79,25 @@ def llm(tiny_model):
 
 
 
-@pytest.fixture(scope="session")
-def perturbed_model(tiny_model, tmp_path_factory):
-    """A second model with the tiny model's tokenizer and slightly different weights (a stand-in π_{k-2})."""
+def perturbed_copy(src: Path, dest: Path, scale: float) -> Path:
+    """Save a copy of the model at `src` with its tokenizer and seeded Gaussian noise of `scale` on every weight."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model, tok = AutoModelForCausalLM.from_pretrained(tiny_model).eval(), AutoTokenizer.from_pretrained(tiny_model)
+    model, tok = AutoModelForCausalLM.from_pretrained(src).eval(), AutoTokenizer.from_pretrained(src)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=gen))
-    path = tmp_path_factory.mktemp("models") / "perturbed"
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return path
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(dest, safe_serialization=True)
+    tok.save_pretrained(dest)
+    return dest
 
+
+@pytest.fixture(scope="session")
+def perturbed_model(tiny_model, tmp_path_factory):
+    """A second model with the tiny model's tokenizer and slightly different weights (a stand-in π_{k-2})."""
+    return perturbed_copy(tiny_model, tmp_path_factory.mktemp("models") / "perturbed", 0.02)
 
 BIN = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin"
 

@@ -19,6 +19,8 @@ from pipeline.mixture import (
 )
 from stages import generate
 
+from .conftest import perturbed_copy
+
 PROMPTS = [
     "Explain why the sky is blue.",
     "Hi",
@@ -31,16 +33,10 @@ def models(tiny_model, tmp_path_factory):
     """(policy, reference, tokenizer, reference path): the session tiny model and a perturbed copy of it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    path = perturbed_copy(tiny_model, tmp_path_factory.mktemp("models") / "perturbed-mix", 0.05)
     tok = AutoTokenizer.from_pretrained(tiny_model)
     policy = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    path = tmp_path_factory.mktemp("models") / "perturbed-mix"
-    reference.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
+    reference = AutoModelForCausalLM.from_pretrained(path).eval()
     return policy, reference, tok, path
 
 
