@@ -185,14 +185,6 @@ def group_by_prompt(encoded: Sequence[tuple[Sequence[int], Sequence[int]]]) -> l
 # ---------------------------------------------------------------------------------------------- attention
 
 
-def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(1, Hkv, M, D) -> (1, Hkv·n_rep, M, D), each key/value head repeated for its query heads (GQA)."""
-    if n_rep == 1:
-        return x
-    b, h, m, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, m, d).reshape(b, h * n_rep, m, d)
-
-
 def _varlen_kernel():
     """The CUDA varlen attention kernel available: flash-attn's if installed, else torch's (torch >= 2.10)."""
     try:
@@ -253,18 +245,23 @@ def packed_attention_forward(
                 out = kernel(q, k, v, a.cu_q, a.cu_k, a.max_q, a.max_k, scale=scaling, window_size=(-1, 0),
                              enable_gqa=q.shape[1] != k.shape[1])  # fmt: skip
             return out.unsqueeze(0), None  # (1, N, Hq, D)
-    n_rep = query.shape[1] // key.shape[1]
-    # Gather every call's keys/values once per layer, then one SDPA per call on views of the gathered buffer.
-    k_all = _repeat_kv(key.index_select(2, dice_packed.kv_index), n_rep)  # (1, Hq, M, D)
-    v_all = _repeat_kv(value.index_select(2, dice_packed.kv_index), n_rep)  # (1, Hq, M, D)
+    # Gather every call's keys/values once per layer, then one SDPA per call on the parts of the row. The parts
+    # come from `split` (the calls partition the queries and the gathered keys in order), whose backward is one
+    # concatenation of the parts' gradients; slicing per call would zero-fill and add a full-row gradient per call.
+    # SDPA's own GQA broadcasting (enable_gqa) reads each key/value head for its query heads without copies.
+    gqa = query.shape[1] != key.shape[1]
+    k_all = key.index_select(2, dice_packed.kv_index)  # (1, Hkv, M, D)
+    v_all = value.index_select(2, dice_packed.kv_index)  # (1, Hkv, M, D)
+    q_sizes = [q1 - q0 for q0, q1, _, _ in dice_packed.bounds]
+    k_sizes = [k1 - k0 for _, _, k0, k1 in dice_packed.bounds]
+    parts = zip(query.split(q_sizes, 2), k_all.split(k_sizes, 2), v_all.split(k_sizes, 2), dice_packed.masks)
     outs = []
-    for (q0, q1, k0, k1), mask in zip(dice_packed.bounds, dice_packed.masks):
-        q = query[:, :, q0:q1]  # (1, Hq, Lq, D)
-        k, v = k_all[:, :, k0:k1], v_all[:, :, k0:k1]  # (1, Hq, Lk, D)
+    for q, k, v, mask in parts:  # q: (1, Hq, Lq, D); k, v: (1, Hkv, Lk, D)
         if mask is None:  # square block: top-left = bottom-right causal
-            outs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling))
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa)
         else:
-            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scaling))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scaling, enable_gqa=gqa)
+        outs.append(out)
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # (1, Hq, N, D)
     return out.transpose(1, 2), None  # (1, N, Hq, D)
 
