@@ -27,6 +27,7 @@ collate) and torch.profiler, written to `benchmarks/out/dice_profile*.txt`.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -625,6 +626,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("--global-batch must be a multiple of --micro-batch")
     if args.warmup < 1 or args.pairs < (args.warmup + 1) * args.global_batch:
         sys.exit("need --warmup >= 1 and at least (warmup + 1) × global-batch pairs")
+    if not args.skip_trl and importlib.util.find_spec("trl") is None:
+        sys.exit("TRL (the baseline) is not installed: .venv/bin/pip install -e '.[bench]'  (or pass --skip-trl)")
     global WAIT_QUIET_S
     WAIT_QUIET_S = args.wait_quiet
     t_start = time.perf_counter()
