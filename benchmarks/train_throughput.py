@@ -211,19 +211,23 @@ def dice_config(args: argparse.Namespace, model: Path, zero_stage: int, name: st
     )
 
 
-def dice_padded_tokens(pairs: list[dict[str, Any]], args: argparse.Namespace) -> list[int]:
-    """Padded tokens (rows × width) per optimizer step of dice's batching, replayed with its own functions."""
+def dice_computed_tokens(pairs: list[dict[str, Any]], args: argparse.Namespace, packing: bool) -> list[int]:
+    """Positions dice's forward passes run per optimizer step, its batching replayed with its own functions:
+    packed (`train.packing`, the default), each pair's row [prompt | chosen | rejected] with the prompt once and
+    each response's last token only a target (pipeline.packing); padded, rows × width per micro-batch."""
     from stages.train import global_batches
 
     lengths = [len(p["enc_c"][0]) + max(len(p["enc_c"][1]), len(p["enc_r"][1])) for p in pairs]
     out = []
     for batch in global_batches(len(pairs), lengths, args.global_batch, 1, args.seed):
-        padded = 0
+        computed = 0
         for s in range(0, len(batch), args.micro_batch):
             mb = batch[s : s + args.micro_batch]
-            width = max(len(pairs[i]["enc_c"][0]) + max(len(pairs[i]["enc_c"][1]), len(pairs[i]["enc_r"][1])) for i in mb)
-            padded += 2 * len(mb) * width
-        out.append(padded)
+            if packing:
+                computed += sum(len(pairs[i]["enc_c"][0]) + len(pairs[i]["enc_c"][1]) + len(pairs[i]["enc_r"][1]) - 2 for i in mb)
+            else:
+                computed += 2 * len(mb) * max(lengths[i] for i in mb)
+        out.append(computed)
     return out
 
 
@@ -310,7 +314,7 @@ def run_child(cmd: list[str], step_re: re.Pattern, log: Path) -> dict[str, Any]:
     }
 
 
-def summarize(child: dict[str, Any], tokens: list[int], padded: list[int], warmup: int) -> dict[str, Any]:
+def summarize(child: dict[str, Any], tokens: list[int], computed: list[int], warmup: int) -> dict[str, Any]:
     """Timed region: from the end of warm-up step `warmup` to the end of the last step."""
     step_ends = child["step_ends"]
     if len(step_ends) != len(tokens) or len(step_ends) <= warmup:
@@ -324,8 +328,9 @@ def summarize(child: dict[str, Any], tokens: list[int], padded: list[int], warmu
         "timed_wall_s": wall,
         "tokens_per_s": timed_tokens / wall,
         "s_per_step": wall / (len(tokens) - warmup),
-        "timed_padded_tokens": sum(padded[warmup:]),
-        "padding_share": 1 - timed_tokens / sum(padded[warmup:]),
+        # positions the forward passes ran (padding included, shared prompts once) per token counted
+        "timed_computed_tokens": sum(computed[warmup:]),
+        "computed_per_token": sum(computed[warmup:]) / timed_tokens,
         "all_steps_tokens": sum(tokens),
         # CPU time other processes used during the timed region, as a share of all cores: ~0 on a quiet machine
         "foreign_cpu_share": _foreign_share(child["step_cpu"], warmup, wall),
@@ -355,7 +360,7 @@ def run_dice(args, model: Path, pairs, zero_stage: int, rep: int = 0) -> dict[st
     child = run_child(cmd, DICE_STEP, OUT / "logs" / f"dice-zero{zero_stage}-run{rep + 1}.log")
     metrics = pq.read_table(rounds.plan(cfg, 0, "train").outputs["metrics"]).to_pylist()
     tokens = [m["tokens"] for m in metrics]
-    out = summarize(child, tokens, dice_padded_tokens(pairs, args), args.warmup)
+    out = summarize(child, tokens, dice_computed_tokens(pairs, args, cfg.train.packing), args.warmup)
     out["self_reported_s"] = sum(m["seconds"] for m in metrics[args.warmup :])  # dice's own `seconds` column
     out["first_step_loss"] = metrics[0]["loss"]
     out["first_step_margin"] = metrics[0]["margin"]
@@ -667,13 +672,13 @@ def main(argv: list[str] | None = None) -> None:
             runs.setdefault("trl", []).append(run_trl(args, model, pairs, rep))
     results = {k: best_run(v) for k, v in runs.items()}
 
-    header = ["trainer", "tokens/s", "timed wall s", "s/step", "timed steps", "timed tokens", "padding", "peak RSS MiB", "process s", "foreign CPU"]
+    header = ["trainer", "tokens/s", "timed wall s", "s/step", "timed steps", "timed tokens", "computed", "peak RSS MiB", "process s", "foreign CPU"]
     widths = [16, 9, 12, 7, 11, 12, 7, 12, 9, 11]
     print()
     print(fmt_row(header, widths))
     for k, r in results.items():
         print(fmt_row([k, f"{r['tokens_per_s']:.0f}", f"{r['timed_wall_s']:.2f}", f"{r['s_per_step']:.2f}", str(r["timed_steps"]),
-                       str(r["timed_tokens"]), f"{100 * r['padding_share']:.1f}%", f"{r['peak_rss_mib']:.0f}",
+                       str(r["timed_tokens"]), f"x{r['computed_per_token']:.2f}", f"{r['peak_rss_mib']:.0f}",
                        f"{r['process_wall_s']:.1f}", _pct(r["foreign_cpu_share"])], widths))  # fmt: skip
     if args.repeats > 1:
         print("tokens/s of every run (the table shows the fastest): "
