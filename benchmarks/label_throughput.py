@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.train_throughput import DATA, OUT, add_model_args, build_model, percentiles, wait_quiet  # noqa: E402
+from benchmarks.train_throughput import DATA, OUT, add_model_args, build_model, percentiles, shown, wait_quiet  # noqa: E402
 
 
 def build_groups(tokenizer, args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         "response_tokens": percentiles([len(r) for _, r in encoded]),
     }
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model {path.relative_to(REPO)}: {n_params:,} parameters; {f'built in {built_s:.0f} s' if built_s else 'reused'}")
+    print(f"model {shown(path)}: {n_params:,} parameters; {f'built in {built_s:.0f} s' if built_s else 'reused'}")
     print(f"{len(encoded)} responses ({args.prompts} prompts × K={args.k}), {tokens} scored tokens (prompt + response each)")
     for k, v in lengths.items():
         print(f"  {k:<16} " + "  ".join(f"{q} {x:g}" for q, x in v.items()))
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
 
     report = {
         "settings": {**vars(args), "cpu_count": os.cpu_count()},
-        "model": {"path": str(path.relative_to(REPO)), "parameters": n_params},
+        "model": {"path": shown(path), "parameters": n_params},
         "responses": len(encoded),
         "scored_tokens": tokens,
         "lengths": lengths,

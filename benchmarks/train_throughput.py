@@ -42,7 +42,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-OUT = REPO / "benchmarks" / "out"
+# everything the benchmarks write (models, runs, logs, JSON); DICE_BENCH_OUT moves it (the smoke tests do)
+OUT = Path(os.environ.get("DICE_BENCH_OUT") or REPO / "benchmarks" / "out").resolve()
 DATA = REPO / "data" / "offline_prefs.jsonl"
 DICE_STEP = re.compile(r"^train round 0 step (\d+)/(\d+) ")
 TRL_STEP = re.compile(r"^BENCH_STEP (\d+)")
@@ -50,6 +51,12 @@ RESULT = "BENCH_RESULT "
 
 
 # ---------------------------------------------------------------------------------------------- inputs
+
+
+def shown(path: Path) -> str:
+    """`path` relative to the repository when it is inside it (as printed and recorded), else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def model_dir(args: argparse.Namespace) -> Path:
@@ -310,7 +317,7 @@ def run_child(cmd: list[str], step_re: re.Pattern, log: Path) -> dict[str, Any]:
         "result": result,
         "peak_rss_mib": usage.ru_maxrss / 1024,
         "process_wall_s": time.perf_counter() - started,
-        "log": str(log.relative_to(REPO)),
+        "log": shown(log),
     }
 
 
@@ -366,7 +373,7 @@ def run_dice(args, model: Path, pairs, zero_stage: int, rep: int = 0) -> dict[st
     out["first_step_margin"] = metrics[0]["margin"]
     out["last_step_loss"] = metrics[-1]["loss"]
     out.update({k: child[k] for k in ("peak_rss_mib", "process_wall_s", "log")})
-    out["command"] = " ".join(["python", "-m", "stages.train", str(conf.relative_to(REPO)), "--round", "0", "--force"])
+    out["command"] = " ".join(["python", "-m", "stages.train", shown(conf), "--round", "0", "--force"])
     return out
 
 
@@ -559,7 +566,7 @@ def run_profile(args, model: Path, pairs) -> dict[str, Any]:
             "warmup_micro": args.warmup * args.global_batch // args.micro_batch}  # fmt: skip
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "dice-profile", "--worker-spec", json.dumps(spec)]
     child = run_child(cmd, DICE_STEP, OUT / "logs" / "dice-profile.log")
-    return {"pairs": n, "zero_stage": args.profile_zero_stage, **child["result"], "ops_table": str(ops.relative_to(REPO))}
+    return {"pairs": n, "zero_stage": args.profile_zero_stage, **child["result"], "ops_table": shown(ops)}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -646,7 +653,7 @@ def main(argv: list[str] | None = None) -> None:
     from safetensors.torch import load_file
 
     n_params = sum(t.numel() for t in load_file(str(model / "model.safetensors")).values())
-    print(f"model {model.relative_to(REPO)}: {n_params:,} parameters (vocab {conf.vocab_size}, hidden {conf.hidden_size}, "
+    print(f"model {shown(model)}: {n_params:,} parameters (vocab {conf.vocab_size}, hidden {conf.hidden_size}, "
           f"{conf.num_hidden_layers} layers, {conf.num_attention_heads} heads / {conf.num_key_value_heads} kv, "
           f"MLP {conf.intermediate_size}); {'built in %.0f s' % built_s if built_s else 'reused'}", flush=True)  # fmt: skip
 
@@ -725,7 +732,7 @@ def main(argv: list[str] | None = None) -> None:
                      "threads": int(child_env()["OMP_NUM_THREADS"]), "cpu_count": os.cpu_count(),
                      "python": sys.version.split()[0]},  # fmt: skip
         "versions": _versions(),
-        "model": {"path": str(model.relative_to(REPO)), "parameters": n_params, "build_s": built_s},
+        "model": {"path": shown(model), "parameters": n_params, "build_s": built_s},
         "pairs": {"count": len(pairs), "lengths": lengths},
         "reference_scoring_s": ref_s,
         "results": results,
@@ -734,7 +741,7 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark_wall_s": time.perf_counter() - t_start,
     }
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"wrote {Path(args.out).resolve().relative_to(REPO) if Path(args.out).resolve().is_relative_to(REPO) else args.out} "
+    print(f"wrote {shown(args.out)} "
           f"(benchmark took {report['benchmark_wall_s']:.0f} s)")  # fmt: skip
 
 

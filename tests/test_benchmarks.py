@@ -1,0 +1,45 @@
+"""The benchmarks run, on a model small enough for CI, and check what they measure: the same tokens and first
+loss for the trainer, the same log-probs for every scorer. Their numbers are not asserted (a timing is not a
+test); what is asserted would break if the benchmark's bookkeeping did."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+
+from tests.conftest import BIN, REPO
+
+SHAPE = ["--hidden", "64", "--intermediate", "128", "--layers", "2", "--heads", "4", "--kv-heads", "2",
+         "--vocab", "512", "--sft-steps", "1"]  # fmt: skip
+
+
+def _bench(tmp_path, script: str, *args: str) -> dict:
+    out = tmp_path / f"{script}.json"
+    env = {**os.environ, "DICE_BENCH_OUT": str(tmp_path / "bench"), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([str(BIN / "python"), f"benchmarks/{script}.py", *SHAPE, *args, "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_label_benchmark_scores_the_same_log_probs_three_ways(tmp_path):
+    r = _bench(tmp_path, "label_throughput", "--prompts", "6", "--k", "3", "--repeats", "1")
+    assert r["responses"] > 6 and set(r["tokens_per_s"]) == {"dice", "dice (padded)", "naive"}
+    assert max(r["max_abs_logp_diff_vs_naive"].values()) < 1e-3
+    # dice's packed scorer runs fewer linear-layer FLOPs than the naive loop (prompt once, head at responses only)
+    assert 0 < r["linear_flops"]["dice"] < r["linear_flops"]["naive"]
+    assert r["gemm_peak_flops_per_s"] > 0 and r["ratio_bound_at_gemm_peak"] > 0
+
+
+def test_train_benchmark_runs_dice_on_every_pair(tmp_path):
+    r = _bench(tmp_path, "train_throughput", "--skip-trl", "--pairs", "48", "--global-batch", "16", "--micro-batch", "4")
+    dice = r["results"]["dice"]
+    assert dice["steps"] == 3 and dice["timed_steps"] == 1
+    assert math.isclose(dice["first_step_loss"], math.log(2), abs_tol=1e-5)  # policy == reference at step 1
+    assert abs(dice["first_step_margin"]) < 1e-5
+    # every token of every pair counted once, and the packed rows ran fewer positions than that
+    per_pair = r["pairs"]["lengths"]["pair_tokens (prompt+chosen + prompt+rejected)"]["mean"]  # rounded to 0.1
+    assert abs(dice["all_steps_tokens"] - per_pair * r["pairs"]["count"]) <= 0.05 * r["pairs"]["count"] + 1
+    assert 0.5 < dice["computed_per_token"] < 1.0
