@@ -15,7 +15,7 @@ import torch
 
 from pipeline import rounds, schemas
 from pipeline.artifacts import execute
-from pipeline.config import save_config
+from pipeline.config import LossType, save_config
 from stages import pairs, reference
 
 
@@ -188,7 +188,7 @@ def test_killed_training_resumes_from_its_deepspeed_checkpoint(trained, tmp_path
 )
 def test_every_loss_trains_through_the_stage(trained, tmp_path, loss, first_step_loss):
     cfg = trained[1].model_copy(update={"runs_dir": str(tmp_path / "runs")})
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"loss": loss})})
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"loss": LossType(loss)})})
     shutil.copytree(rounds.round_dir(trained[1], 0), rounds.round_dir(cfg, 0))
     shutil.rmtree(rounds.round_dir(cfg, 0) / "checkpoint")
     proc = _train(cfg, tmp_path, "--force")
