@@ -225,16 +225,12 @@ def dice_computed_tokens(pairs: list[dict[str, Any]], args: argparse.Namespace, 
     from stages.train import global_batches
 
     lengths = [len(p["enc_c"][0]) + max(len(p["enc_c"][1]), len(p["enc_r"][1])) for p in pairs]
+    row = [len(p["enc_c"][0]) + len(p["enc_c"][1]) + len(p["enc_r"][1]) - 2 for p in pairs]  # a pair's packed row
     out = []
     for batch in global_batches(len(pairs), lengths, args.global_batch, 1, args.seed):
-        computed = 0
-        for s in range(0, len(batch), args.micro_batch):
-            mb = batch[s : s + args.micro_batch]
-            if packing:
-                computed += sum(len(pairs[i]["enc_c"][0]) + len(pairs[i]["enc_c"][1]) + len(pairs[i]["enc_r"][1]) - 2 for i in mb)
-            else:
-                computed += 2 * len(mb) * max(lengths[i] for i in mb)
-        out.append(computed)
+        micro = [batch[s : s + args.micro_batch] for s in range(0, len(batch), args.micro_batch)]
+        per_micro = (sum(row[i] for i in mb) if packing else 2 * len(mb) * max(lengths[i] for i in mb) for mb in micro)
+        out.append(sum(per_micro))
     return out
 
 

@@ -63,6 +63,10 @@ class PackedAttention:
     bounds: list[tuple[int, int, int, int]]  # per call (q_start, q_end, k_start, k_end), as Python ints
     masks: list[torch.Tensor | None]  # per call: (Lq, Lk) bool, True = attend; None = square causal block
 
+    def sizes(self) -> tuple[list[int], list[int]]:
+        """Per call, the number of queries and of keys/values: the calls' parts of the row and of kv_index."""
+        return [q1 - q0 for q0, q1, _, _ in self.bounds], [k1 - k0 for _, _, k0, k1 in self.bounds]
+
     def to(self, device: torch.device) -> PackedAttention:
         masks = [None if m is None else m.to(device, non_blocking=True) for m in self.masks]
         return PackedAttention(
@@ -252,8 +256,7 @@ def packed_attention_forward(
     gqa = query.shape[1] != key.shape[1]
     k_all = key.index_select(2, dice_packed.kv_index)  # (1, Hkv, M, D)
     v_all = value.index_select(2, dice_packed.kv_index)  # (1, Hkv, M, D)
-    q_sizes = [q1 - q0 for q0, q1, _, _ in dice_packed.bounds]
-    k_sizes = [k1 - k0 for _, _, k0, k1 in dice_packed.bounds]
+    q_sizes, k_sizes = dice_packed.sizes()
     parts = zip(query.split(q_sizes, 2), k_all.split(k_sizes, 2), v_all.split(k_sizes, 2), dice_packed.masks)
     outs = []
     for q, k, v, mask in parts:  # q: (1, Hq, Lq, D); k, v: (1, Hkv, Lk, D)
