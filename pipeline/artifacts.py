@@ -53,18 +53,24 @@ def write_parquet(table: pa.Table, path: Path, schema: pa.Schema) -> int:
     return table.num_rows
 
 
-def read_parquet(path: Path, schema: pa.Schema) -> pa.Table:
-    """Read a dice table, checking that every column of `schema` is there with a castable type."""
+def read_parquet(path: Path, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+    """Read a dice table, checking that every column of `schema` is there with a castable type.
+
+    `columns`: read only these columns of `schema` (a stage that needs a few columns of a large table).
+    """
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: file not found (did the previous stage finish?)")
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns])
     try:
-        table = pq.read_table(path)
+        present = pq.read_schema(path).names
+        missing = [n for n in schema.names if n not in present]
+        if missing:
+            raise ArtifactError(f"{path}: missing column(s) {', '.join(missing)}")
+        table = pq.read_table(path, columns=schema.names)
     except (pa.ArrowInvalid, OSError) as e:
         raise ArtifactError(f"{path}: not a readable Parquet file: {e}") from e
-    missing = [n for n in schema.names if n not in table.column_names]
-    if missing:
-        raise ArtifactError(f"{path}: missing column(s) {', '.join(missing)}")
     try:
         return table.select(schema.names).cast(schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
@@ -184,8 +190,9 @@ def execute(plan: StagePlan, fn: Callable[[], dict[str, Any]], *, force: bool = 
         assert m is not None
         m["skipped"] = True
         return m
-    # A stale manifest must not survive a re-run that fails half way.
+    # A stale manifest must not survive a re-run that fails half way; nor the temporaries of a killed attempt.
     plan.manifest_path.unlink(missing_ok=True)
+    remove_stale_temporaries(plan)
     started = time.time()
     stats = fn()
     finished = time.time()
@@ -206,6 +213,20 @@ def execute(plan: StagePlan, fn: Callable[[], dict[str, Any]], *, force: bool = 
     write_json_atomic(plan.manifest_path, manifest)
     manifest["skipped"] = False
     return manifest
+
+
+def remove_stale_temporaries(plan: StagePlan) -> list[Path]:
+    """Delete what a killed attempt of this stage left half-written: `.<output>.*.tmp` files, `.<folder>.writing`
+    and `.<folder>.old-*` folders, `.<manifest>.*.tmp`. Only for a stage about to run (the run lock is held, so no
+    other process is writing them). Returns what was removed."""
+    removed = []
+    targets = [Path(p) for p in plan.outputs.values()] + [plan.manifest_path]
+    for out in targets:
+        for pattern in (f".{out.name}.*.tmp", f".{out.name}.tmp", f".{out.name}.writing", f".{out.name}.old-*"):
+            for stale in out.parent.glob(pattern):
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+                removed.append(stale)
+    return removed
 
 
 def _rows(p: Path) -> dict[str, int]:

@@ -1,24 +1,29 @@
 """Stage `pairs`: preference pairs for the round.
 
 Round k ≥ 1 (../shared/METHODS.md §1.3-1.5, §7), from `labels.parquet` (and, for judges, `preferences.parquet`):
-  1. drop responses cut at the token limit (finish_reason = length), unscored ones, and degenerate ones
-     (fewer than `pairs.min_chars` non-space characters); keep prompts with >= `pairs.min_valid` left;
+  1. drop responses cut at the token limit (finish_reason = length), unscored ones, degenerate ones (fewer than
+     `pairs.min_chars` non-whitespace characters) and, with `pairs.max_chars`, longer ones; keep prompts with
+     >= `pairs.min_valid` left;
   2. `pairs.strategy`:
      - best_worst (DICE): one pair per prompt, chosen = argmax, rejected = argmin of the score. Scalar rewards
-       (implicit reward, reward model, python): s = r − α·len, α searched so the mean chosen−rejected length gap
-       is ≈ 0. Judges: s = the ranking score (label.ranking), no α, and the pair's preference = p̂ of that
-       comparison (as measured, so it can be below ½ where the direct comparison disagrees with the ranking);
+       (implicit reward, reward model, python): s = r − α·len, α chosen so the mean chosen−rejected length gap
+       is ≈ 0 (pipeline/length.py: exactly on the gap(α) curve, or on the reference's grid with
+       `pairs.alpha_search: grid`). Judges: s = the ranking score (label.ranking), no α, and the pair's
+       preference = p̂ of that comparison (as measured, so it can be below ½ where the direct comparison
+       disagrees with the ranking);
      - all_pairs: every pair of valid responses (soft-label losses: iREPO, IPO);
      - random: `pairs.random_pairs_per_prompt` disjoint random pairs per prompt (online IPO);
      in all_pairs/random, chosen is the side the label prefers (higher r, or p̂ ≥ ½);
   3. drop ties: identical texts; a score margin not above `pairs.min_margin` (scalar rewards, and judges'
      best_worst); for judges |p̂ − ½| not above `pairs.min_preference_margin`, and pairs no annotator answered;
-  4. experience replay with ratio γ: offline pairs from prompts the generated pairs do not use.
+  4. experience replay with ratio γ: n_gen generated pairs sampled, then offline pairs from prompts those
+     sampled pairs do not use (as the reference code's `create_mix_paired_set`).
 `preference` is p̂ with `annotators` = how many annotators it averages for judges; for scalar rewards 1.0 (hard)
 or σ(r_chosen − r_rejected) (`pairs.preference_from_rewards`; auto: σ for a reward model).
 Round 0 (offline DPO): the offline set itself (capped by `round0.max_pairs`).
 
-Writes `pairs.parquet` (PAIRS). Sampling of replay pairs is seeded by (seed, round).
+Writes `pairs.parquet` (PAIRS). Sampling of replay pairs is seeded by (seed, round). Only the label columns it
+needs are read, and response texts are compared in Arrow, so a round of 1M responses stays a few seconds.
 
     python -m stages.pairs conf/tiny.yaml --round 1
 """
@@ -26,17 +31,24 @@ Writes `pairs.parquet` (PAIRS). Sampling of replay pairs is seeded by (seed, rou
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import schemas
 from pipeline.artifacts import StagePlan, read_parquet, write_parquet
 from pipeline.config import RunConfig
 from pipeline.datasets import read_offline
-from pipeline.length import best_worst, replay_counts, search_alpha
+from pipeline.length import best_worst, replay_counts, search_alpha, search_alpha_exact
+
+# The LABELS columns pairs reads (the log-prob and bookkeeping columns are not needed).
+LABEL_COLUMNS = ["prompt_id", "prompt", "sample_idx", "response", "num_tokens", "num_chars", "finish_reason",
+                 "reward", "label_error"]  # fmt: skip
+# Python's str.isspace() characters, as an RE2 class (checked over every code point in tests/test_pairs_table.py)
+WHITESPACE = r"\s\x{0b}\x{1c}-\x{1f}\x{85}\p{Z}"
 
 
 def _offline_rows(offline: pa.Table, idx: np.ndarray, k: int) -> dict[str, list]:
@@ -77,8 +89,44 @@ def preference_means(preferences: pa.Table, min_annotators: int) -> dict[PairKey
     return {key: (float(np.mean(ps)), len(ps)) for key, ps in sums.items() if len(ps) >= min_annotators}
 
 
-def _sigmoid(x: float) -> float:
-    return float(1.0 / (1.0 + np.exp(-x)))
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _numpy(col: pa.ChunkedArray | pa.Array, dtype: Any, null: Any = None) -> np.ndarray:
+    if null is not None:
+        col = pc.fill_null(col, null)
+    return np.asarray(col.to_numpy(zero_copy_only=False), dtype=dtype)
+
+
+def _take(col: pa.ChunkedArray, idx: np.ndarray) -> pa.Array:
+    """col[idx] chunk by chunk: ChunkedArray.take would first concatenate every chunk (a copy of all the texts)."""
+    ends = np.cumsum([len(c) for c in col.chunks])
+    which = np.searchsorted(ends, idx, side="right")  # (M,) the chunk of each index
+    parts, order = [], []
+    for c in np.unique(which):
+        sel = np.flatnonzero(which == c)
+        start = ends[c] - len(col.chunks[c])
+        parts.append(col.chunks[c].take(pa.array(idx[sel] - start)))
+        order.append(sel)
+    if not parts:
+        return pa.array([], col.type)
+    taken = pa.concat_arrays(parts)  # chunk by chunk: put back in the order of idx
+    return taken.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
+
+
+def _at_least_chars(responses: pa.ChunkedArray, n: int) -> np.ndarray:
+    """(N,) True where a response has at least n non-whitespace characters (str.isspace's whitespace)."""
+    if n <= 0:
+        return np.ones(len(responses), dtype=bool)
+    # anchored: RE2 stops as soon as n non-whitespace characters are found, whatever the response's length
+    found = pc.match_substring_regex(responses, pattern=f"^(?:[{WHITESPACE}]*[^{WHITESPACE}]){{{n}}}")
+    return _numpy(found, bool, False)
+
+
+def reward_units(cfg: RunConfig) -> float:
+    """Factor from the labels' reward to the DICE reference code's units: its implicit reward has no β."""
+    return 1.0 / cfg.train.beta if cfg.label.labeller == "implicit_reward" else 1.0
 
 
 def generated_pairs(
@@ -86,139 +134,175 @@ def generated_pairs(
 ) -> tuple[dict[str, list], dict[str, Any]]:
     """Pairs (columns of PAIRS) and the selection's statistics.
 
-    `preferences`: the judges' per-annotator table (labeller=judge); then `reward` in `labels` is the ranking
-    score, each pair's `preference` is p̂ and `annotators` the number of annotators behind it. Without it the
-    rewards are scalar (implicit reward, reward model, python) and `preference` follows
-    `pairs.preference_from_rewards`.
+    `labels`: LABELS rows (at least LABEL_COLUMNS). `preferences`: the judges' per-annotator table
+    (labeller=judge); then `reward` in `labels` is the ranking score, each pair's `preference` is p̂ and
+    `annotators` the number of annotators behind it. Without it the rewards are scalar (implicit reward, reward
+    model, python) and `preference` follows `pairs.preference_from_rewards`.
     """
-    pc = cfg.pairs
-    d = labels.to_pydict()
+    pcfg = cfg.pairs
     n = labels.num_rows
-    reward = np.array([np.nan if r is None else r for r in d["reward"]], dtype=np.float64)
-    cut = np.array([f == "length" for f in d["finish_reason"]])
-    degenerate = np.array([len("".join(t.split())) < pc.min_chars for t in d["response"]])
+    codes_arr = pc.dictionary_encode(labels["prompt_id"].combine_chunks() if n else pa.array([], pa.string()))
+    codes = _numpy(codes_arr.indices, np.int64)  # (N,) prompt number, in order of first appearance
+    prompt_ids = codes_arr.dictionary.to_pylist()
+    sample_idx = _numpy(labels["sample_idx"], np.int64)
+    reward = _numpy(labels["reward"], np.float64, np.nan)
+    cut = _numpy(pc.equal(labels["finish_reason"], "length"), bool, False)
+    degenerate = ~_at_least_chars(labels["response"], pcfg.min_chars)
+    n_chars = _numpy(labels["num_chars"], np.int64)
+    over = n_chars > pcfg.max_chars if pcfg.max_chars is not None else np.zeros(n, dtype=bool)
     unscored = ~np.isfinite(reward)
-    valid = ~cut & ~degenerate & ~unscored
-    length = np.array(d["num_tokens"] if pc.length_unit == "tokens" else d["num_chars"], dtype=np.float64)
+    valid = ~cut & ~degenerate & ~over & ~unscored
+    length = _numpy(labels["num_tokens" if pcfg.length_unit == "tokens" else "num_chars"], np.float64)
     judged = preferences is not None
     p_hat = preference_means(preferences, cfg.label.min_annotators) if judged else {}
-    soft = pc.preference_from_rewards == "sigmoid" or (
-        pc.preference_from_rewards == "auto" and cfg.label.labeller == "reward_model"
+    soft = pcfg.preference_from_rewards == "sigmoid" or (
+        pcfg.preference_from_rewards == "auto" and cfg.label.labeller == "reward_model"
     )
 
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i in range(n):
-        if valid[i]:
-            groups[d["prompt_id"][i]].append(i)
-    all_prompts = set(d["prompt_id"])
-    kept = [pid for pid in dict.fromkeys(d["prompt_id"]) if len(groups.get(pid, ())) >= pc.min_valid]
+    # valid rows grouped by prompt (prompts in order of first appearance, rows in file order within a prompt)
+    rows_valid = np.flatnonzero(valid)
+    rows_valid = rows_valid[np.argsort(codes[rows_valid], kind="stable")]
+    counts = np.bincount(codes[rows_valid], minlength=len(prompt_ids))  # (prompts,)
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    kept = np.flatnonzero(counts >= pcfg.min_valid)  # prompt numbers with enough valid responses
 
-    # candidates: (chosen row, rejected row, score margin), before the tie filters
+    # candidates: chosen row, rejected row, score margin, before the tie filters
     alpha, gap0 = 0.0, None
-    if pc.strategy == "best_worst":
-        width = max((len(groups[p]) for p in kept), default=1)
-        index = np.full((len(kept), width), -1)
-        for row, pid in enumerate(kept):
-            index[row, : len(groups[pid])] = groups[pid]
+    if pcfg.strategy == "best_worst":
+        width = int(counts[kept].max()) if len(kept) else 1
+        col = np.arange(width)
+        index = np.where(col < counts[kept, None], starts[kept, None] + col, -1)  # (P, K) into rows_valid
         present = index >= 0
+        index = np.where(present, rows_valid[np.where(present, index, 0)], -1)  # (P, K) label rows
         r2 = np.where(present, reward[index], np.nan)  # (P, K)
         l2 = np.where(present, length[index], 0.0)  # (P, K)
         at_zero = best_worst(r2, l2, 0.0)
         # α trades a scalar reward against length; a judge's ranking score is not on that scale
-        debias = pc.debias_length and not judged
-        sel = search_alpha(r2, l2, pc.alpha_step, pc.alpha_max_steps) if debias else at_zero
+        if pcfg.debias_length and not judged and pcfg.alpha_search == "exact":
+            sel = search_alpha_exact(r2, l2)
+        elif pcfg.debias_length and not judged:  # the reference's grid, in its units: α·units is α in ours
+            units = reward_units(cfg)
+            sel = search_alpha(r2 * units, l2, pcfg.alpha_step, pcfg.alpha_max_steps)
+            sel = best_worst(r2, l2, sel.alpha / units)
+        else:
+            sel = at_zero
         rows = np.arange(len(kept))
-        chosen, rejected = index[rows, sel.chosen].tolist(), index[rows, sel.rejected].tolist()
-        cand = list(zip(chosen, rejected, sel.margin.tolist()))
+        w, l_ = index[rows, sel.chosen], index[rows, sel.rejected]
+        margin = sel.margin
         alpha, gap0 = sel.alpha, at_zero.gap
     else:
         rng = np.random.default_rng([cfg.seed, k, 1])  # its own stream: replay sampling stays as it was
         cand = []
-        for pid in kept:
-            rows_ = groups[pid]
-            if pc.strategy == "all_pairs":
+        for p in kept:
+            rows_ = rows_valid[starts[p] : starts[p] + counts[p]].tolist()
+            if pcfg.strategy == "all_pairs":
                 picked = list(itertools.combinations(rows_, 2))
             else:  # random: disjoint pairs of a random order (online IPO: two fresh samples per pair)
                 perm = rng.permutation(rows_).tolist()
-                m = min(pc.random_pairs_per_prompt, len(perm) // 2)
+                m = min(pcfg.random_pairs_per_prompt, len(perm) // 2)
                 picked = [(perm[2 * t], perm[2 * t + 1]) for t in range(m)]
             for a, b in picked:
-                w, l_ = (a, b) if reward[a] >= reward[b] else (b, a)
-                cand.append((w, l_, float(reward[w] - reward[l_])))
+                cand.append((a, b) if reward[a] >= reward[b] else (b, a))
+        w = np.array([c[0] for c in cand], dtype=np.int64)
+        l_ = np.array([c[1] for c in cand], dtype=np.int64)
+        margin = reward[w] - reward[l_]
 
-    texts = d["response"]
-    out_w, out_l, prefs, annotators = [], [], [], []
-    ties = no_comparison = preference_ties = disagree = 0
-    for w, l_, margin in cand:
-        pid = d["prompt_id"][w]
-        pref, n_ann = 1.0, 1
-        if judged:
-            a, b = sorted((w, l_), key=lambda r: d["sample_idx"][r])
-            got = p_hat.get((pid, d["sample_idx"][a], d["sample_idx"][b]))
+    # judges: each candidate's p̂ (and orientation, outside best_worst)
+    keep = np.ones(len(w), dtype=bool)
+    prefs = np.ones(len(w))
+    annotators = np.ones(len(w), dtype=np.int64)
+    stats_judged: dict[str, Any] = {}
+    if judged:
+        no_comparison = 0
+        for i in range(len(w)):
+            a, b = (w[i], l_[i]) if sample_idx[w[i]] < sample_idx[l_[i]] else (l_[i], w[i])
+            got = p_hat.get((prompt_ids[codes[a]], int(sample_idx[a]), int(sample_idx[b])))
             if got is None:
                 no_comparison += 1  # every annotator failed (or too few answered) on this pair
+                keep[i] = False
                 continue
-            pref, n_ann = (got[0] if a == w else 1.0 - got[0]), got[1]
-            if pc.strategy != "best_worst" and pref < 0.5:  # orient by the judges' own verdict
-                w, l_, pref = l_, w, 1.0 - pref
-        if texts[w] == texts[l_] or ((pc.strategy == "best_worst" or not judged) and margin <= pc.min_margin):
-            ties += 1
-            continue
-        if judged and abs(pref - 0.5) <= pc.min_preference_margin:
-            preference_ties += 1
-            continue
-        if judged:
-            disagree += pref < 0.5  # best_worst: the ranking's best lost the direct comparison
-        elif soft:
-            pref = _sigmoid(reward[w] - reward[l_])  # p = σ(r_chosen − r_rejected)
-        out_w.append(w)
-        out_l.append(l_)
-        prefs.append(pref)
-        annotators.append(n_ann)
-    w, l_ = np.array(out_w, dtype=int), np.array(out_l, dtype=int)
-    if pc.strategy == "best_worst":
-        pair_ids = [f"r{k}-{d['prompt_id'][i]}" for i in w]
+            prefs[i], annotators[i] = (got[0] if a == w[i] else 1.0 - got[0]), got[1]
+            if pcfg.strategy != "best_worst" and prefs[i] < 0.5:  # orient by the judges' own verdict
+                w[i], l_[i], prefs[i] = l_[i], w[i], 1.0 - prefs[i]
+        stats_judged["dropped_no_comparison"] = no_comparison
+    chosen_text, rejected_text = _take(labels["response"], w), _take(labels["response"], l_)
+    identical = _numpy(pc.equal(chosen_text, rejected_text), bool, False)
+    close = margin <= pcfg.min_margin if (pcfg.strategy == "best_worst" or not judged) else np.zeros(len(w), bool)
+    ties = keep & (identical | close)
+    keep &= ~ties
+    if judged:
+        preference_ties = keep & (np.abs(prefs - 0.5) <= pcfg.min_preference_margin)
+        keep &= ~preference_ties
+        stats_judged["dropped_preference_ties"] = int(preference_ties.sum())
+    elif soft:
+        prefs = _sigmoid(reward[w] - reward[l_])  # p = σ(r_chosen − r_rejected)
+    w, l_, prefs, annotators = w[keep], l_[keep], prefs[keep], annotators[keep]
+    chosen_text, rejected_text = chosen_text.filter(pa.array(keep)), rejected_text.filter(pa.array(keep))
+
+    pids = [prompt_ids[c] for c in codes[w]]
+    if pcfg.strategy == "best_worst":
+        pair_ids = [f"r{k}-{p}" for p in pids]
     else:
-        ids = d["sample_idx"]
-        pair_ids = [f"r{k}-{d['prompt_id'][a]}-{ids[a]}-{ids[b]}" for a, b in zip(w, l_)]
+        pair_ids = [f"r{k}-{p}-{a}-{b}" for p, a, b in zip(pids, sample_idx[w], sample_idx[l_])]
     out = {
         "pair_id": pair_ids,
-        "prompt_id": [d["prompt_id"][i] for i in w],
-        "prompt": [d["prompt"][i] for i in w],
-        "chosen": [texts[i] for i in w],
-        "rejected": [texts[i] for i in l_],
+        "prompt_id": pids,
+        "prompt": _take(labels["prompt"], w).to_pylist(),
+        "chosen": chosen_text.to_pylist(),
+        "rejected": rejected_text.to_pylist(),
         "source": ["generated"] * len(w),
         "chosen_reward": reward[w].tolist(),
         "rejected_reward": reward[l_].tolist(),
         "chosen_len": length[w].astype(int).tolist(),
         "rejected_len": length[l_].astype(int).tolist(),
         "alpha": [alpha] * len(w),
-        "preference": prefs,
-        "annotators": annotators,
+        "preference": prefs.tolist(),
+        "annotators": annotators.tolist(),
         "round": [k] * len(w),
     }
     stats = {
-        "strategy": pc.strategy,
+        "strategy": pcfg.strategy,
         "responses": n,
         "dropped_length": int(cut.sum()),
         "dropped_degenerate": int((degenerate & ~cut).sum()),
-        "dropped_unscored": int((unscored & ~cut & ~degenerate).sum()),
-        "prompts": len(all_prompts),
-        "prompts_below_min_valid": len(all_prompts) - len(kept),
-        "dropped_ties": ties,
+        "dropped_over_max_chars": int((over & ~cut & ~degenerate).sum()),
+        "dropped_unscored": int((unscored & ~cut & ~degenerate & ~over).sum()),
+        "prompts": len(prompt_ids),
+        "prompts_below_min_valid": len(prompt_ids) - len(kept),
+        "dropped_ties": int(ties.sum()),
+        "alpha_search": pcfg.alpha_search if pcfg.strategy == "best_worst" and pcfg.debias_length and not judged else None,
         "alpha": alpha,
         "length_gap_alpha0": gap0,
         "length_gap": float(np.mean(length[w] - length[l_])) if len(w) else None,
     }
+    if pcfg.alpha_search == "grid" and stats["alpha_search"]:
+        stats["alpha_reference_units"] = alpha * reward_units(cfg)  # the grid's own α (rewards without β)
     if judged:
         stats.update(
-            dropped_no_comparison=no_comparison,
-            dropped_preference_ties=preference_ties,
-            best_lost_direct_comparison=int(disagree),
-            mean_preference=float(np.mean(prefs)) if prefs else None,
-            mean_annotators=float(np.mean(annotators)) if annotators else None,
+            **stats_judged,
+            best_lost_direct_comparison=int((prefs < 0.5).sum()),  # best_worst: the ranking's best lost
+            mean_preference=float(np.mean(prefs)) if len(prefs) else None,
+            mean_annotators=float(np.mean(annotators)) if len(annotators) else None,
         )
     return out, stats
+
+
+def _nothing_to_pair(path: Any, labels: pa.Table, stats: dict[str, Any], cfg: RunConfig, k: int) -> str:
+    """Why round k has no generated pair, pointing at the cause: the label stage, the token limit, or min_valid."""
+    n = stats["responses"]
+    if n and stats["dropped_unscored"] + stats["dropped_length"] + stats["dropped_degenerate"] >= n and \
+            stats["dropped_unscored"] > 0:  # fmt: skip
+        reasons = Counter(e for e in labels["label_error"].to_pylist() if e is not None)
+        why = ", ".join(f"{c} {e}" for e, c in reasons.most_common()) or "no reason recorded"
+        return (f"round {k}: the label stage scored none of the {n} responses usable for pairs in {path} "
+                f"(label_error: {why}; labeller {cfg.label.labeller}); fix the labeller, then re-run label")  # fmt: skip
+    return (
+        f"round {k}: no preference pair could be built from {path} "
+        f"({stats['dropped_length']} responses cut at the token limit, {stats['dropped_degenerate']} degenerate, "
+        f"{stats['dropped_unscored']} unscored, {stats['prompts_below_min_valid']} of {stats['prompts']} prompts "
+        f"below pairs.min_valid={cfg.pairs.min_valid}, {stats['dropped_ties']} ties); raise generate.max_tokens "
+        "or lower pairs.min_valid"
+    )
 
 
 def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
@@ -236,23 +320,22 @@ def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     prefs = None
     if "preferences" in plan.inputs:  # judges: p̂ from the per-annotator comparisons
         prefs = read_parquet(plan.inputs["preferences"], schemas.PREFERENCES)
-    gen, stats = generated_pairs(read_parquet(plan.inputs["labels"], schemas.LABELS), cfg, k, prefs)
+    labels = read_parquet(plan.inputs["labels"], schemas.LABELS, columns=LABEL_COLUMNS)
+    gen, stats = generated_pairs(labels, cfg, k, prefs)
     n_gen_all = len(gen["pair_id"])
-    used = set(gen["prompt"])
-    eligible = np.array([i for i, p in enumerate(offline["prompt"].to_pylist()) if p not in used], dtype=np.int64)
+    if n_gen_all == 0:  # no generated pair means no offline pair either (replay mixes in γ of them)
+        raise ValueError(_nothing_to_pair(plan.inputs["labels"], labels, stats, cfg, k))
+    del labels
     n_gen, n_off = replay_counts(n_gen_all, offline.num_rows, cfg.pairs.replay_ratio)
     if n_gen < n_gen_all:
         pick = np.sort(rng.choice(n_gen_all, size=n_gen, replace=False))
         gen = {c: [v[i] for i in pick] for c, v in gen.items()}
+    # offline pairs only from prompts the sampled generated pairs do not use (the reference's rule)
+    used = set(gen["prompt"])
+    eligible = np.array([i for i, p in enumerate(offline["prompt"].to_pylist()) if p not in used], dtype=np.int64)
     off_idx = np.sort(rng.choice(eligible, size=min(n_off, len(eligible)), replace=False)) if n_off else np.array([], np.int64)
     off = _offline_rows(offline, off_idx, k)
     table = pa.table({c: gen[c] + off[c] for c in schemas.PAIRS.names}, schema=schemas.PAIRS)
-    if table.num_rows == 0:
-        raise ValueError(
-            f"round {k}: no preference pair could be built from {plan.inputs['labels']} "
-            f"({stats['dropped_length']} responses cut at the token limit, {stats['prompts_below_min_valid']} "
-            f"prompts below pairs.min_valid, {stats['dropped_ties']} ties); raise generate.max_tokens or lower pairs.min_valid"
-        )
     rows = write_parquet(table, plan.outputs["pairs"], schemas.PAIRS)
     cl, rl = np.array(gen["chosen_len"], float), np.array(gen["rejected_len"], float)
     cr, rr = np.array(gen["chosen_reward"], float), np.array(gen["rejected_reward"], float)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import pipeline.length as length_mod
-from pipeline.length import best_worst, replay_counts, search_alpha
+from pipeline.length import best_worst, replay_counts, search_alpha, search_alpha_exact
 
 nan = np.nan
 
@@ -156,6 +156,134 @@ def test_search_alpha_stays_at_zero_when_zero_is_best():
     lengths = np.array([[10.0, 0.0], [10.0, 0.0]])
     sel = search_alpha(rewards, lengths, step=0.001, max_steps=1000)
     assert sel.alpha == 0.0 and sel.gap == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- search_alpha_exact
+
+
+def test_exact_search_on_the_flip_table():
+    # breakpoints 0.1, 0.3, 0.5, 10; gaps: [0, 0.1] 10, (0.1, 0.3) 5, (0.3, 0.5) 0 (best), (0.5, 10) −5: stop
+    sel = search_alpha_exact(FLIP_REWARDS, FLIP_LENGTHS)
+    assert sel.alpha == pytest.approx(0.4)  # the middle of (0.3, 0.5)
+    assert sel.gap == 0.0 and sel.chosen.tolist() == [1, 1, 0, 0]
+    # the last interval is unbounded: twice its breakpoint
+    sel = search_alpha_exact(FLIP_REWARDS[:1], FLIP_LENGTHS[:1])  # gap 10 up to 0.1, −10 after: |gap| equal
+    assert sel.alpha == 0.0 and sel.gap == 10.0  # equal |gap| is no improvement: α = 0 stays
+    sel = search_alpha_exact(np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]]), np.array([[10.0, 0.0]] * 3))
+    # α = 0: (10 − 10 + 10)/3; after 0.1: (−10 − 10 + 10)/3 — equal |gap|; after 0.2: −10 — stop
+    assert sel.alpha == 0.0
+
+
+def _crossings(r: np.ndarray, l: np.ndarray) -> list[float]:
+    """Every α > 0 where two valid lines of one row meet, merged within a relative 1e-9 (brute force)."""
+    cross = sorted(
+        (r[p, i] - r[p, j]) / (l[p, i] - l[p, j])
+        for p in range(r.shape[0]) for i in range(r.shape[1]) for j in range(r.shape[1])
+        if l[p, i] != l[p, j] and np.isfinite(r[p, i]) and np.isfinite(r[p, j])
+    )  # fmt: skip
+    merged: list[float] = []
+    for x in cross:
+        if x > 0 and merged and x - merged[-1] <= 1e-9 * x:
+            merged[-1] = x
+        elif x > 0:
+            merged.append(x)
+    return merged
+
+
+def _random_set(rng, p_max=7, k_max=7, integral=True):
+    P, K = int(rng.integers(1, p_max)), int(rng.integers(2, k_max))
+    lengths = rng.integers(1, 40, (P, K)).astype(float)
+    rewards = rng.integers(-5, 5, (P, K)).astype(float) + 0.1 * lengths * rng.uniform(0, 2)
+    if not integral:  # generic rewards: no two crossings coincide
+        rewards += rng.normal(size=(P, K)) * 0.01
+    rewards[rng.random((P, K)) < 0.15] = np.nan
+    return rewards, lengths
+
+
+def test_exact_search_applies_the_rule_to_the_whole_curve():
+    """Brute force: evaluate α = 0 and one α inside every interval between crossings of any two lines, in order,
+    with the reference's rule; the exact search must pick the same pairs (coinciding crossings included)."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        rewards, lengths = _random_set(rng, integral=bool(rng.integers(2)))
+        b = _crossings(rewards, lengths)
+        points = [0.0] + ([b[0] / 2] if b else []) + [(x + y) / 2 for x, y in zip(b, b[1:])] + ([2 * b[-1]] if b else [])
+        best = best_worst(rewards, lengths, 0.0)
+        for a in points[1:]:
+            cur = best_worst(rewards, lengths, a)
+            if abs(cur.gap) > abs(best.gap) + 1e-12:
+                break
+            if abs(cur.gap) < abs(best.gap) - 1e-12:
+                best = cur
+        sel = search_alpha_exact(rewards, lengths)
+        assert (sel.chosen.tolist(), sel.rejected.tolist()) == (best.chosen.tolist(), best.rejected.tolist())
+        assert sel.gap == pytest.approx(best.gap)
+        at = best_worst(rewards, lengths, sel.alpha)  # the reported α selects exactly these pairs
+        assert (at.chosen.tolist(), at.rejected.tolist()) == (sel.chosen.tolist(), sel.rejected.tolist())
+
+
+@pytest.mark.parametrize("c", [1e-4, 0.1, 3.0, 250.0])
+def test_exact_search_does_not_depend_on_the_reward_scale(c):
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        rewards, lengths = _random_set(rng, p_max=30, k_max=17, integral=False)
+        a, b = search_alpha_exact(rewards, lengths), search_alpha_exact(c * rewards, lengths)
+        assert (a.chosen.tolist(), a.rejected.tolist()) == (b.chosen.tolist(), b.rejected.tolist())
+        assert b.alpha == pytest.approx(c * a.alpha, rel=1e-9)  # α is in the rewards' units per length unit
+        assert b.gap == a.gap
+
+
+def test_exact_search_equals_a_grid_that_resolves_the_curve():
+    """A grid finer than every interval between crossings visits the curve's steps in order: same pairs."""
+    rng = np.random.default_rng(2)
+    checked = 0
+    for _ in range(100):
+        rewards, lengths = _random_set(rng, integral=False)
+        b = _crossings(rewards, lengths)
+        if not b:
+            continue
+        step = min(np.diff([0.0] + b)) / 2.5  # at least two grid points inside every interval
+        if 2 * b[-1] / step > 3000:  # a grid that fine is slow to sweep; the other sets check the same thing
+            continue
+        checked += 1
+        grid = search_alpha(rewards, lengths, step, int(np.ceil(2 * b[-1] / step)) + 1)
+        sel = search_alpha_exact(rewards, lengths)
+        assert (sel.chosen.tolist(), sel.rejected.tolist()) == (grid.chosen.tolist(), grid.rejected.tolist())
+    assert checked >= 40
+
+
+def test_exact_search_is_never_worse_than_the_grid():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        rewards, lengths = _random_set(rng, p_max=40, k_max=17, integral=False)
+        sel = search_alpha_exact(rewards, lengths)
+        for step in (0.001, 0.01, 0.05):
+            assert abs(sel.gap) <= abs(search_alpha(rewards, lengths, step, 1000).gap) + 1e-12
+
+
+def test_gentle_length_slope_at_beta():
+    """The issue's case: 16 samples per prompt, rewards = β·(noise + a gentle slope per character). The 0.001
+    grid on β-scaled rewards is 1/β coarser than the reference's (in its units, rewards without β): it stops at
+    α = 0 with a chosen − rejected gap of hundreds of characters. The exact search does not care about β."""
+    rng = np.random.default_rng(4)
+    lengths = np.exp(rng.normal(6.6, 0.6, (64, 16))).round()  # characters, UltraFeedback-like
+    reference_units = rng.normal(0, 1, (64, 16)) + 0.0043 * lengths  # logπ − logπ_ref, no β
+    beta = 0.1
+    coarse = search_alpha(beta * reference_units, lengths, 0.001, 1000)  # dice before: grid on β·r
+    assert coarse.alpha == 0.0 and coarse.gap > 1000
+    exact = search_alpha_exact(beta * reference_units, lengths)
+    assert abs(exact.gap) <= 15  # characters
+    same = search_alpha_exact(reference_units, lengths)  # the reference's units: the same pairs
+    assert (exact.chosen.tolist(), exact.rejected.tolist()) == (same.chosen.tolist(), same.rejected.tolist())
+
+
+def test_exact_search_edge_cases():
+    assert search_alpha_exact(np.zeros((0, 4)), np.zeros((0, 4))).chosen.size == 0
+    one = search_alpha_exact(np.array([[1.0, nan, nan]]), np.array([[5.0, 1.0, 2.0]]))  # one valid response
+    assert (one.chosen[0], one.rejected[0], one.alpha) == (0, 0, 0.0)
+    # equal rewards, different lengths: the tie at α = 0 goes to the lowest index; any α > 0 prefers the short one
+    tie = search_alpha_exact(np.array([[1.0, 1.0]]), np.array([[10.0, 2.0]]))
+    assert tie.alpha == 0.0 and tie.gap == 0.0  # α = 0: chosen = rejected = col 0, gap 0 already
 
 
 # ---------------------------------------------------------------------------------------------- replay_counts

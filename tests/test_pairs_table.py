@@ -108,6 +108,28 @@ def test_min_valid_three():
     assert stats["dropped_ties"] == 0
 
 
+def test_whitespace_class_is_pythons():
+    """The RE2 class the degenerate filter counts with is exactly str.isspace(), over every code point."""
+    import pyarrow.compute as pc
+
+    from stages.pairs import WHITESPACE
+
+    chars = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    found = pc.match_substring_regex(pa.array(chars), pattern=f"^[{WHITESPACE}]$").to_pylist()
+    assert [c for c, f in zip(chars, found) if f != c.isspace()] == []
+
+
+def test_max_chars_drops_long_responses():
+    table = [
+        ("q", "x" * 30, 9.0, "stop", 1),  # 30 characters > max_chars=20: dropped, despite the top reward
+        ("q", "a b c", 1.0, "stop", 3),  # chosen
+        ("q", "xyz", 0.0, "stop", 3),  # rejected
+    ]
+    out, stats = generated_pairs(label_rows(table), cfg(max_chars=20), k=1)
+    assert (out["chosen"], out["rejected"]) == (["a b c"], ["xyz"])
+    assert stats["dropped_over_max_chars"] == 1 and stats["dropped_degenerate"] == 0
+
+
 def test_min_chars_drops_short_responses():
     table = [
         ("q", "ab", 9.0, "stop", 1),  # 2 non-space characters < 3: degenerate
@@ -161,15 +183,35 @@ def test_length_debiasing_flips_the_cheaper_prompt():
         ("b", "b long", 1.5, "stop", 100),  # α = 0: chosen (long), flips once α > 0.5/90 ≈ 0.0056
         ("b", "b short", 1.0, "stop", 10),
     ]
-    out, stats = generated_pairs(label_rows(table), cfg(debias_length=True, alpha_step=0.001), k=1)
-    # sweep: α = 0 -> gap +90; 0.001 -> +90; 0.002 -> (−90 + 90)/2 = 0 (best); … 0.006 -> −90: stop
-    assert stats["alpha"] == pytest.approx(0.002)
+    out, stats = generated_pairs(label_rows(table), cfg(debias_length=True), k=1)
+    # exact curve: gap +90 on [0, 0.1/90], 0 on (0.1/90, 0.5/90) (best), −90 after: α = the middle of the best interval
+    assert stats["alpha"] == pytest.approx((0.1 / 90 + 0.5 / 90) / 2)
+    assert stats["alpha_search"] == "exact"
     assert stats["length_gap_alpha0"] == pytest.approx(90.0)
     assert stats["length_gap"] == pytest.approx(0.0)
     assert out["chosen"] == ["a short", "b long"]
     assert out["rejected"] == ["a long", "b short"]
-    assert out["alpha"] == [pytest.approx(0.002)] * 2
+    assert out["alpha"] == [pytest.approx(stats["alpha"])] * 2
     assert all(math.isclose(r, x) for r, x in zip(out["chosen_reward"], [0.9, 1.5]))  # rewards are r, not s
+
+
+def test_grid_search_runs_in_the_reference_units():
+    table = [
+        ("a", "a long", 1.0, "stop", 100),  # the reference's reward is r/β = 10: flips once α_ref > 1/90 ≈ 0.0111
+        ("a", "a short", 0.9, "stop", 10),
+        ("b", "b long", 1.5, "stop", 100),  # flips once α_ref > 5/90 ≈ 0.0556
+        ("b", "b short", 1.0, "stop", 10),
+    ]
+    out, stats = generated_pairs(label_rows(table), cfg(debias_length=True, alpha_search="grid", alpha_step=0.001), k=1)
+    # grid on r/β (β = 0.1): α_ref = 0 … 0.011 -> gap +90; 0.012 -> 0 (best); … 0.056 -> −90: stop
+    assert stats["alpha_reference_units"] == pytest.approx(0.012)
+    assert stats["alpha"] == pytest.approx(0.0012)  # in the labels' units (r = β·Δlogp): α_ref·β
+    assert out["chosen"] == ["a short", "b long"] and stats["length_gap"] == 0.0
+    # the same grid on a python reward (no β to remove): α = 0.002 in the reward's own units
+    py = RunConfig.model_validate({"label": {"labeller": "python", "python_reward": "m:f"},
+                                   "pairs": {"alpha_search": "grid"}})  # fmt: skip
+    _, stats = generated_pairs(label_rows(table), py, k=1)
+    assert stats["alpha"] == pytest.approx(0.002) and stats["alpha_reference_units"] == pytest.approx(0.002)
 
 
 # ---------------------------------------------------------------------------------------------- soft labels
@@ -253,3 +295,22 @@ def test_scalar_rewards_all_pairs_random_and_sigmoid():
     assert len(used) == len(set(used)) and len(out["pair_id"]) <= 2  # disjoint, at most ⌊4/2⌋ per prompt
     again, _ = generated_pairs(label_rows(table), rand, k=1)
     assert again == out  # seeded by (seed, round)
+
+
+def test_pairs_do_not_depend_on_the_reward_scale():
+    """β (or any rescaling of the rewards) changes α by the same factor and leaves the pairs alone."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    spec = []
+    for p in range(20):
+        for j in range(8):
+            n = int(rng.integers(5, 300))
+            spec.append((f"p{p}", f"p{p} response {j} " + "x" * n, float(rng.normal() + 0.004 * n), "stop", n))
+    base, base_stats = generated_pairs(label_rows(spec), cfg(debias_length=True), k=1)
+    assert base_stats["length_gap_alpha0"] > 50  # a real length bias to remove
+    for c in (0.01, 0.1, 7.0):
+        scaled = [(p, r, x * c, f, n) for p, r, x, f, n in spec]
+        out, stats = generated_pairs(label_rows(scaled), cfg(debias_length=True), k=1)
+        assert (out["chosen"], out["rejected"]) == (base["chosen"], base["rejected"])
+        assert stats["alpha"] == pytest.approx(c * base_stats["alpha"])
