@@ -47,6 +47,13 @@ def run(
 ) -> None:
     """Run the `dice` flow in this process (Prefect starts a temporary local server unless PREFECT_API_URL is set)."""
     cfg = _load(config, overrides)
+    from pipeline.rounds import check_initial_models
+
+    try:  # before Prefect starts and before the run folder exists (the flow checks again, for deployments)
+        check_initial_models(cfg)
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
     _prefect_env()
     from flows.dice import dice
     from pipeline.artifacts import RunLocked
@@ -56,9 +63,14 @@ def run(
     except RunLocked as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(3) from None
-    except RuntimeError as e:  # a stage failed; its own message (file, row, field) is in `e`
-        err.print(f"[red]error:[/red] {e}")
-        err.print(f"Finished stages are kept; fix the cause and run the same command again to resume ({cfg.run_dir}).")
+    except Exception as e:  # noqa: BLE001 (a stage failed, with its own message naming the file, row or field;
+        # or something unexpected: either way one line, not a traceback; DICE_DEBUG=1 shows the traceback)
+        if os.environ.get("DICE_DEBUG"):
+            raise
+        msg = str(e) if isinstance(e, (RuntimeError, ValueError)) else f"{type(e).__name__}: {e}"
+        err.print(f"[red]error:[/red] {msg}")
+        err.print(f"Finished stages are kept; fix the cause and run the same command again to resume ({cfg.run_dir}). "
+                  "DICE_DEBUG=1 shows the traceback.")  # fmt: skip
         raise typer.Exit(1) from None
     _print_summary(cfg.run_dir)
 

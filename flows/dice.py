@@ -103,10 +103,17 @@ def generate_shards(config_path: str, k: int, shards: list[int]) -> None:
 @task(name="generate-shards", cache_policy=NONE)
 def _shard_run(deployment: str, config_path: str, k: int, shards: list[int]) -> str:
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
 
-    run = run_deployment(deployment, parameters={"config_path": config_path, "k": k, "shards": shards},
-                         flow_run_name=f"round-{k}-shards-{shards[0]}-every-{shards[1] - shards[0] if len(shards) > 1 else 1}",
-                         timeout=None, poll_interval=2)  # fmt: skip
+    try:
+        run = run_deployment(deployment, parameters={"config_path": config_path, "k": k, "shards": shards},
+                             flow_run_name=f"round-{k}-shards-{shards[0]}-every-{shards[1] - shards[0] if len(shards) > 1 else 1}",
+                             timeout=None, poll_interval=2)  # fmt: skip
+    except ObjectNotFound:
+        raise RuntimeError(
+            f"generate.shard_deployment: the Prefect server has no deployment {deployment!r} (deploy it first: "
+            "prefect --no-prompt deploy --name generate-shards; README, Generation)"
+        ) from None
     if run.state is None or not run.state.is_completed():
         raise RuntimeError(f"round {k}: flow run {run.name} ({run.id}) of {deployment} for shards {shards} ended "
                            f"{run.state.name if run.state else 'without a state'}")  # fmt: skip
@@ -159,12 +166,15 @@ def publish_round(cfg: RunConfig, k: int) -> dict[str, Any]:
     summary = round_summary(rd)
     table = [{"metric": key, "value": "" if v is None else (round(v, 4) if isinstance(v, float) else v)} for key, v in summary.items()]
     create_table_artifact(table=table, key=_artifact_key(cfg.name, k), description=f"dice run {cfg.name}, round {k}")
-    report = write_report(cfg.run_dir)  # the whole run's HTML, regenerated as each round lands
-    create_markdown_artifact(
-        key=_artifact_key(cfg.name, k) + "-plots",
-        markdown=round_markdown(cfg.run_dir, k, report),
-        description=f"dice run {cfg.name}, round {k}: plots (full report: {report})",
-    )
+    try:  # the report is for people: a file it cannot read or draw must never stop the rounds
+        report = write_report(cfg.run_dir)  # the whole run's HTML, regenerated as each round lands
+        create_markdown_artifact(
+            key=_artifact_key(cfg.name, k) + "-plots",
+            markdown=round_markdown(cfg.run_dir, k, report),
+            description=f"dice run {cfg.name}, round {k}: plots (full report: {report})",
+        )
+    except Exception as e:  # noqa: BLE001
+        get_run_logger().warning(f"round {k}: the HTML report could not be written ({type(e).__name__}: {e})")
     return summary
 
 
@@ -178,6 +188,9 @@ def dice(
     ] = None,  # fmt: skip
 ) -> list[dict[str, Any]]:
     """Iterative self-alignment rounds (DICE): round 0 offline DPO, then generate → label → pairs → reference → train."""
+    # Models the config names are checked before anything is written: a missing folder or pickle weights
+    # (pytorch_model.bin) is refused here, not after a round of generation.
+    rounds.check_initial_models(config)
     logger = get_run_logger()
     with run_lock(config.run_dir):
         cfg = config

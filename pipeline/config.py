@@ -152,6 +152,31 @@ class GenerateConfig(_Section):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine settings.")
 
 
+_SECRET_QUERY = ("key", "token", "secret", "password", "passwd", "auth", "signature", "sig")
+
+
+def _check_url(url: str) -> None:
+    """An http(s) URL without secrets in it: a URL is stored in the run's config.yaml and in Prefect's database.
+
+    The message never repeats the URL (it may hold the secret)."""
+    import urllib.parse
+
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError("url must be an http(s) URL such as http://127.0.0.1:8000/v1")
+    if parsed.username is not None or parsed.password is not None:
+        raise ValueError(
+            "url must not carry credentials (user:password@host): they would be saved in the run's config.yaml and "
+            "Prefect's database; put the key in an environment variable and name it in api_key_env"
+        )
+    names = [k.lower() for k, _ in urllib.parse.parse_qsl(parsed.query, keep_blank_values=True)]
+    if any(s in n for n in names for s in _SECRET_QUERY):
+        raise ValueError(
+            "url must not carry a key or token in its query string: it would be saved in the run's config.yaml "
+            "and Prefect's database; put the key in an environment variable and name it in api_key_env"
+        )
+
+
 class JudgeConfig(_Section):
     """One AI annotator (../shared/METHODS.md §6): a backend, a pairwise template, and how to reach it."""
 
@@ -203,6 +228,8 @@ class JudgeConfig(_Section):
     def _check_backend(self) -> JudgeConfig:
         if self.backend == "http" and not (self.url and self.model):
             raise ValueError("an http judge needs `url` and `model`")
+        if self.url is not None:
+            _check_url(self.url)
         if self.backend == "python" and not self.function:
             raise ValueError("a python judge needs `function` ('module:function')")
         if self.answer_tokens[0] == self.answer_tokens[1]:
@@ -268,15 +295,27 @@ class PairsConfig(_Section):
         0.0, ge=0, lt=0.5, description="Judges: drop pairs whose |p̂ − ½| is not above this (0: drop exact ties)."
     )
     min_valid: int = Field(2, ge=2, description="Keep a prompt only if at least this many of its responses are valid (paper: 8 of 16).")
-    min_chars: int = Field(1, ge=0, description="Responses with fewer non-space characters are degenerate and dropped.")
+    min_chars: int = Field(
+        1, ge=0, le=1000, description="Responses with fewer non-whitespace characters are degenerate and dropped "
+        "(reference code: 4 characters, counted with whitespace)."
+    )
+    max_chars: int | None = Field(
+        None, gt=0, description="Responses longer than this many characters are dropped (reference code: 6699); empty: no limit."
+    )
     length_unit: Literal["tokens", "chars"] = Field(
         "tokens", description="Unit of len(y) in the length-regularised score r − α·len(y) (reference code: chars)."
     )
     debias_length: bool = Field(
         True, description="Search α so that the mean chosen−rejected length gap is ≈ 0 (best_worst on scalar rewards)."
     )
-    alpha_step: float = Field(0.001, gt=0, description="Step of the α sweep 0, step, 2·step, … (reference code: 0.001).")
-    alpha_max_steps: int = Field(1000, ge=0, description="Upper bound on α sweep steps.")
+    alpha_search: Literal["exact", "grid"] = Field(
+        "exact",
+        description="exact: apply the reference's rule (scan α up from 0, keep the smallest |gap|, stop when it grows) "
+        "to the exact gap(α) curve, whatever the rewards' scale; grid: the reference's grid α = 0, step, 2·step, … "
+        "on rewards in its units (implicit rewards without β; lengths in length_unit, chars in the reference).",
+    )
+    alpha_step: float = Field(0.001, gt=0, description="alpha_search=grid: step of the α grid (reference code: 0.001).")
+    alpha_max_steps: int = Field(1000, ge=0, description="alpha_search=grid: number of grid steps (reference code: 1000).")
     min_margin: float = Field(
         0.0,
         ge=0,
@@ -425,6 +464,15 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _redact(text: str) -> str:
+    """Text for a message with URL credentials masked (an override may carry a URL the user should not have)."""
+    import re
+
+    text = re.sub(r"://[^/@\s]*@", "://***@", text)
+    secret = "|".join(_SECRET_QUERY)
+    return re.sub(rf"([?&][^=&\s]*(?:{secret})[^=&\s]*=)[^&\s\"']*", r"\1***", text, flags=re.IGNORECASE)
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, in place; returns it."""
     for item in overrides:
@@ -467,7 +515,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
         data = loaded or {}
     if overrides:
-        source += " + overrides " + " ".join(overrides)
+        source += " + overrides " + _redact(" ".join(overrides))
         apply_overrides(data, overrides)
     try:
         return RunConfig.model_validate(data)

@@ -40,6 +40,16 @@ def _rows(path: Path) -> list[dict]:
     return rows
 
 
+def _require_columns(path: Path, rows: list[dict], fields: tuple[str, ...]) -> None:
+    """A field that no row has is a missing column: say so and list the columns the file has."""
+    present = list(dict.fromkeys(k for row in rows for k in row if k != "_line"))
+    missing = [f for f in fields if f not in present]
+    if missing:
+        raise ArtifactError(
+            f"{path}: no column {', '.join(repr(m) for m in missing)}; the file has {', '.join(map(repr, present)) or 'no columns'}"
+        )
+
+
 def _where(path: Path, row: dict, i: int) -> str:
     return f"{path}: line {row['_line']}" if "_line" in row else f"{path}: row {i}"
 
@@ -57,6 +67,7 @@ def read_prompts(path: str | Path) -> pa.Table:
     rows = _rows(path)
     if not rows:
         raise ArtifactError(f"{path}: no prompts")
+    _require_columns(path, rows, ("prompt",))
     out = {"prompt_id": [], "prompt": []}
     seen: set[str] = set()
     for i, row in enumerate(rows):
@@ -76,6 +87,7 @@ def read_offline(path: str | Path) -> pa.Table:
     rows = _rows(path)
     if not rows:
         raise ArtifactError(f"{path}: no preference pairs")
+    _require_columns(path, rows, ("prompt", "chosen", "rejected"))
     out = {"pair_id": [], "prompt": [], "chosen": [], "rejected": []}
     for i, row in enumerate(rows):
         prompt, chosen, rejected = (_text(path, row, i, f) for f in ("prompt", "chosen", "rejected"))

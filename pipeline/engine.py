@@ -11,6 +11,9 @@ def make_llm(model: str, engine: EngineConfig, *, dtype: str, seed: int, trust_r
     """A vLLM `LLM` for `model`. Import vLLM only here: it is heavy and changes process-wide torch state."""
     import torch
 
+    from pipeline.models import check_model
+
+    check_model(model)  # a missing folder or pickle weights: refused before the engine starts
     if engine.in_process:
         # Must be set before vLLM is imported: the engine then lives in this process (fast start, and
         # `del llm` frees it) instead of a spawned worker.
@@ -21,6 +24,7 @@ def make_llm(model: str, engine: EngineConfig, *, dtype: str, seed: int, trust_r
     kwargs = dict(
         model=model,
         tokenizer=model,
+        load_format="safetensors",  # vLLM's default ("auto") would also load pickle checkpoints (*.bin, *.pt)
         seed=seed,
         dtype=("bfloat16" if on_gpu else "float32") if dtype == "auto" else dtype,
         enforce_eager=engine.enforce_eager,

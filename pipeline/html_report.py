@@ -19,12 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.report import round_dirs, round_summary, run_summary, stage_manifests
 
 # Paul Tol's colour-blind-safe palette
 BLUE, GREEN, RED, PURPLE, GREY = "#4477aa", "#228833", "#ee6677", "#aa3377", "#bbbbbb"
+
+
+class ReportError(ValueError):
+    """A round's file could not be read for the report; the page shows the message in place of the plots."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,10 @@ def _read(path: Path, columns: list[str] | None = None) -> dict[str, np.ndarray]
     """
     if not path.is_file():
         return None
-    t = pq.read_table(path, columns=columns)
+    try:
+        t = pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as e:  # a damaged file: the page says so instead of failing
+        raise ReportError(f"{path.name} could not be read ({type(e).__name__}: {e})") from None
     return {c: t.column(c).to_numpy() for c in t.column_names}
 
 
@@ -339,9 +347,12 @@ def build_report(run_dir: str | Path) -> tuple[str, list[Plot]]:
         plots.append(a)
         sections.append(("across-rounds", "Across rounds", "", [a]))
     for k, d in round_dirs(run_dir):
-        rp = round_plots(d)
+        try:
+            rp, note = round_plots(d), _missing_note(k, d)
+        except Exception as e:  # noqa: BLE001 (a report must never stop the pipeline: say what failed instead)
+            rp, note = [], f"The plots of round {k} could not be drawn: {e}. A re-run of the round redoes a damaged stage."
         plots += rp
-        sections.append((f"round-{k}", f"Round {k}", _missing_note(k, d), rp))
+        sections.append((f"round-{k}", f"Round {k}", note, rp))
     nav = " ".join(f"<a href='#{anchor}'>{html.escape(title)}</a>" for anchor, title, _, _ in sections)
     body = "".join(
         f"<section id='{anchor}'><h2>{html.escape(title)}</h2>"
@@ -393,7 +404,11 @@ def round_markdown(run_dir: str | Path, k: int, report_path: Path) -> str:
     """Markdown for a round's Prefect artifact: the round's plots from the HTML report, as data-URI images."""
     rd = Path(run_dir) / f"round-{k}"
     lines = [f"# Round {k}", "", f"Full report (all rounds): `{Path(report_path).resolve()}`", ""]
-    for p in round_plots(rd):
+    try:
+        plots = round_plots(rd)
+    except Exception as e:  # noqa: BLE001 (as in build_report)
+        return "\n".join(lines + [f"The plots of round {k} could not be drawn: {e}"])
+    for p in plots:
         lines += [f"## {p.title}", "", f"![{p.alt}]({p.data_uri})", "", p.caption, ""]
     return "\n".join(lines)
 

@@ -177,11 +177,10 @@ def default_device() -> torch.device:
 
 
 def require_model(path: str) -> None:
-    """Fail early, naming the model, when a local model folder is missing (hub ids, `org/name`, pass through)."""
-    p = Path(path)
-    looks_local = p.is_absolute() or path.startswith(".") or path.count("/") != 1
-    if looks_local and not (p / "config.json").is_file():
-        raise ValueError(f"model {path}: no model folder with a config.json there (did the round that writes it finish?)")
+    """Fail early, naming the model, when a local model folder is missing or holds no safetensors weights."""
+    from pipeline.models import check_model
+
+    check_model(path)
 
 
 def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = False, device: torch.device | None = None):

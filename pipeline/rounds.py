@@ -48,6 +48,32 @@ def model_of(cfg: RunConfig, j: int) -> str:
     return str(round_dir(cfg, j) / OUTPUT_FILES["train"]["checkpoint"])
 
 
+def initial_models(cfg: RunConfig) -> dict[str, str]:
+    """The models a run's config names (not the checkpoints its rounds write): config field -> folder or Hub id."""
+    found = {"model.policy": cfg.model.policy}
+    if cfg.model.reference:
+        found["model.reference"] = cfg.model.reference
+    if cfg.label.labeller == "reward_model" and cfg.label.reward_model:
+        found["label.reward_model"] = cfg.label.reward_model
+    if cfg.label.labeller == "judge":
+        for i, j in enumerate(cfg.label.judges):
+            if j.backend == "vllm" and j.model:
+                found[f"label.judges[{i}].model"] = j.model
+    return found
+
+
+def check_initial_models(cfg: RunConfig) -> None:
+    """Refuse, before a run writes anything, a model the config names that dice must not or cannot load: a local
+    folder that does not exist, or one with pickle weights (pipeline/models.py). The tiny preset's policy, built
+    on first use, is skipped while it does not exist."""
+    from pipeline.models import check_model
+
+    for field, name in initial_models(cfg).items():
+        if field == "model.policy" and cfg.model.build_tiny_if_missing and not Path(name).exists():
+            continue
+        check_model(name, field)
+
+
 def training_reference(cfg: RunConfig, k: int) -> int:
     """j of the reference π_j that round k's training is regularised towards: π_{k-1} (reference.model=previous),
     or π_0 in every round ≥ 1 (reference.model=initial: online IPO, IPO-MD)."""

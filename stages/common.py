@@ -13,6 +13,7 @@ from typing import Any
 from pipeline import rounds
 from pipeline.artifacts import ArtifactError, StagePlan, execute
 from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.models import check_model
 
 StageFn = Callable[[RunConfig, StagePlan], dict[str, Any]]
 
@@ -33,6 +34,9 @@ def main(stage: str, fn: StageFn, argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(args.config, args.overrides)
         plan = rounds.plan(cfg, args.round_, stage)
+        for name, value in plan.inputs.items():
+            if isinstance(value, str):  # plans name models by str, files by Path
+                check_model(value, f"{stage} input {name!r}:")
         manifest = execute(plan, lambda: fn(cfg, plan), force=args.force)
     except (ConfigError, ArtifactError, ValueError, RuntimeError) as e:
         if os.environ.get("DICE_DEBUG"):

@@ -86,7 +86,13 @@ def _python_rewards(cfg: RunConfig, prompts: list[str], responses: list[str]) ->
     rewards = np.full(n, np.nan)
     for start in range(0, n, cfg.label.batch_size):
         stop = min(start + cfg.label.batch_size, n)
-        out = list(fn(prompts[start:stop], responses[start:stop]))
+        try:
+            out = list(fn(prompts[start:stop], responses[start:stop]))
+        except Exception as e:  # noqa: BLE001 (the user's code: say whose, which exception, on which rows)
+            raise ValueError(
+                f"label.python_reward={cfg.label.python_reward} raised {type(e).__name__}: {e} "
+                f"(on responses {start}-{stop - 1} of {n}; DICE_DEBUG=1 shows the traceback)"
+            ) from e
         if len(out) != stop - start:
             raise ValueError(
                 f"label.python_reward={cfg.label.python_reward}: returned {len(out)} scores for {stop - start} responses"

@@ -187,6 +187,37 @@ def _merge(base: dict, override: dict) -> None:
 # ---------------------------------------------------------------------------------------------- resume
 
 
+def deepspeed_safe_globals() -> list[Any]:
+    """The classes DeepSpeed 0.19's checkpoints hold besides tensors and plain containers (ZeRO-1/2/3 optimizer
+    state: the ZeRO stage enum and the loss scaler object), allowed to `torch.load(weights_only=True)`."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
+def weights_only_loading(engine) -> None:
+    """Make the engine read its checkpoints with `torch.load(weights_only=True)`: DeepSpeed's own loader unpickles
+    anything (weights_only=False), and a resume checkpoint is a file on disk like any other artifact. Only tensors,
+    plain containers and the classes of `deepspeed_safe_globals` are accepted; anything else fails the load."""
+    import torch
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    current = engine.checkpoint_engine
+    if type(current) is not TorchCheckpointEngine:
+        raise ValueError(
+            f"train.deepspeed_config selects the {type(current).__name__} checkpoint engine; dice resumes only "
+            "from DeepSpeed's torch checkpoint engine, which it loads without unpickling code"
+        )
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(deepspeed_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    current.__class__ = WeightsOnlyCheckpointEngine
+
+
 class TrainState:
     """DeepSpeed checkpoints every `train.checkpoint_every` steps, so a killed training resumes mid-way.
 
@@ -205,6 +236,7 @@ class TrainState:
             return []
         if info.get("digest") != self.digest:
             return []
+        weights_only_loading(engine)
         engine.load_checkpoint(str(self.dir), tag=info["tag"])
         return info["metrics"]
 

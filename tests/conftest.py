@@ -35,10 +35,23 @@ def tiny_model(tmp_path_factory) -> Path:
     """The tiny chat model, built from the shipped data (shorter supervised pass than the preset's)."""
     from pipeline.tiny import TinySpec, build_tiny_model
 
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    return build_tiny_model(
-        path, [REPO / "data/prompts.jsonl", REPO / "data/offline_prefs.jsonl"], TinySpec(sft_steps=150)
-    )
+    data, spec = [REPO / "data/prompts.jsonl", REPO / "data/offline_prefs.jsonl"], TinySpec(sft_steps=150)
+    cache = os.environ.get("DICE_TEST_MODEL_CACHE")  # developers' loop: reuse a model built from the same inputs
+    if cache:
+        import hashlib
+        import shutil
+
+        h = hashlib.sha256((REPO / "pipeline/tiny.py").read_bytes() + repr(spec).encode())
+        for f in data:
+            h.update(f.read_bytes())
+        path = Path(cache) / h.hexdigest()[:16] / "tiny"
+        if not (path / "config.json").is_file():
+            tmp = path.with_name(f"tiny.{os.getpid()}")
+            build_tiny_model(tmp, data, spec)
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+        return path
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", data, spec)
 
 
 def tiny_config(runs_dir: Path, model: Path, **overrides):

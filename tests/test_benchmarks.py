@@ -33,13 +33,22 @@ def test_label_benchmark_scores_the_same_log_probs_three_ways(tmp_path):
     assert r["gemm_peak_flops_per_s"] > 0 and r["ratio_bound_at_gemm_peak"] > 0
 
 
-def test_train_benchmark_runs_dice_on_every_pair(tmp_path):
-    r = _bench(tmp_path, "train_throughput", "--skip-trl", "--pairs", "48", "--global-batch", "16", "--micro-batch", "4")
-    dice = r["results"]["dice"]
+def test_train_benchmark_runs_dice_and_trl_on_every_pair(tmp_path):
+    r = _bench(tmp_path, "train_throughput", "--pairs", "48", "--global-batch", "16", "--micro-batch", "4",
+               "--repeats", "2")  # fmt: skip
+    dice, trl = r["results"]["dice"], r["results"]["trl"]
     assert dice["steps"] == 3 and dice["timed_steps"] == 1
     assert math.isclose(dice["first_step_loss"], math.log(2), abs_tol=1e-5)  # policy == reference at step 1
-    assert abs(dice["first_step_margin"]) < 1e-5
+    assert abs(dice["first_step_margin"]) < 1e-5 and abs(trl["first_step_margin"]) < 1e-4
     # every token of every pair counted once, and the packed rows ran fewer positions than that
     per_pair = r["pairs"]["lengths"]["pair_tokens (prompt+chosen + prompt+rejected)"]["mean"]  # rounded to 0.1
     assert abs(dice["all_steps_tokens"] - per_pair * r["pairs"]["count"]) <= 0.05 * r["pairs"]["count"] + 1
+    assert dice["all_steps_tokens"] == trl["all_steps_tokens"]  # the same work for both trainers
     assert 0.5 < dice["computed_per_token"] < 1.0
+    # TRL at its best settings: no reference model resident
+    assert trl["ref_model_is_none"] is True
+    # the headline is the median of run-by-run ratios (dice run i / TRL run i), never best against best
+    q = r["ratios"]["dice / trl"]
+    runs = [a / b for a, b in zip(dice["tokens_per_s_runs"], trl["tokens_per_s_runs"])]
+    assert q["tokens_per_s_runs"] == runs and len(runs) == 2
+    assert math.isclose(q["tokens_per_s"], sum(runs) / 2)

@@ -175,14 +175,16 @@ def test_in_process_engine_is_released(make_config, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_engines_data_parallel_and_mixture(make_config, tmp_path):
-    """On GPUs: one engine process per GPU (data_parallel_size 0 = all of them) gives the same table as one
-    engine; the mixture sampler runs both models on the GPU."""
+    """On 2+ GPUs: one engine process per GPU gives the same table as one engine (on one GPU there is nothing to
+    compare, and that part is left out); the mixture sampler runs both models on the GPU."""
     import torch
 
     gpu = {"round0.mode": "skip", "generate.engine.kv_cache_memory_bytes": "null", "model.dtype": "auto",
            "generate.engine.gpu_memory_utilization": 0.3, "generate.shard_size": 3}  # fmt: skip
     tables = {}
-    for dp in sorted({1, torch.cuda.device_count()}):
+    # float32: the engines' batches differ, and bf16 kernels may round differently per batch
+    for dp in ([1, torch.cuda.device_count()] if torch.cuda.device_count() > 1 else []):
+        gpu["model.dtype"] = "float32"
         cfg = make_config(**gpu, runs_dir=str(tmp_path / f"dp{dp}"), **{"generate.engine.data_parallel_size": dp})
         conf = tmp_path / f"dp{dp}.yaml"
         save_config(cfg, conf)
@@ -191,8 +193,11 @@ def test_gpu_engines_data_parallel_and_mixture(make_config, tmp_path):
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert json.loads(out.stdout.split("DICE_STAGE_RESULT ")[1])["stats"]["engines"] == dp
         tables[dp] = read_parquet(rounds.plan(cfg, 1, "generate").outputs["responses"], schemas.RESPONSES).to_pandas()
-    first = next(iter(tables.values()))
-    assert all(t.prompt_id.tolist() == first.prompt_id.tolist() for t in tables.values())
+    if tables:  # one engine per GPU generates what one engine does (per-prompt seeds)
+        one, many = tables[1], tables[torch.cuda.device_count()]
+        cols = ["prompt_id", "sample_idx", "seed", "response", "finish_reason"]
+        assert one[cols].equals(many[cols])
+    gpu["model.dtype"] = "auto"
     cfg = make_config(**gpu, **{"generate.sampler": "mixture", "generate.mixture_beta": 0.5})
     table, stats = _run_stage(cfg)
     assert len(table) == cfg.data.prompts_per_round * cfg.generate.num_samples and stats["sampler"] == "mixture"

@@ -20,18 +20,36 @@ pytestmark = [
 ]
 
 
-def test_cuda_vllm_generate_and_score(make_config):
-    """The generate stage on CUDA vLLM (bf16), and the label stage's scores on the GPU."""
+def test_cuda_vllm_generate_and_score(make_config, perturbed_model, tiny_model):
+    """The generate stage on CUDA vLLM (bf16) and the label stage's implicit rewards on the GPU, checked against a
+    float32 CPU scoring of the same texts: a broken GPU path (wrong logits, wrong masking) cannot pass."""
+    from pipeline.logprobs import encode, load_causal_lm, score
     from stages import generate, label
 
-    cfg = make_config(**{"round0.mode": "skip", "generate.engine.kv_cache_memory_bytes": "null",
+    cfg = make_config(**{"round0.mode": "skip", "model.reference": str(perturbed_model),
+                         "generate.engine.kv_cache_memory_bytes": "null",
                          "generate.engine.gpu_memory_utilization": 0.3, "model.dtype": "auto"})  # fmt: skip
     for stage, mod in (("generate", generate), ("label", label)):
         plan = rounds.plan(cfg, 1, stage)
         execute(plan, lambda: mod.run(cfg, plan))
     labels = pq.read_table(rounds.round_dir(cfg, 1) / "labels.parquet").to_pandas()
     assert len(labels) == cfg.data.prompts_per_round * cfg.generate.num_samples
-    assert (labels.reward == 0).all()  # policy is its own reference in this setting: r = 0 exactly
+    cpu = {}
+    for name, path in (("policy", tiny_model), ("reference", perturbed_model)):
+        model, tok = load_causal_lm(str(path), "float32", device=torch.device("cpu"))
+        enc = [encode(tok, p, r) for p, r in zip(labels.prompt, labels.response)]
+        cpu[name] = score(model, enc, tok.pad_token_id, 16)
+    tokens = labels.num_tokens.to_numpy()
+    for name in ("policy", "reference"):
+        per_token = np.abs(labels[f"{name}_logp"].to_numpy() - cpu[name]) / tokens
+        assert per_token.max() < 0.05, (name, per_token.max())  # bf16 on the GPU vs float32 on the CPU
+    reward = labels.reward.to_numpy()
+    reward_cpu = cfg.train.beta * (cpu["policy"] - cpu["reference"])
+    assert reward.std() > 0 and np.corrcoef(reward, reward_cpu)[0, 1] > 0.95
+    # vLLM's own sampled-token log-probs (bf16) agree with the float32 scoring of what it generated (EOS included)
+    stopped = labels.finish_reason.to_numpy() == "stop"
+    gap = np.abs(labels.cumulative_logprob.to_numpy() - cpu["policy"]) / tokens
+    assert np.median(gap[stopped]) < 0.05
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
