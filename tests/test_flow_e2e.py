@@ -271,3 +271,41 @@ def test_inspect_sql_and_diff(run):
         labels = pd.read_parquet(rounds.round_dir(run["cfg"], k) / "labels.parquet")
         assert f"{labels.num_tokens.mean():.4g}" in diff.stdout  # mean_tokens of each round
         assert f"{labels.num_tokens.median():.4g}" in diff.stdout
+
+
+def test_a_flow_error_ends_with_one_line(tmp_path, tiny_model):
+    """Not a stage's failure but the flow's own (a shard deployment that does not exist, which Prefect reports as
+    `ObjectNotFound: None`): `dice run` ends with one line naming the deployment and the resume hint."""
+    cfg = tiny_config(tmp_path / "runs", tiny_model, name="nodeploy", **{"round0.mode": "skip",
+                      "generate.shard_deployment": "dice-generate-shards/does-not-exist"})  # fmt: skip
+    conf = tmp_path / "nodeploy.yaml"
+    save_config(cfg, conf)
+    out = subprocess.run([DICE, "run", str(conf)], cwd=REPO, env=_env(tmp_path), capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 1
+    tail = out.stderr[out.stderr.rindex("error: "):]
+    assert "does-not-exist" in tail and "DICE_DEBUG=1" in tail and "Traceback" not in tail
+    ours = [line for line in tail.splitlines() if line.strip() and not re.match(r"\d\d:\d\d:\d\d", line)]
+    assert len(ours) <= 3, ours  # (Prefect's own log lines, time-stamped, may follow)
+
+
+def test_a_damaged_finished_file_is_redone_by_the_next_run(run):
+    """LAST in this module: it damages the shared run. A finished round's labels.parquet cut in half (a full disk,
+    a bad copy) and a temporary left by a killed write: the next `dice run` reports the damage instead of
+    crashing in the report, redoes that stage only (its output is the same again, so nothing downstream changes)
+    and removes the stale temporary."""
+    cfg = run["cfg"]
+    labels = rounds.round_dir(cfg, 1) / "labels.parquet"
+    intact = pq.read_table(labels)
+    data = labels.read_bytes()
+    labels.write_bytes(data[: len(data) // 2])
+    stale = labels.with_name(".labels.parquet.0badc0de.tmp")
+    stale.write_bytes(b"half a file")
+    before = _manifests(cfg.run_dir)
+    out = subprocess.run([DICE, "run", str(run["conf"])], cwd=REPO, env=run["env"], capture_output=True, text=True,
+                         timeout=900)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert pq.read_table(labels).equals(intact)
+    assert not stale.exists()
+    after = _manifests(cfg.run_dir)
+    assert {n for n in before if after[n] != before[n]} == {"round-1/.dice/label.json"}
