@@ -14,13 +14,16 @@ What it does (benchmarks/README.md has the settings and a measured run):
      wall time from the first shard's start to the last shard's end: engine start-up is excluded);
    - vllm: `vllm.LLM` with the same engine arguments (`pipeline.engine.make_llm`), the same chat-templated
      token ids and the same `SamplingParams` (per-prompt seeds), one `LLM.generate` call over all prompts, timed;
-   - transformers: `model.generate` on batches of `--hf-batch` prompts × K samples (`num_return_sequences`),
-     left padding, sampling at the same temperature / top-p, stopping at EOS; generated tokens counted up to and
-     including each sequence's EOS.
+   - transformers: `model.generate` on batches of `--hf-batch` sequences (prompts × K `num_return_sequences`),
+     left padding, sampling at the same temperature / top-p with top-k and the repetition penalty off (as vLLM's
+     SamplingParams), stopping at EOS; generated tokens counted up to and including each sequence's EOS. By
+     default three batch sizes are measured — all the sequences at once (vLLM's batch), half and a quarter — and
+     the fastest of each repeat is the baseline.
    - mixture: `pipeline.mixture.MixtureSampler` (β = 0.5, KV cache for both models, batched) against
      `naive_mixture_generate` (one sequence at a time, both models over the whole prefix at every token) on a
      small subset (`--mix-prompts`, `--mix-max-tokens`): the naive loop is quadratic.
-3. Prints a table with the ratios and writes `benchmarks/out/generate_throughput.json`.
+3. Prints every run's tokens/s, each repeat's ratios (contenders run back to back) and their median, and writes
+   `benchmarks/out/generate_throughput.json`.
 
 Bars (issue 5): dice ≥ 0.9× raw vLLM, ≥ 2× transformers generate.
 """
@@ -35,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -150,9 +155,11 @@ def worker_hf(conf: str, batch: int) -> dict[str, Any]:
             width = max(map(len, chunk))
             x = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])  # (P, T) left-padded
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            # the same sampling as vLLM's SamplingParams: temperature and top-p only (generate's default top_k=50
+            # is switched off, as are the generation config's other processors)
             out = model.generate(input_ids=x, attention_mask=mask, do_sample=True, temperature=g.temperature,
-                                 top_p=g.top_p, max_new_tokens=g.max_tokens, num_return_sequences=g.num_samples,
-                                 eos_token_id=eos, pad_token_id=pad)  # fmt: skip
+                                 top_p=g.top_p, top_k=0, repetition_penalty=1.0, max_new_tokens=g.max_tokens,
+                                 num_return_sequences=g.num_samples, eos_token_id=eos, pad_token_id=pad)  # fmt: skip
             new = out[:, width:]  # (P·K, ≤ max_tokens)
             for row in new.tolist():
                 tokens += row.index(eos) + 1 if eos in row else len(row)
@@ -256,7 +263,9 @@ def main() -> None:
     ap.add_argument(
         "--shard-size", type=int, default=None, help="dice's generate.shard_size (default: dice's own)"
     )
-    ap.add_argument("--hf-batch", type=int, default=64, help="sequences per transformers generate call")
+    ap.add_argument("--hf-batch", default="auto",
+                    help="sequences per transformers generate call, comma-separated sizes each measured (the best is "
+                         "the baseline); auto: all prompts × K at once (what vLLM gets), half and a quarter of it")  # fmt: skip
     ap.add_argument("--mix-prompts", type=int, default=4)
     ap.add_argument("--mix-max-tokens", type=int, default=48)
     ap.add_argument("--no-mixture", action="store_true", help="skip the mixture sampler comparison")
@@ -265,7 +274,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--sft-steps", type=int, default=150)
     ap.add_argument(
-        "--repeats", type=int, default=1, help="alternating rounds; the table shows each one's best"
+        "--repeats", type=int, default=1, help="alternating rounds; each round's ratios and their median are reported"
     )
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                     help="before each run, wait up to S seconds for other processes to leave the CPUs")  # fmt: skip
@@ -279,7 +288,7 @@ def main() -> None:
         if args.worker == "vllm":
             res = worker_vllm(args.conf)
         elif args.worker == "hf":
-            res = worker_hf(args.conf, args.hf_batch)
+            res = worker_hf(args.conf, int(args.hf_batch))
         else:
             mode = args.worker.removeprefix("mix-")
             res = worker_mixture(args.conf, args.ref, mode, args.mix_prompts, args.mix_max_tokens)
@@ -294,13 +303,17 @@ def main() -> None:
     shard = args.shard_size or GenerateConfig().shard_size
     _, conf = bench_config(args, model, "bench-generate", shard)
     me = [sys.executable, str(Path(__file__).resolve())]
-    common = ["--conf", str(conf), "--hf-batch", str(args.hf_batch), "--mix-prompts", str(args.mix_prompts),
+    common = ["--conf", str(conf), "--mix-prompts", str(args.mix_prompts),
               "--mix-max-tokens", str(args.mix_max_tokens), "--ref", str(ref)]  # fmt: skip
+    sequences = args.prompts * args.samples
+    hf_batches = ([sequences, max(sequences // 2, args.samples), max(sequences // 4, args.samples)]
+                  if args.hf_batch == "auto" else [int(b) for b in args.hf_batch.split(",")])  # fmt: skip
     commands = {
         "dice": [sys.executable, "-m", "stages.generate", str(conf), "--round", "1", "--force"],
         "vllm": [*me, "--worker", "vllm", *common],
-        "transformers": [*me, "--worker", "hf", *common],
     }
+    for b in dict.fromkeys(hf_batches):
+        commands[f"transformers b{b}"] = [*me, "--worker", "hf", "--hf-batch", str(b), *common]
     if not args.no_mixture:
         commands["mixture (KV cache)"] = [*me, "--worker", "mix-cached", *common]
         commands["mixture (naive)"] = [*me, "--worker", "mix-naive", *common]
@@ -316,21 +329,32 @@ def main() -> None:
             print(f"  {name:<20} run {r + 1}: {res['tokens_per_s']:8.0f} tokens/s ({res['tokens']} tokens, "
                   f"{res['wall_s']:.1f} s timed, {res['process_wall_s']:.0f} s process, "
                   f"CPU {100 * res['busy_before']:.0f}% busy before)", flush=True)  # fmt: skip
-    best = {name: max(rs, key=lambda x: x["tokens_per_s"]) for name, rs in runs.items()}
-    print()
-    print(f"{'contender':<20} {'tokens/s':>9} {'tokens':>8} {'timed s':>8}")
-    for name, b in best.items():
-        print(f"{name:<20} {b['tokens_per_s']:9.0f} {b['tokens']:8d} {b['wall_s']:8.2f}")
-    ratios = {
-        "dice / vllm": best["dice"]["tokens_per_s"] / best["vllm"]["tokens_per_s"],
-        "dice / transformers": best["dice"]["tokens_per_s"] / best["transformers"]["tokens_per_s"],
-        "vllm / transformers": best["vllm"]["tokens_per_s"] / best["transformers"]["tokens_per_s"],
-    }
+    # Run by run (contenders ran back to back, so the machine's drift hits them alike): the ratios of repeat r, and
+    # their median. The transformers baseline of a repeat is its best batch size in that repeat.
+    hf_names = [n for n in runs if n.startswith("transformers")]
+    per_repeat: dict[str, list[float]] = {"dice / vllm": [], "dice / transformers": [], "vllm / transformers": []}
     if not args.no_mixture:
-        ratios["mixture KV cache / naive"] = (
-            best["mixture (KV cache)"]["tokens_per_s"] / best["mixture (naive)"]["tokens_per_s"]
-        )
-    print("  ".join(f"{k}: x{v:.2f}" for k, v in ratios.items()))
+        per_repeat["mixture KV cache / naive"] = []
+    best_hf_batch = []
+    for r in range(args.repeats):
+        tps = {n: rs[r]["tokens_per_s"] for n, rs in runs.items()}
+        hf = max(hf_names, key=lambda n: tps[n])
+        best_hf_batch.append(hf)
+        per_repeat["dice / vllm"].append(tps["dice"] / tps["vllm"])
+        per_repeat["dice / transformers"].append(tps["dice"] / tps[hf])
+        per_repeat["vllm / transformers"].append(tps["vllm"] / tps[hf])
+        if not args.no_mixture:
+            per_repeat["mixture KV cache / naive"].append(tps["mixture (KV cache)"] / tps["mixture (naive)"])
+    median = {name: float(sorted(rs, key=lambda x: x["tokens_per_s"])[(len(rs) - 1) // 2]["tokens_per_s"])
+              for name, rs in runs.items()}  # fmt: skip
+    print()
+    print(f"{'contender':<20} {'median tokens/s':>15} {'tokens':>8}   tokens/s of every run")
+    for name, rs in runs.items():
+        print(f"{name:<20} {median[name]:15.0f} {rs[0]['tokens']:8d}   " + ", ".join(f"{x['tokens_per_s']:.0f}" for x in rs))
+    print(f"transformers baseline = its best batch size in each repeat: {', '.join(best_hf_batch)}")
+    ratios = {k: float(np.median(v)) for k, v in per_repeat.items()}
+    for k, v in per_repeat.items():
+        print(f"{k}: run by run " + ", ".join(f"x{x:.2f}" for x in v) + f"; median x{ratios[k]:.2f}")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                             check=False).stdout.strip()  # fmt: skip
     import torch
@@ -340,7 +364,8 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({
         "settings": vars(args) | {"shard_size": shard, "model": str(model), "reference": str(ref)},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "vllm": vllm.__version__},
-        "commit": commit, "model_build_s": build_s, "runs": runs, "best": best, "ratios": ratios,
+        "commit": commit, "model_build_s": build_s, "runs": runs, "median_tokens_per_s": median,
+        "ratios_per_repeat": per_repeat, "ratios": ratios, "transformers_best_batch": best_hf_batch,
         "total_s": time.perf_counter() - t0,
     }, indent=2))  # fmt: skip
     print(f"wrote {args.out} ({time.perf_counter() - t0:.0f} s in all)")

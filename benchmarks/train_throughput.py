@@ -18,7 +18,10 @@ What it does (benchmarks/README.md has the settings and a measured run):
    step; the TRL worker prints one from a callback's `on_step_end`). The timed region is the end of warm-up
    step 2 to the end of the last step: model loading, data preparation and dice's checkpoint
    consolidation are outside it. Peak memory is the child's RSS high-water mark (`os.wait4` rusage).
-5. Prints a table and writes `benchmarks/out/train_throughput.json`.
+5. With `--repeats N`, runs dice and TRL alternately N times; prints each repeat's ratio (dice run i / TRL run
+   i, back to back) and their median, the headline number; the table shows each trainer's median run.
+   Checks that TRL's trainer holds no reference model (`ref_model is None` under precompute_ref_log_probs).
+6. Prints a table and writes `benchmarks/out/train_throughput.json`.
 
 `--profile-dice` adds a third, smaller dice run under timers (forward / log-probs / backward / step /
 collate) and torch.profiler, written to `benchmarks/out/dice_profile*.txt`.
@@ -37,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -389,6 +394,7 @@ def run_trl(args, model: Path, pairs, rep: int = 0) -> dict[str, Any]:
     out["self_reported_s"] = sum(r["step_seconds"][args.warmup :])  # callback on_step_end intervals, in the child
     out["first_step_margin"] = r["first_step_margin"]
     out["trl_options"] = r["options"]
+    out["ref_model_is_none"] = r["ref_model_is_none"]
     out.update({k: child[k] for k in ("peak_rss_mib", "process_wall_s", "log")})
     return out
 
@@ -450,6 +456,8 @@ def trl_worker(spec: dict[str, Any]) -> None:
     options["optim"] = str(config.optim.value if hasattr(config.optim, "value") else config.optim)
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, use_safetensors=True)
     trainer = PrecomputedRefDPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok)
+    # the comparison is with TRL at its best: no reference model resident, its log-probs read from the data
+    assert trainer.ref_model is None, "TRL holds a reference model: not the configuration this benchmark compares"
 
     padded: list[int] = []
     collate = trainer.data_collator
@@ -491,6 +499,7 @@ def trl_worker(spec: dict[str, Any]) -> None:
         "total_train_tokens": trainer._total_train_tokens,
         "torch_threads": torch.get_num_threads(),
         "options": options,
+        "ref_model_is_none": trainer.ref_model is None,
     }
     print(RESULT + json.dumps(result), flush=True)
 
@@ -591,7 +600,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--warmup", type=int, default=2, help="leading steps left out of the timing")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=1, help="runs of each trainer, alternating; the fastest is reported")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each trainer, alternating; every run's ratio and their median are reported")
     ap.add_argument("--dice-zero-stages", default="auto",
                     help="comma list of ZeRO stages to run dice with: auto (dice's default: 0 on one process), 0-3")
     ap.add_argument("--skip-trl", action="store_true", help="run only dice")
@@ -606,14 +615,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def best_run(rs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The fastest run (other load on the machine only ever slows a run down), with every run's tokens/s and
-    foreign CPU share, and the highest peak RSS of all runs."""
-    out = dict(max(rs, key=lambda r: r["tokens_per_s"]))
+def median_run(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median tokens/s (the lower middle one for an even count), with every run's tokens/s, foreign CPU
+    share and peak RSS, and the highest peak RSS of all runs."""
+    ordered = sorted(rs, key=lambda r: r["tokens_per_s"])
+    out = dict(ordered[(len(ordered) - 1) // 2])
     out["tokens_per_s_runs"] = [r["tokens_per_s"] for r in rs]
     out["foreign_cpu_share_runs"] = [r["foreign_cpu_share"] for r in rs]
+    out["peak_rss_mib_runs"] = [r["peak_rss_mib"] for r in rs]
     out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in rs)
     return out
+
+
+def repeat_ratios(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
+    """a's run i over b's run i (they ran back to back, so the machine's drift hits both alike), and the medians."""
+    per = {
+        "tokens_per_s": [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(a, b)],
+        "peak_rss": [x["peak_rss_mib"] / y["peak_rss_mib"] for x, y in zip(a, b)],
+        "timed_wall_s": [x["timed_wall_s"] / y["timed_wall_s"] for x, y in zip(a, b)],
+    }
+    return {**{f"{k}_runs": v for k, v in per.items()}, **{k: float(np.median(v)) for k, v in per.items()}}
 
 
 def _pct(x: float | None) -> str:
@@ -673,7 +694,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_trl:
             print(f"running TRL DPOTrainer{tag} ...", flush=True)
             runs.setdefault("trl", []).append(run_trl(args, model, pairs, rep))
-    results = {k: best_run(v) for k, v in runs.items()}
+    results = {k: median_run(v) for k, v in runs.items()}
 
     header = ["trainer", "tokens/s", "timed wall s", "s/step", "timed steps", "timed tokens", "computed", "peak RSS MiB", "process s", "foreign CPU"]
     widths = [16, 9, 12, 7, 11, 12, 7, 12, 9, 11]
@@ -684,25 +705,22 @@ def main(argv: list[str] | None = None) -> None:
                        str(r["timed_tokens"]), f"x{r['computed_per_token']:.2f}", f"{r['peak_rss_mib']:.0f}",
                        f"{r['process_wall_s']:.1f}", _pct(r["foreign_cpu_share"])], widths))  # fmt: skip
     if args.repeats > 1:
-        print("tokens/s of every run (the table shows the fastest): "
+        print("tokens/s of every run (the table shows the median run): "
               + "; ".join(f"{k} " + ", ".join(f"{x:.0f}" for x in r["tokens_per_s_runs"]) for k, r in results.items()))
     busy = [k for k, r in results.items() if (r["foreign_cpu_share"] or 0) > 0.05]
     if busy:
         print(f"WARNING: other processes used >5% of the CPUs during the timed steps of {', '.join(busy)}: "
               "the machine was not quiet, the numbers are noisy")
-    ratios: dict[str, dict[str, float]] = {}
+    ratios: dict[str, dict[str, Any]] = {}
     if "trl" in results:
-        for k, r in results.items():
+        for k in results:
             if k == "trl":
                 continue
-            t = results["trl"]
-            ratios[f"{k} / trl"] = {
-                "tokens_per_s": r["tokens_per_s"] / t["tokens_per_s"],
-                "timed_wall_s": r["timed_wall_s"] / t["timed_wall_s"],
-                "peak_rss": r["peak_rss_mib"] / t["peak_rss_mib"],
-            }
-            print(f"{k} / trl: tokens/s x{ratios[f'{k} / trl']['tokens_per_s']:.2f}, timed wall x{ratios[f'{k} / trl']['timed_wall_s']:.2f}, "
-                  f"peak RSS x{ratios[f'{k} / trl']['peak_rss']:.2f}")  # fmt: skip
+            ratios[f"{k} / trl"] = q = repeat_ratios(runs[k], runs["trl"])
+            print(f"{k} / trl, run by run: tokens/s " + ", ".join(f"x{x:.2f}" for x in q["tokens_per_s_runs"])
+                  + f" (median x{q['tokens_per_s']:.2f}); peak RSS " + ", ".join(f"x{x:.2f}" for x in q["peak_rss_runs"])
+                  + f" (median x{q['peak_rss']:.2f})")  # fmt: skip
+        print(f"TRL kept no reference model (precompute_ref_log_probs): {all(r['ref_model_is_none'] for r in runs['trl'])}")
         same = {k: r["all_steps_tokens"] for k, r in results.items()}
         print(f"tokens over all steps (must match): {same}")
     for k, r in results.items():
