@@ -310,6 +310,60 @@ def diff(
         console.print(t)
 
 
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A run folder, e.g. runs/tiny."),
+    round_: int = typer.Option(..., "--round", help="The round whose training pairs (reference.parquet) to export."),
+    fmt: str = typer.Option("trl", "--format", help="trl (Parquet for TRL's DPOTrainer), jsonl, or hf (a save_to_disk folder)."),
+    out: Path = typer.Option(..., help="Output file (trl, jsonl) or folder (hf)."),
+) -> None:
+    """Export a round's pairs so another trainer sees exactly the tokens dice scored (README, Exporting rounds)."""
+    from pipeline.artifacts import ArtifactError
+    from pipeline.export import export_round
+
+    if fmt not in ("trl", "jsonl", "hf"):
+        err.print(f"[red]error:[/red] --format {fmt!r}: choose trl, jsonl or hf")
+        raise typer.Exit(2)
+    try:
+        done = export_round(run_dir, round_, fmt, out)  # type: ignore[arg-type]
+    except (ArtifactError, ValueError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"{done['rows']} pairs of {run_dir} round {round_} written to {done['out']} ({fmt}; tokens checked "
+                  f"against {done['model']}'s tokenizer)")  # fmt: skip
+
+
+data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Check the datasets a config reads.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    config: Optional[str] = typer.Argument(None, help="YAML preset (default: the embedded tiny preset)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides."),
+) -> None:
+    """What dice will read before a long run: rows per dataset, what would be dropped and why, token lengths under
+    the policy's chat template, prompts over model.max_prompt_tokens, duplicates."""
+    from pipeline.artifacts import ArtifactError
+    from pipeline.datacheck import check_data
+
+    cfg = _load(config, overrides)
+    try:
+        report = check_data(cfg)
+    except (ArtifactError, ValueError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    for name, r in report.items():
+        table = Table(title=f"data.{name}: {r['source']}", show_header=False)
+        table.add_column("what", style="bold")
+        table.add_column("value", overflow="fold")
+        for key, value in r.items():
+            if key != "source":
+                table.add_row(key, _fmt(value, 200) if not isinstance(value, dict) else
+                              ", ".join(f"{k} {_fmt(v)}" for k, v in value.items()))  # fmt: skip
+        console.print(table)
+
+
 @app.command("tiny-model")
 def tiny_model(
     path: Path = typer.Argument(..., help="Output folder."),

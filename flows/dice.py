@@ -201,7 +201,7 @@ def dice(
         config_path = cfg.run_dir / "config.yaml"
         save_config(cfg, config_path)
         if cfg.model.build_tiny_if_missing and not Path(cfg.model.policy).exists():
-            data = cfg.model.tiny_data or [cfg.data.prompts, cfg.data.offline]
+            data = cfg.model.tiny_data or [cfg.data.prompts.path, cfg.data.offline.path]
             build_tiny_model(cfg.model.policy, data, cfg.model.tiny_sft_steps)
         summaries = []
         for k in range(0, cfg.rounds + 1):

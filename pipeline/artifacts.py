@@ -22,6 +22,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.schemas import OPTIONAL
+
 MANIFEST_DIR = ".dice"  # per-stage manifests inside a round folder
 _FULL_HASH_LIMIT = 64 << 20  # files up to this size are hashed whole; larger ones by size + head + tail
 _CHUNK = 4 << 20
@@ -41,7 +43,7 @@ def write_parquet(table: pa.Table, path: Path, schema: pa.Schema) -> int:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = table.select(schema.names).cast(schema)
+    table = _with_optional(table, schema).select(schema.names).cast(schema)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         pq.write_table(table, tmp, compression="zstd")
@@ -51,6 +53,14 @@ def write_parquet(table: pa.Table, path: Path, schema: pa.Schema) -> int:
     finally:
         tmp.unlink(missing_ok=True)
     return table.num_rows
+
+
+def _with_optional(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with the schema's optional columns it lacks added as nulls (files of earlier dice versions)."""
+    for name in schema.names:
+        if name in OPTIONAL and name not in table.column_names:
+            table = table.append_column(pa.field(name, OPTIONAL[name]), pa.nulls(table.num_rows, OPTIONAL[name]))
+    return table
 
 
 def read_parquet(path: Path, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
@@ -65,10 +75,10 @@ def read_parquet(path: Path, schema: pa.Schema, columns: list[str] | None = None
         schema = pa.schema([schema.field(c) for c in columns])
     try:
         present = pq.read_schema(path).names
-        missing = [n for n in schema.names if n not in present]
+        missing = [n for n in schema.names if n not in present and n not in OPTIONAL]
         if missing:
             raise ArtifactError(f"{path}: missing column(s) {', '.join(missing)}")
-        table = pq.read_table(path, columns=schema.names)
+        table = _with_optional(pq.read_table(path, columns=[n for n in schema.names if n in present]), schema)
     except (pa.ArrowInvalid, OSError) as e:
         raise ArtifactError(f"{path}: not a readable Parquet file: {e}") from e
     try:
@@ -96,7 +106,7 @@ def _hash_file(h: Any, path: Path) -> None:
 def fingerprint(path: str | Path) -> str:
     """Content fingerprint of a file or folder (hidden files and temp files excluded).
 
-    A path that is not on disk (a hub model id) is fingerprinted by its name.
+    A path that is not on disk is fingerprinted by its name (Hub ids: `input_record` resolves their commit).
     """
     p = Path(path)
     h = hashlib.sha256()
@@ -175,8 +185,24 @@ def plan_digest(plan: StagePlan) -> str:
 
 
 def input_record(plan: StagePlan) -> dict[str, dict[str, str]]:
-    """The plan's inputs as a manifest records them: name -> {path, fingerprint}."""
-    return {name: {"path": str(p), "fingerprint": fingerprint(p)} for name, p in plan.inputs.items()}
+    """The plan's inputs as a manifest records them: name -> {path, fingerprint}, plus the resolved `revision`
+    (commit) of a Hub model or dataset, which is then its fingerprint: a branch that moved is another input."""
+    return {name: _record(p) for name, p in plan.inputs.items()}
+
+
+def _record(p: Path | str) -> dict[str, str]:
+    from pipeline.models import hub_commit, local_model, looks_local
+
+    if isinstance(p, str) and p.startswith("hf://datasets/"):
+        from pipeline.datasets import hub_folder
+
+        folder = hub_folder(p)
+    elif isinstance(p, str) and not Path(p).exists() and not looks_local(p):
+        folder = Path(local_model(p))
+    else:
+        return {"path": str(p), "fingerprint": fingerprint(p)}
+    commit = hub_commit(folder)
+    return {"path": str(p), "fingerprint": f"hub:{commit}" if commit else fingerprint(folder), "revision": commit or ""}
 
 
 def execute(plan: StagePlan, fn: Callable[[], dict[str, Any]], *, force: bool = False) -> dict[str, Any]:

@@ -49,6 +49,10 @@ class ModelConfig(_Section):
         None,
         description="π_-1, the reference π_0 was trained against (mode=skip only). Empty: the policy itself.",
     )
+    revision: str | None = Field(
+        None, description="Hub revision (branch, tag or commit) of a Hub `policy`; the commit it resolves to is fingerprinted."
+    )
+    reference_revision: str | None = Field(None, description="Hub revision of a Hub `reference`.")
     build_tiny_if_missing: bool = Field(
         True, description="Build the offline tiny model at `policy` when that folder does not exist (tiny preset)."
     )
@@ -66,11 +70,44 @@ class ModelConfig(_Section):
     )
 
 
+class DataSource(_Section):
+    """Where a dataset comes from: a file, a folder, or a Hub dataset id, with the split, subset and columns to read.
+
+    A plain string in YAML is the `path` alone (`prompts: data/prompts.jsonl`)."""
+
+    path: str = Field(
+        description="A JSONL or Parquet file; a folder of Parquet/JSONL files in the Hugging Face Hub layout; a "
+        "folder written by datasets' save_to_disk; or a Hub dataset id (e.g. HuggingFaceH4/ultrafeedback_binarized)."
+    )
+    split: str | None = Field(None, description="Split to read (e.g. train_prefs); empty: the only split there is.")
+    name: str | None = Field(None, description="Subset (configuration) of a Hub-layout dataset; empty: its default.")
+    revision: str | None = Field(None, description="Hub dataset revision (branch, tag or commit); empty: main.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="dice field -> the dataset's column, e.g. {prompt: instruction} (fields: prompt, prompt_id, "
+        "chosen, rejected, pair_id).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    def __str__(self) -> str:
+        extra = [f"{k}={v}" for k, v in (("split", self.split), ("name", self.name), ("revision", self.revision)) if v]
+        return self.path + (f" ({', '.join(extra)})" if extra else "")
+
+
 class DataConfig(_Section):
-    prompts: str = Field("data/prompts.jsonl", description="Instruction prompts (JSONL or Parquet with `prompt` and optional `prompt_id`).")
-    offline: str = Field(
-        "data/offline_prefs.jsonl",
-        description="Offline preference set (JSONL or Parquet: prompt, chosen, rejected) for round 0 and replay.",
+    prompts: DataSource = Field(
+        default_factory=lambda: DataSource(path="data/prompts.jsonl"),
+        description="Prompts: `prompt` (text, or a conversation of {role, content} messages ending with a user "
+        "turn) and optional `prompt_id`. A path, or {path, split, name, revision, columns}.",
+    )
+    offline: DataSource = Field(
+        default_factory=lambda: DataSource(path="data/offline_prefs.jsonl"),
+        description="Offline preference set for round 0 and replay: prompt, chosen, rejected as text or TRL's "
+        "conversational format (chosen/rejected may repeat the prompt turns, as UltraFeedback binarized does).",
     )
     prompts_per_round: int = Field(
         32, gt=0, description="Prompts used per round; rounds take consecutive disjoint slices of the prompt file."
@@ -191,6 +228,7 @@ class JudgeConfig(_Section):
     model: str | None = Field(
         None, description="vllm: the judge model (folder or hub id; empty: π_{k-1}); http: the server's model name."
     )
+    revision: str | None = Field(None, description="vllm: Hub revision of a Hub judge model.")
     template: str = Field(
         "conf/judges/pairwise.txt",
         description="Pairwise prompt template with {instruction}, {response_a} and {response_b} (vllm, http).",
@@ -263,6 +301,7 @@ class LabelConfig(_Section):
     reward_model: str | None = Field(
         None, description="labeller=reward_model: a sequence-classification model (one output) with its own tokenizer."
     )
+    reward_model_revision: str | None = Field(None, description="Hub revision of a Hub reward_model.")
     reward_model_format: str | None = Field(
         None,
         description="Fallback text '…{prompt}…{response}…' for a reward model whose tokenizer has no chat template.",

@@ -11,9 +11,9 @@ def make_llm(model: str, engine: EngineConfig, *, dtype: str, seed: int, trust_r
     """A vLLM `LLM` for `model`. Import vLLM only here: it is heavy and changes process-wide torch state."""
     import torch
 
-    from pipeline.models import check_model
+    from pipeline.models import local_model
 
-    check_model(model)  # a missing folder or pickle weights: refused before the engine starts
+    model = local_model(model)  # a Hub id's snapshot; a missing folder or pickle weights: refused before the engine
     if engine.in_process:
         # Must be set before vLLM is imported: the engine then lives in this process (fast start, and
         # `del llm` frees it) instead of a spawned worker.

@@ -2,7 +2,8 @@
 
 One encoding serves every consumer, so the implicit reward of the label stage, the reference log-probs
 and the policy log-probs in training are all computed over exactly the same tokens:
-    prompt tokens   = the chat template applied to one user message, with the generation prompt
+    prompt tokens   = the chat template applied to the prompt (one user turn or a conversation: pipeline/chat.py),
+                      with the generation prompt
     response tokens = the response text tokenised without special tokens, followed by EOS
 `logp(π, x, y)` is the sum (or mean) over response tokens of log π(y_t | x, y_<t); prompt tokens are masked.
 """
@@ -16,22 +17,27 @@ from typing import Literal
 import numpy as np
 import torch
 
+from pipeline.chat import Prompt, as_messages
 from pipeline.packing import PackedBatch, enable_packing, group_by_prompt, is_packed, pack
 
 Reduction = Literal["sum", "mean"]
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids of `prompt` as one user turn under the tokenizer's chat template, ready for the reply."""
+def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids of `prompt` (one user turn, or a whole conversation) under the tokenizer's chat template, ready
+    for the reply. Without a chat template, a single user turn is its plain text; a conversation is an error."""
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
+        text = tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True, tokenize=False)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not isinstance(prompt, str):
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')}: no chat template, so it cannot render a "
+            "conversation; use a model with a chat template or single-turn prompts"
+        )
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
-def encode(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+def encode(tokenizer, prompt: Prompt, response: str) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids + EOS) for one pair."""
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     return prompt_ids(tokenizer, prompt), response_ids + [tokenizer.eos_token_id]
@@ -176,23 +182,24 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def require_model(path: str) -> None:
-    """Fail early, naming the model, when a local model folder is missing or holds no safetensors weights."""
-    from pipeline.models import check_model
+def require_model(path: str) -> str:
+    """The model's local folder (a Hub id's snapshot, fetched once); fails early, naming the model, when a local
+    folder is missing or holds no safetensors weights (pipeline/models.py)."""
+    from pipeline.models import local_model
 
-    check_model(path)
+    return local_model(path)
 
 
 def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = False, device: torch.device | None = None):
     """Load a causal LM and its tokenizer for scoring (eval mode, safetensors only)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    require_model(path)
+    folder = require_model(path)
     device = device or default_device()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code, use_safetensors=True
+            folder, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code, use_safetensors=True
         )
     except (OSError, ValueError) as e:
         raise ValueError(f"model {path}: could not be loaded ({e})") from e

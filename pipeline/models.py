@@ -62,3 +62,72 @@ def check_model(name: str, what: str = "model") -> None:
             f"only. {convert_hint(name)}"
         )
     raise ValueError(f"{what} {name}: no *.safetensors weights in the folder")
+
+
+# ---------------------------------------------------------------------------------------------- the Hub
+#
+# A Hub model is named `org/name`, or `org/name@revision` when the config gives a revision (model.revision,
+# model.reference_revision, a judge's revision, label.reward_model_revision): that one string travels through the
+# plans, so a stage reads the same repository at the same revision as the flow fingerprinted. `local_model`
+# turns it into the local snapshot folder huggingface_hub keeps (downloading it once, safetensors and tokenizer
+# files only), which every loader then reads like any local folder; offline (HF_HUB_OFFLINE=1) the cache serves
+# it. Its fingerprint is the snapshot's commit, so a branch that moved is a different input.
+
+PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.h5", "*.msgpack", "*.onnx*", "original/*"]
+
+
+def with_revision(name: str, revision: str | None) -> str:
+    """`org/name@revision` for a Hub id with a revision; anything else unchanged."""
+    return f"{name}@{revision}" if revision and not looks_local(name) else name
+
+
+def split_revision(name: str) -> tuple[str, str | None]:
+    """(`org/name`, revision or None) of a Hub name; a local path is never split."""
+    if looks_local(name) or "@" not in name:
+        return name, None
+    repo, _, rev = name.rpartition("@")
+    return repo, rev or None
+
+
+def _snapshot(repo: str, revision: str | None, repo_type: str, what: str, ignore: list[str] | None = None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, repo_type=repo_type, revision=revision, ignore_patterns=ignore))
+    except LocalEntryNotFoundError as e:
+        raise ValueError(
+            f"{what} {repo}{'@' + revision if revision else ''}: not in the local Hugging Face cache and the Hub "
+            f"cannot be reached ({type(e).__name__}); download it once with network, or point at a local folder"
+        ) from None
+    except (RepositoryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise ValueError(f"{what} {repo}: could not be fetched from the Hub ({type(e).__name__}: {e})") from None
+
+
+_resolved: dict[str, str] = {}
+
+
+def local_model(name: str, what: str = "model") -> str:
+    """The local folder of a model: `name` itself when local, else its Hub snapshot (module notes above); checked
+    with `check_model` (a missing folder or pickle weights is refused)."""
+    name = str(name)
+    if looks_local(name):
+        check_model(name, what)
+        return name
+    if name not in _resolved:
+        repo, rev = split_revision(name)
+        folder = _snapshot(repo, rev, "model", what, PICKLE_PATTERNS)
+        check_model(str(folder), f"{what} {name} (Hub snapshot)")
+        _resolved[name] = str(folder)
+    return _resolved[name]
+
+
+def local_dataset(name: str, revision: str | None, what: str) -> Path:
+    """The local snapshot folder of a Hub dataset (downloaded once; the cache serves HF_HUB_OFFLINE=1)."""
+    return _snapshot(name, revision, "dataset", what)
+
+
+def hub_commit(folder: str | Path) -> str | None:
+    """The commit of a huggingface_hub snapshot folder (…/snapshots/<commit>), or None for any other folder."""
+    p = Path(folder)
+    return p.name if p.parent.name == "snapshots" and len(p.name) == 40 else None

@@ -7,6 +7,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from pipeline.chat import Prompt, as_messages, plain_text
+
 T = TypeVar("T")  # np.ndarray or torch.Tensor: the same arithmetic serves both
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -73,12 +75,12 @@ def load_reward_model(path: str, dtype: str = "auto", trust_remote_code: bool = 
 
     from pipeline.logprobs import default_device, require_model, resolve_dtype
 
-    require_model(path)
+    folder = require_model(path)
     device = default_device()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code,
+            folder, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code,
             use_safetensors=True,
         )
     except (OSError, ValueError) as e:
@@ -96,15 +98,16 @@ def load_reward_model(path: str, dtype: str = "auto", trust_remote_code: bool = 
     return model.to(device).eval(), tokenizer
 
 
-def reward_model_ids(tokenizer, prompt: str, response: str, fallback: str | None, model: str = "") -> list[int]:
-    """Token ids of one (prompt, response) under the reward model's chat template, or the fallback format.
+def reward_model_ids(tokenizer, prompt: Prompt, response: str, fallback: str | None, model: str = "") -> list[int]:
+    """Token ids of one (prompt, response) under the reward model's chat template (the whole conversation, then the
+    response as the assistant's turn), or the fallback format (with the prompt as plain text).
 
     Raises:
         ValueError: naming the model and `label.reward_model_format` when there is neither.
     """
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+            [*as_messages(prompt), {"role": "assistant", "content": response}], tokenize=False
         )
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     if fallback is None:
@@ -112,7 +115,7 @@ def reward_model_ids(tokenizer, prompt: str, response: str, fallback: str | None
             f"reward model {model}: its tokenizer has no chat template; set label.reward_model_format "
             "(e.g. 'Question: {prompt}\\nAnswer: {response}')"
         )
-    return tokenizer(fallback.format(prompt=prompt, response=response), add_special_tokens=True)["input_ids"]
+    return tokenizer(fallback.format(prompt=plain_text(prompt), response=response), add_special_tokens=True)["input_ids"]
 
 
 def check_format(fallback: str | None) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from pipeline.artifacts import StagePlan
 from pipeline.config import RunConfig
+from pipeline.datasets import plan_input
+from pipeline.models import with_revision
 
 STAGES = ("generate", "label", "pairs", "reference", "train")
 ROUND0_STAGES = ("pairs", "reference", "train")
@@ -36,29 +38,38 @@ def stages_of_round(cfg: RunConfig, k: int) -> tuple[str, ...]:
     return ROUND0_STAGES if cfg.offline_rounds else STAGES
 
 
+def policy_name(cfg: RunConfig) -> str:
+    """model.policy as the plans name it: `org/name@revision` for a Hub id with model.revision (pipeline/models.py)."""
+    return with_revision(cfg.model.policy, cfg.model.revision)
+
+
+def reference_name(cfg: RunConfig) -> str | None:
+    return with_revision(cfg.model.reference, cfg.model.reference_revision) if cfg.model.reference else None
+
+
 def model_of(cfg: RunConfig, j: int) -> str:
     """π_j as a path or hub id: j = -1 is the reference of π_0, j = 0 is π_0, j ≥ 1 a round's checkpoint."""
     offline_round0 = cfg.round0.mode == "offline_dpo"
     if j < -1:
         raise ValueError(f"no model π_{j}")
     if j == -1:
-        return cfg.model.policy if offline_round0 else (cfg.model.reference or cfg.model.policy)
+        return policy_name(cfg) if offline_round0 else (reference_name(cfg) or policy_name(cfg))
     if j == 0 and not offline_round0:
-        return cfg.model.policy
+        return policy_name(cfg)
     return str(round_dir(cfg, j) / OUTPUT_FILES["train"]["checkpoint"])
 
 
 def initial_models(cfg: RunConfig) -> dict[str, str]:
     """The models a run's config names (not the checkpoints its rounds write): config field -> folder or Hub id."""
-    found = {"model.policy": cfg.model.policy}
+    found = {"model.policy": policy_name(cfg)}
     if cfg.model.reference:
-        found["model.reference"] = cfg.model.reference
+        found["model.reference"] = reference_name(cfg)
     if cfg.label.labeller == "reward_model" and cfg.label.reward_model:
-        found["label.reward_model"] = cfg.label.reward_model
+        found["label.reward_model"] = with_revision(cfg.label.reward_model, cfg.label.reward_model_revision)
     if cfg.label.labeller == "judge":
         for i, j in enumerate(cfg.label.judges):
             if j.backend == "vllm" and j.model:
-                found[f"label.judges[{i}].model"] = j.model
+                found[f"label.judges[{i}].model"] = with_revision(j.model, j.revision)
     return found
 
 
@@ -82,6 +93,13 @@ def training_reference(cfg: RunConfig, k: int) -> int:
     return k - 1
 
 
+def _source(key: str, src) -> dict:
+    """A dataset's split, subset, revision and column map for a plan's config (its path is an input); nothing when
+    all are defaults, so a plain file's stages keep the digests they had before these options existed."""
+    extra = src.model_dump(mode="json", exclude={"path"}, exclude_defaults=True)
+    return {key: extra} if extra else {}
+
+
 def _out(cfg: RunConfig, k: int, stage: str) -> dict[str, Path]:
     return {name: round_dir(cfg, k) / f for name, f in OUTPUT_FILES[stage].items()}
 
@@ -98,7 +116,7 @@ def plan(cfg: RunConfig, k: int, stage: str) -> StagePlan:
     }
     policy, reference = model_of(cfg, k - 1), model_of(cfg, k - 2) if k >= 1 else ""
     if stage == "generate":
-        gen_inputs: dict[str, Path | str] = {"policy": policy, "prompts": Path(cfg.data.prompts)}
+        gen_inputs: dict[str, Path | str] = {"policy": policy, "prompts": plan_input(cfg.data.prompts)}
         gen_roles = {"policy": f"π_{k - 1}"}
         if cfg.generate.sampler == "mixture":
             # IPO-MD's regulariser is the run's initial model π_0, whatever the round (METHODS.md §3)
@@ -115,6 +133,7 @@ def plan(cfg: RunConfig, k: int, stage: str) -> StagePlan:
             config={
                 "generate": generate_cfg,
                 "prompts_per_round": cfg.data.prompts_per_round,
+                **_source("prompts_source", cfg.data.prompts),
                 "max_prompt_tokens": cfg.model.max_prompt_tokens,
                 "seed": cfg.seed,
                 "dtype": cfg.model.dtype,
@@ -130,11 +149,11 @@ def plan(cfg: RunConfig, k: int, stage: str) -> StagePlan:
             label_inputs.update(policy=policy, reference=reference)
             label_roles.update(policy=f"π_{k - 1}", reference=f"π_{k - 2}")
         elif lab.labeller == "reward_model":
-            label_inputs["reward_model"] = str(lab.reward_model)
+            label_inputs["reward_model"] = with_revision(str(lab.reward_model), lab.reward_model_revision)
         else:  # judge: the judge models and templates are inputs; an http judge's secrets never are
             for jid, j in zip(lab.judge_ids(), lab.judges):
                 if j.backend == "vllm":
-                    label_inputs[f"judge:{jid}"] = j.model or policy
+                    label_inputs[f"judge:{jid}"] = with_revision(j.model, j.revision) if j.model else policy
                     label_roles[f"judge:{jid}"] = j.model or f"π_{k - 1}"
                 if j.backend != "python":
                     label_inputs[f"template:{jid}"] = Path(j.template)
@@ -146,7 +165,7 @@ def plan(cfg: RunConfig, k: int, stage: str) -> StagePlan:
             roles=label_roles,
         )
     if stage == "pairs":
-        inputs: dict[str, Path | str] = {"offline": Path(cfg.data.offline)}
+        inputs: dict[str, Path | str] = {"offline": plan_input(cfg.data.offline)}
         if k >= 1 and not cfg.offline_rounds:
             inputs["labels"] = rd / OUTPUT_FILES["label"]["labels"]
             if cfg.label.labeller == "judge":
@@ -160,6 +179,7 @@ def plan(cfg: RunConfig, k: int, stage: str) -> StagePlan:
                 "round0": cfg.round0.model_dump(mode="json"),
                 "offline_rounds": cfg.offline_rounds,
                 "offline_per_round": cfg.data.offline_per_round,
+                **_source("offline_source", cfg.data.offline),
                 "seed": cfg.seed,
             },
         )

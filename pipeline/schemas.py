@@ -1,26 +1,36 @@
 """Every Parquet table dice writes, declared in one place.
 
 Column names follow the conventions other preference trainers read: `prompt`/`chosen`/`rejected` for
-pairs and TRL's `ref_chosen_logps`/`ref_rejected_logps` for precomputed reference log-probs, so a round's
-`reference.parquet` is a ready DPO dataset elsewhere too. Strings are plain `string` (not large/dictionary)
-and there are no nested types, so pandas, polars, duckdb and `datasets` all open the files unchanged.
+pairs and TRL's `ref_chosen_logps`/`ref_rejected_logps` for precomputed reference log-probs. The prompt a model
+saw is `prompt_messages` (a conversation, TRL's conversational format) when it is more than one user turn, else
+`prompt` itself (pipeline/chat.py); `prompt` is always its readable text. To hand a round to another trainer
+with the exact tokens dice scored, use `dice export` (README, Exporting rounds). Strings are plain `string` (not
+large/dictionary) and the one nested type is the list of {role, content} structs of `prompt_messages`, so pandas,
+polars, duckdb and `datasets` all open the files unchanged.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
+# A conversation: TRL's conversational format, [{role, content}, ...]
+MESSAGES = pa.list_(pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())]))
+# Columns added after files of earlier versions were written: read as nulls when absent (resume keeps working).
+OPTIONAL = {"prompt_messages": MESSAGES}
+
 PROMPTS = pa.schema(
     [
         pa.field("prompt_id", pa.string(), nullable=False),
-        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),  # the text (a conversation rendered: pipeline/chat.py)
+        pa.field("prompt_messages", MESSAGES),  # the conversation, null for one user turn
     ]
 )
 
 OFFLINE = pa.schema(
     [
         pa.field("pair_id", pa.string(), nullable=False),
-        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),  # the text (a conversation rendered: pipeline/chat.py)
+        pa.field("prompt_messages", MESSAGES),  # the conversation, null for one user turn
         pa.field("chosen", pa.string(), nullable=False),
         pa.field("rejected", pa.string(), nullable=False),
     ]
@@ -29,7 +39,8 @@ OFFLINE = pa.schema(
 RESPONSES = pa.schema(
     [
         pa.field("prompt_id", pa.string(), nullable=False),
-        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),  # the text (a conversation rendered: pipeline/chat.py)
+        pa.field("prompt_messages", MESSAGES),  # the conversation, null for one user turn
         pa.field("sample_idx", pa.int32(), nullable=False),
         pa.field("response", pa.string(), nullable=False),
         pa.field("num_tokens", pa.int32(), nullable=False),  # generated tokens, EOS included when emitted
@@ -79,7 +90,8 @@ PAIRS = pa.schema(
     [
         pa.field("pair_id", pa.string(), nullable=False),
         pa.field("prompt_id", pa.string(), nullable=False),
-        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),  # the text (a conversation rendered: pipeline/chat.py)
+        pa.field("prompt_messages", MESSAGES),  # the conversation, null for one user turn
         pa.field("chosen", pa.string(), nullable=False),
         pa.field("rejected", pa.string(), nullable=False),
         pa.field("source", pa.string(), nullable=False),  # "generated" or "offline"

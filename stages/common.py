@@ -35,7 +35,7 @@ def main(stage: str, fn: StageFn, argv: list[str] | None = None) -> None:
         cfg = load_config(args.config, args.overrides)
         plan = rounds.plan(cfg, args.round_, stage)
         for name, value in plan.inputs.items():
-            if isinstance(value, str):  # plans name models by str, files by Path
+            if isinstance(value, str) and not value.startswith("hf://"):  # plans name models by str, files by Path
                 check_model(value, f"{stage} input {name!r}:")
         manifest = execute(plan, lambda: fn(cfg, plan), force=args.force)
     except (ConfigError, ArtifactError, ValueError, RuntimeError) as e:

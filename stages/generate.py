@@ -56,6 +56,7 @@ from pipeline.artifacts import (
     write_parquet,
 )
 from pipeline.config import RunConfig, save_config
+from pipeline.chat import messages_column, prompts_of
 from pipeline.datasets import read_prompts
 
 SHARD_RESULT = (
@@ -91,7 +92,7 @@ def shard_paths(plan: StagePlan, i: int) -> tuple[Path, Path]:
 
 
 def round_prompts(cfg: RunConfig, plan: StagePlan) -> pa.Table:
-    return select_prompts(read_prompts(plan.inputs["prompts"]), plan.round, cfg.data.prompts_per_round)
+    return select_prompts(read_prompts(cfg.data.prompts), plan.round, cfg.data.prompts_per_round)
 
 
 def shard_slices(n_prompts: int, shard_size: int) -> list[tuple[int, int]]:
@@ -161,7 +162,9 @@ def _context_limit(cfg: RunConfig, policy: str) -> int:
         return cfg.generate.engine.max_model_len
     from transformers import AutoConfig
 
-    mc = AutoConfig.from_pretrained(policy, trust_remote_code=cfg.model.trust_remote_code)
+    from pipeline.models import local_model
+
+    mc = AutoConfig.from_pretrained(local_model(policy), trust_remote_code=cfg.model.trust_remote_code)
     mc = getattr(mc, "text_config", None) or mc
     return int(getattr(mc, "max_position_embeddings", None) or 1 << 30)
 
@@ -271,9 +274,9 @@ def _load_tokenizer(cfg: RunConfig, policy: str):
 
     from pipeline.logprobs import require_model
 
-    require_model(policy)
+    folder = require_model(policy)
     try:
-        return AutoTokenizer.from_pretrained(policy, trust_remote_code=cfg.model.trust_remote_code)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ValueError(f"model {policy}: its tokenizer could not be loaded ({e})") from e
 
@@ -309,16 +312,17 @@ def generate_shards(cfg: RunConfig, plan: StagePlan, shard_ids: list[int], *, ll
             start, end = slices[i]
             part = prompts.slice(start, end - start)
             kept, too_long = [], []
-            for pid, text in zip(part["prompt_id"].to_pylist(), part["prompt"].to_pylist()):
-                ids = prompt_ids(tokenizer, text)
-                (too_long if len(ids) > limit else kept).append((pid, text, ids))
-            seeds = [prompt_seed(cfg.seed, k, pid) for pid, _, _ in kept]
-            outputs = sampler.sample([ids for _, _, ids in kept], seeds) if kept else []
+            for pid, text, prompt in zip(part["prompt_id"].to_pylist(), part["prompt"].to_pylist(), prompts_of(part)):
+                ids = prompt_ids(tokenizer, prompt)  # the whole conversation under the policy's chat template
+                (too_long if len(ids) > limit else kept).append((pid, text, ids, prompt))
+            seeds = [prompt_seed(cfg.seed, k, pid) for pid, _, _, _ in kept]
+            outputs = sampler.sample([ids for _, _, ids, _ in kept], seeds) if kept else []
             cols: dict[str, list] = {name: [] for name in schemas.RESPONSES.names}
-            for (pid, text, _), seed, outs in zip(kept, seeds, outputs):
+            for (pid, text, _, prompt), seed, outs in zip(kept, seeds, outputs):
                 for j, out in enumerate(outs):
                     cols["prompt_id"].append(pid)
                     cols["prompt"].append(text)
+                    cols["prompt_messages"].append(messages_column([prompt])[0])
                     cols["sample_idx"].append(j)
                     cols["response"].append(out["text"])
                     cols["num_tokens"].append(out["num_tokens"])
@@ -332,7 +336,7 @@ def generate_shards(cfg: RunConfig, plan: StagePlan, shard_ids: list[int], *, ll
             rows = write_parquet(pa.table(cols, schema=schemas.RESPONSES), table_path, schemas.RESPONSES)
             rec = {
                 "digest": digest, "shard": i, "prompts_total": end - start, "prompts": len(kept),
-                "prompts_too_long": len(too_long), "too_long_ids": [pid for pid, _, _ in too_long][:20],
+                "prompts_too_long": len(too_long), "too_long_ids": [pid for pid, _, _, _ in too_long][:20],
                 "responses": rows, "tokens": sum(cols["num_tokens"]),
                 "finish_length": cols["finish_reason"].count("length"),
                 "seconds": round(time.monotonic() - started, 3), "started_at": started_at, "ended_at": time.time(),

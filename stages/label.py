@@ -33,11 +33,12 @@ import pyarrow as pa
 
 from pipeline import schemas
 from pipeline.artifacts import StagePlan, read_parquet, write_parquet
+from pipeline.chat import Prompt, prompts_of
 from pipeline.config import RunConfig
 from pipeline.rewards import implicit_reward, load_reward_fn
 
 
-def _logps_under(model_path: str, cfg: RunConfig, prompts: list[str], responses: list[str], vocab_of: Any = None):
+def _logps_under(model_path: str, cfg: RunConfig, prompts: list[Prompt], responses: list[str], vocab_of: Any = None):
     """Summed response log-probs under one model (loaded, used, freed). Returns (logps, too_long mask, tokenizer)."""
     from pipeline.logprobs import encode, load_causal_lm, score
 
@@ -101,7 +102,7 @@ def _python_rewards(cfg: RunConfig, prompts: list[str], responses: list[str]) ->
     return rewards
 
 
-def _reward_model_rewards(cfg: RunConfig, plan: StagePlan, prompts: list[str], responses: list[str]):
+def _reward_model_rewards(cfg: RunConfig, plan: StagePlan, prompts: list[Prompt], responses: list[str]):
     """Scores of the reward model on its own encoding (tokenizer, chat template). Returns (r, too_long)."""
     from pipeline.rewards import check_format, load_reward_model, reward_model_ids, score_reward_model
 
@@ -144,7 +145,9 @@ def _make_judges(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any]) -> li
         def local(llm: Any, jid: str = jid, j: Any = j, template: Any = template, model: str = model) -> Any:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=cfg.label.trust_remote_code)
+            from pipeline.models import local_model
+
+            tokenizer = AutoTokenizer.from_pretrained(local_model(model), trust_remote_code=cfg.label.trust_remote_code)
             return VllmJudge(jid, j, template, llm, tokenizer, model)
 
         made.append((model, local))
@@ -276,7 +279,8 @@ def _judge_labels(cfg: RunConfig, plan: StagePlan, table: pa.Table, engines: dic
 def run(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any] | None = None) -> dict[str, Any]:
     """Label round k's responses. `engines`: started vLLM engines by judge model path (tests, notebooks)."""
     table = read_parquet(plan.inputs["responses"], schemas.RESPONSES)
-    prompts, responses = table["prompt"].to_pylist(), table["response"].to_pylist()
+    prompts, responses = table["prompt"].to_pylist(), table["response"].to_pylist()  # prompts as text
+    conversations = prompts_of(table)  # what the models see: the conversation where there is one
     n = table.num_rows
     errors: list[str | None] = [None] * n
     policy_logps = ref_logps = np.full(n, np.nan)
@@ -285,13 +289,13 @@ def run(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any] | None = None) 
 
     labeller = cfg.label.labeller
     if labeller == "implicit_reward":
-        policy_logps, too_long, tokenizer = _logps_under(str(plan.inputs["policy"]), cfg, prompts, responses)
-        ref_logps, _, _ = _logps_under(str(plan.inputs["reference"]), cfg, prompts, responses, vocab_of=tokenizer)
+        policy_logps, too_long, tokenizer = _logps_under(str(plan.inputs["policy"]), cfg, conversations, responses)
+        ref_logps, _, _ = _logps_under(str(plan.inputs["reference"]), cfg, conversations, responses, vocab_of=tokenizer)
         rewards = implicit_reward(policy_logps, ref_logps, cfg.train.beta)
         for i in np.flatnonzero(too_long):
             errors[i] = "too_long"
     elif labeller == "reward_model":
-        rewards, too_long = _reward_model_rewards(cfg, plan, prompts, responses)
+        rewards, too_long = _reward_model_rewards(cfg, plan, conversations, responses)
         for i in np.flatnonzero(too_long):
             errors[i] = "too_long"
     elif labeller == "judge":

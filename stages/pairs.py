@@ -45,7 +45,7 @@ from pipeline.datasets import read_offline
 from pipeline.length import best_worst, replay_counts, search_alpha, search_alpha_exact
 
 # The LABELS columns pairs reads (the log-prob and bookkeeping columns are not needed).
-LABEL_COLUMNS = ["prompt_id", "prompt", "sample_idx", "response", "num_tokens", "num_chars", "finish_reason",
+LABEL_COLUMNS = ["prompt_id", "prompt", "prompt_messages", "sample_idx", "response", "num_tokens", "num_chars", "finish_reason",
                  "reward", "label_error"]  # fmt: skip
 # Python's str.isspace() characters, as an RE2 class (checked over every code point in tests/test_pairs_table.py)
 WHITESPACE = r"\s\x{0b}\x{1c}-\x{1f}\x{85}\p{Z}"
@@ -58,6 +58,7 @@ def _offline_rows(offline: pa.Table, idx: np.ndarray, k: int) -> dict[str, list]
         "pair_id": [f"off-{p}" for p in sub["pair_id"]],
         "prompt_id": [f"off-{p}" for p in sub["pair_id"]],
         "prompt": sub["prompt"],
+        "prompt_messages": sub["prompt_messages"],
         "chosen": sub["chosen"],
         "rejected": sub["rejected"],
         "source": ["offline"] * n,
@@ -248,6 +249,7 @@ def generated_pairs(
         "pair_id": pair_ids,
         "prompt_id": pids,
         "prompt": _take(labels["prompt"], w).to_pylist(),
+        "prompt_messages": _take(labels["prompt_messages"], w).to_pylist(),
         "chosen": chosen_text.to_pylist(),
         "rejected": rejected_text.to_pylist(),
         "source": ["generated"] * len(w),
@@ -307,7 +309,7 @@ def _nothing_to_pair(path: Any, labels: pa.Table, stats: dict[str, Any], cfg: Ru
 
 def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     k = plan.round
-    offline = read_offline(plan.inputs["offline"])
+    offline = read_offline(cfg.data.offline)
     rng = np.random.default_rng([cfg.seed, k])
     if k == 0 or cfg.offline_rounds:  # round 0, or a round of the offline baseline: offline pairs only
         cap = cfg.round0.max_pairs if k == 0 else cfg.data.offline_per_round

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from pipeline import schemas
 from pipeline.artifacts import StagePlan, read_parquet, write_parquet
+from pipeline.chat import prompts_of
 from pipeline.config import RunConfig
 
 
@@ -29,7 +30,7 @@ def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
 
     pairs = read_parquet(plan.inputs["pairs"], schemas.PAIRS)
     model, tokenizer = load_causal_lm(str(plan.inputs["reference"]), cfg.model.dtype, cfg.model.trust_remote_code)
-    prompts = pairs["prompt"].to_pylist()
+    prompts = prompts_of(pairs)  # the conversation where the pair has one
     chosen = [encode(tokenizer, p, y) for p, y in zip(prompts, pairs["chosen"].to_pylist())]
     rejected = [encode(tokenizer, p, y) for p, y in zip(prompts, pairs["rejected"].to_pylist())]
     fits = np.array(

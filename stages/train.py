@@ -64,6 +64,7 @@ def load_pairs(path: Path, tokenizer, cfg: RunConfig) -> tuple[list[dict[str, An
     import torch
 
     from pipeline.logprobs import encode
+    from pipeline.chat import prompts_of, with_prefix
     from pipeline.losses import SR_QUALITY_PREFIX, smooth_preference
 
     t = cfg.train
@@ -76,16 +77,17 @@ def load_pairs(path: Path, tokenizer, cfg: RunConfig) -> tuple[list[dict[str, An
         if bad:
             raise ValueError(f"{path}: column {col} is not finite in row {bad[0]} ({len(bad)} rows); re-run the reference stage")
     refined = t.loss in (LossType.SR_DPO, LossType.SR_IPO)
+    prompts = prompts_of(table)  # the conversation where the pair has one
     examples, identical, too_long = [], 0, 0
     for i in range(table.num_rows):
         if d["chosen"][i] == d["rejected"][i]:
             identical += 1
             continue
-        c = encode(tokenizer, d["prompt"][i], d["chosen"][i])
-        r = encode(tokenizer, d["prompt"][i], d["rejected"][i])
+        c = encode(tokenizer, prompts[i], d["chosen"][i])
+        r = encode(tokenizer, prompts[i], d["rejected"][i])
         ex: dict[str, Any] = {"chosen": c, "rejected": r}
         if refined:  # Δ's forward passes see P ⊕ x (METHODS §4)
-            prefixed = f"{SR_QUALITY_PREFIX} {d['prompt'][i]}"
+            prefixed = with_prefix(prompts[i], SR_QUALITY_PREFIX)  # before the last user turn's text
             ex["chosen_prefixed"] = encode(tokenizer, prefixed, d["chosen"][i])
             ex["rejected_prefixed"] = encode(tokenizer, prefixed, d["rejected"][i])
         if max(len(p) + len(y) for p, y in ex.values()) > cfg.model.max_length:
@@ -288,7 +290,7 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     t = cfg.train
     torch.manual_seed(cfg.seed)
     init = str(plan.inputs["init"])
-    require_model(init)
+    init = require_model(init)  # the local folder (a Hub id's snapshot)
     tokenizer = AutoTokenizer.from_pretrained(init, trust_remote_code=cfg.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -167,3 +167,34 @@ def prefect_server(tmp_path_factory):
     finally:
         stop(server)
         log.close()
+
+
+def hub_repo(cache: Path, repo_id: str, src: Path, repo_type: str = "model", commit: str | None = None) -> str:
+    """Lay `src` (a folder) out in a huggingface_hub cache as `repo_id`'s snapshot at `commit`, with refs/main
+    pointing at it: what a download leaves, so HF_HUB_OFFLINE=1 serves it. Returns the commit."""
+    import hashlib
+    import shutil
+
+    commit = commit or hashlib.sha1(f"{repo_id}:{src}".encode()).hexdigest()
+    repo = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    shutil.copytree(src, repo / "snapshots" / commit, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return commit
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """A local Hugging Face cache with the Hub unreachable (HF_HUB_OFFLINE), for this process and its children."""
+    import huggingface_hub.constants as hf
+
+    import pipeline.models
+
+    cache = tmp_path / "hf-hub"
+    cache.mkdir()
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(pipeline.models, "_resolved", {})
+    return cache

@@ -330,16 +330,28 @@ def test_execute_force(tmp_path):
     assert fn.manifest_seen == [False, False]  # the old manifest was removed before the re-run
 
 
-def test_execute_with_a_hub_id_input(tmp_path, monkeypatch):
+def test_a_hub_input_is_fingerprinted_by_its_commit(tmp_path, monkeypatch, offline_hub, tiny_model):
+    """A Hub model id is resolved to its snapshot; its commit is the fingerprint and is recorded in the manifest, so
+    a branch that moved (refs/main -> another commit) is another input and the stage runs again."""
+    from tests.conftest import hub_repo
+
     monkeypatch.chdir(tmp_path)
     src = tmp_path / "src.txt"
     src.write_text("x")
-    plan = make_plan(tmp_path, inputs={"src": src, "model": "org/not-on-disk"})
+    first = hub_repo(offline_hub, "org/tiny", tiny_model, commit="1" * 40)
+    plan = make_plan(tmp_path, inputs={"src": src, "model": "org/tiny"})
     fn = Stage(plan)
-    execute(plan, fn)
+    m = execute(plan, fn)
+    assert m["inputs"]["model"] == {"path": "org/tiny", "fingerprint": f"hub:{first}", "revision": first}
     assert execute(plan, fn)["skipped"] is True
-    execute(make_plan(tmp_path, inputs={"src": src, "model": "org/another"}), fn)
-    assert fn.calls == 2
+    moved = hub_repo(offline_hub, "org/tiny", tiny_model, commit="2" * 40)  # main now points elsewhere
+    import pipeline.models
+
+    pipeline.models._resolved.clear()  # a new process would resolve again
+    m = execute(plan, fn)
+    assert m["skipped"] is False and m["inputs"]["model"]["revision"] == moved and fn.calls == 2
+    pinned = make_plan(tmp_path, inputs={"src": src, "model": f"org/tiny@{first}"})  # model.revision pins it
+    assert execute(pinned, fn)["inputs"]["model"]["revision"] == first
 
 
 def test_failing_stage_writes_no_manifest(tmp_path):

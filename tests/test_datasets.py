@@ -42,6 +42,7 @@ def test_prompts_jsonl_with_and_without_ids(tmp_path):
     assert t.to_pydict() == {
         "prompt_id": ["a", "7", "row000002"],
         "prompt": ["Write a haiku.", "Name three rivers.", "Explain DPO."],
+        "prompt_messages": [None, None, None],  # one user turn each: no conversation
     }
 
 
@@ -49,7 +50,8 @@ def test_prompts_parquet(tmp_path):
     p = parquet(tmp_path, [{"prompt": "one"}, {"prompt": "two"}])
     t = read_prompts(p)
     assert t.schema == schemas.PROMPTS
-    assert t.to_pydict() == {"prompt_id": ["row000000", "row000001"], "prompt": ["one", "two"]}
+    assert t.to_pydict() == {"prompt_id": ["row000000", "row000001"], "prompt": ["one", "two"],
+                             "prompt_messages": [None, None]}  # fmt: skip
 
 
 def test_prompts_parquet_with_ids(tmp_path):
@@ -78,6 +80,7 @@ def test_offline_jsonl(tmp_path):
     assert t.to_pydict() == {
         "pair_id": ["u1", "off000001"],
         "prompt": ["q1", "q2"],
+        "prompt_messages": [None, None],
         "chosen": ["good", "yes"],
         "rejected": ["bad", "no"],
     }
@@ -87,7 +90,7 @@ def test_offline_parquet(tmp_path):
     p = parquet(tmp_path, [{"prompt": "q", "chosen": "a", "rejected": "b", "score": 3.5}])
     t = read_offline(p)
     assert t.schema == schemas.OFFLINE
-    assert t.to_pylist() == [{"pair_id": "off000000", "prompt": "q", "chosen": "a", "rejected": "b"}]
+    assert t.to_pylist() == [{"pair_id": "off000000", "prompt": "q", "prompt_messages": None, "chosen": "a", "rejected": "b"}]
 
 
 def test_shipped_data_reads():
@@ -194,7 +197,7 @@ def test_missing_file(tmp_path, name):
 
 
 def test_a_folder_is_not_a_file(tmp_path):
-    raises_naming(read_prompts, tmp_path, "not found")
+    raises_naming(read_prompts, tmp_path, "doesn't contain any data files")  # a folder is read as a dataset
 
 
 def test_non_utf8_jsonl_names_the_file(tmp_path):

@@ -1,0 +1,126 @@
+"""A round's preference data for other trainers, tokenised exactly as dice scored it (`dice export`).
+
+dice scores a pair as [chat template of the prompt, with the generation prompt] + [response tokens + EOS]
+(`pipeline.logprobs.encode`). TRL's DPOTrainer (1.16) tokenises a *standard* example as
+    prompt_ids = tokenizer(prompt), prompt+chosen = tokenizer(prompt + chosen + eos_token),
+and takes the completion after their common prefix. So the export writes `prompt` as the chat template rendered to
+text (without a leading BOS string when the tokenizer adds BOS itself), `chosen`/`rejected` as the response texts,
+and checks, pair by pair, that those calls give exactly dice's token ids; a pair that would not (a tokenizer that
+merges tokens across the prompt/response boundary) is an error naming it, never a silent mismatch. TRL's
+*conversational* format would not match: chat templates that put text after EOS (Zephyr's newline) make TRL
+train on tokens dice never scored.
+
+dice's reference log-probs go along as `dice_ref_chosen_logps` / `dice_ref_rejected_logps`: TRL 1.16 computes its
+own with `precompute_ref_log_probs` (and would refuse columns named like its own), so they are there to compare
+or to feed a trainer that reads supplied ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import schemas
+from pipeline.artifacts import ArtifactError, MANIFEST_DIR, read_manifest, read_parquet
+from pipeline.chat import as_messages, prompts_of
+
+Format = Literal["trl", "jsonl", "hf"]
+EXPORT_COLUMNS = ["prompt", "chosen", "rejected", "dice_ref_chosen_logps", "dice_ref_rejected_logps", "pair_id",
+                  "prompt_id", "source", "preference", "round", "prompt_messages"]  # fmt: skip
+
+
+def trl_prompt(tokenizer, prompt, ids: list[int]) -> str | None:
+    """The prompt text on which `tokenizer(text)` (special tokens added, as TRL calls it) gives exactly `ids`."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True, tokenize=False)
+    else:
+        text = prompt
+    candidates = [text]
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos):  # the tokenizer adds BOS itself: the template's would come twice
+        candidates.append(text[len(bos):])
+    for c in candidates:
+        if tokenizer(c)["input_ids"] == ids:
+            return c
+    return None
+
+
+def trl_rows(reference: pa.Table, tokenizer) -> tuple[list[dict[str, Any]], list[str]]:
+    """Export rows of a REFERENCE table and the pairs whose tokens TRL would not reproduce (pair_id: why)."""
+    from pipeline.logprobs import encode
+
+    d = reference.to_pydict()
+    prompts = prompts_of(reference)
+    rows, bad = [], []
+    eos = tokenizer.eos_token
+    for i, prompt in enumerate(prompts):
+        p_ids, c_ids = encode(tokenizer, prompt, d["chosen"][i])
+        _, r_ids = encode(tokenizer, prompt, d["rejected"][i])
+        text = trl_prompt(tokenizer, prompt, p_ids)
+        if text is None:
+            bad.append(f"{d['pair_id'][i]}: the rendered prompt does not tokenise to dice's prompt tokens")
+            continue
+        ok = all(tokenizer(text + y + eos)["input_ids"] == p_ids + ids
+                 for y, ids in ((d["chosen"][i], c_ids), (d["rejected"][i], r_ids)))  # fmt: skip
+        if not ok:
+            bad.append(f"{d['pair_id'][i]}: prompt + response tokenise differently together than apart")
+            continue
+        rows.append({
+            "prompt": text, "chosen": d["chosen"][i], "rejected": d["rejected"][i],
+            "dice_ref_chosen_logps": d["ref_chosen_logps"][i], "dice_ref_rejected_logps": d["ref_rejected_logps"][i],
+            "pair_id": d["pair_id"][i], "prompt_id": d["prompt_id"][i], "source": d["source"][i],
+            "preference": d["preference"][i], "round": d["round"][i], "prompt_messages": d["prompt_messages"][i],
+        })  # fmt: skip
+    return rows, bad
+
+
+def export_round(run_dir: str | Path, k: int, fmt: Format, out: str | Path) -> dict[str, Any]:
+    """Write round k's training pairs (reference.parquet) as `fmt` at `out`; returns what was written.
+
+    trl: one Parquet file (`load_dataset("parquet", data_files=out)`); jsonl: one JSON-lines file; hf: a
+    `datasets.save_to_disk` folder. All three hold the same columns (EXPORT_COLUMNS).
+
+    Raises:
+        ArtifactError: the round has no reference.parquet, or a pair's tokens would differ in TRL.
+    """
+    from transformers import AutoTokenizer
+
+    from pipeline.models import local_model
+
+    rd = Path(run_dir) / f"round-{k}"
+    manifest = read_manifest(rd / MANIFEST_DIR / "reference.json")
+    if manifest is None:
+        raise ArtifactError(f"{rd}: the reference stage has not finished (no {MANIFEST_DIR}/reference.json)")
+    model = manifest["inputs"]["reference"]["path"]  # the model (and tokenizer) that scored these pairs
+    table = read_parquet(rd / "reference.parquet", schemas.REFERENCE)
+    tokenizer = AutoTokenizer.from_pretrained(local_model(model))
+    rows, bad = trl_rows(table, tokenizer)
+    if bad:
+        raise ArtifactError(
+            f"{rd / 'reference.parquet'}: {len(bad)} of {table.num_rows} pairs would be tokenised differently by "
+            f"TRL than dice scored them with {model}'s tokenizer; first: " + "; ".join(bad[:3])
+        )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fields = [schemas.REFERENCE.field(c) if c in schemas.REFERENCE.names else None for c in EXPORT_COLUMNS]
+    schema = pa.schema([f if f is not None else pa.field(c, pa.float64() if "logps" in c else pa.string())
+                        for c, f in zip(EXPORT_COLUMNS, fields)])  # fmt: skip
+    exported = pa.Table.from_pylist(rows, schema=schema)
+    if fmt == "trl":
+        pq.write_table(exported, out)
+    elif fmt == "jsonl":
+        import json
+
+        with open(out, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    elif fmt == "hf":
+        from datasets import Dataset
+
+        Dataset(exported).save_to_disk(str(out))
+    else:
+        raise ValueError(f"--format {fmt!r}: choose trl, jsonl or hf")
+    return {"rows": len(rows), "model": model, "format": fmt, "out": str(out)}
