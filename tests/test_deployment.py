@@ -13,11 +13,12 @@ from tests.conftest import BIN, REPO, stop, tiny_config, wait_for
 
 
 @pytest.fixture(scope="module")
-def served(prefect_server, tmp_path_factory, tiny_model):
+def served(prefect_server, tmp_path_factory, tiny_model, perturbed_model):
     tmp = tmp_path_factory.mktemp("deploy")
     env = prefect_server
     cfg = tiny_config(tmp / "runs", tiny_model, name="served", rounds=1,
-                      **{"data.prompts_per_round": 8, "round0.mode": "skip"})  # one DICE round from the tiny π_0
+                      **{"data.prompts_per_round": 8, "round0.mode": "skip",  # one DICE round from the tiny π_0
+                         "model.reference": str(perturbed_model)})  # fmt: skip
     conf = tmp / "served.yaml"
     save_config(cfg, conf)
     log = open(tmp / "serve.log", "w")

@@ -17,11 +17,11 @@ def _prefect(env, *args, check=True):
     return out
 
 
-def test_scheduled_deployment_continues_a_run_one_round_per_tick(prefect_server, tmp_path, tiny_model):
+def test_scheduled_deployment_continues_a_run_one_round_per_tick(prefect_server, tmp_path, tiny_model, perturbed_model):
     env = prefect_server
-    # round0.mode=skip (the tiny model is π_0): each tick is one DICE round, nothing else
+    # round0.mode=skip (the tiny model is π_0, a perturbed copy π_-1): each tick is one DICE round, nothing else
     cfg = tiny_config(tmp_path / "runs", tiny_model, name="nightly", **{"data.prompts_per_round": 6,
-                                                                         "round0.mode": "skip"})  # fmt: skip
+                      "round0.mode": "skip", "model.reference": str(perturbed_model)})  # fmt: skip
     save_config(cfg, tmp_path / "nightly.yaml")
     pool = "dice-test-pool"
     _prefect(env, "work-pool", "create", pool, "--type", "process")
