@@ -127,7 +127,7 @@ def test_empty_prompt_file_and_a_model_vllm_cannot_load(make_config, tmp_path, t
     (broken / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchModelForCausalLM"]}))
     with pytest.raises(ValueError, match=rf"model {broken}: the vLLM engine could not start"):
         _run_stage(make_config(**{"round0.mode": "skip", "model.policy": str(broken)}))
-    with pytest.raises(ValueError, match=rf"model {tmp_path / 'missing'}: no model folder"):
+    with pytest.raises(ValueError, match=rf"model {tmp_path / 'missing'}: the folder does not exist"):
         _run_stage(make_config(**{"round0.mode": "skip", "model.policy": str(tmp_path / "missing")}))
 
 

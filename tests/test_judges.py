@@ -182,7 +182,7 @@ def test_judge_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"(?s)c\.yaml.*label\.judges\.0\.temperature"):
         load_config(p)
     t = load_template("conf/judges/pairwise.txt")
-    with pytest.raises(ValueError, match="carries credentials"):
+    with pytest.raises(ValueError, match="must not carry credentials"):  # refused when the config loads
         HttpJudge("j", JudgeConfig(backend="http", url="http://user:pw@127.0.0.1:1/v1", model="m"), t)
     with pytest.raises(ValueError, match="DICE_TEST_UNSET_KEY .*is not set"):
         HttpJudge("j", JudgeConfig(backend="http", url="http://127.0.0.1:1/v1", model="m",

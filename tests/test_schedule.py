@@ -17,10 +17,11 @@ def _prefect(env, *args, check=True):
     return out
 
 
-def test_scheduled_deployment_continues_a_run_one_round_per_tick(prefect_server, tmp_path, tiny_model):
+def test_scheduled_deployment_continues_a_run_one_round_per_tick(prefect_server, tmp_path, tiny_model, perturbed_model):
     env = prefect_server
+    # round0.mode=skip (the tiny model is π_0, a perturbed copy π_-1): each tick is one DICE round, nothing else
     cfg = tiny_config(tmp_path / "runs", tiny_model, name="nightly", **{"data.prompts_per_round": 6,
-                                                                         "round0.max_pairs": 24})  # fmt: skip
+                      "round0.mode": "skip", "model.reference": str(perturbed_model)})  # fmt: skip
     save_config(cfg, tmp_path / "nightly.yaml")
     pool = "dice-test-pool"
     _prefect(env, "work-pool", "create", pool, "--type", "process")
@@ -32,7 +33,7 @@ def test_scheduled_deployment_continues_a_run_one_round_per_tick(prefect_server,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     manifests = {}
     try:
-        # tick 1: no round finished yet -> round 0 and round 1; tick 2: round 1 finished -> round 2
+        # tick 1: no round finished yet -> round 1 (round 0 has no stages); tick 2: round 1 finished -> round 2
         r1 = rounds.round_dir(cfg, 1) / "manifest.json"
         wait_for(r1.is_file, 600, "round 1 from the first scheduled run", every=2)
         manifests = {p.name: p.read_text() for p in (rounds.round_dir(cfg, 1) / ".dice").glob("*.json")}
@@ -75,7 +76,7 @@ def test_gpu_stages_queue_for_gpu_slots(prefect_server, tmp_path, tiny_model):
                                stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         rd = rounds.round_dir(cfg, 0)
         wait_for((rd / "pairs.parquet").is_file, 300, "the CPU stage")
-        time.sleep(15)
+        time.sleep(8)
         assert not (rd / "reference.parquet").exists()  # queued behind the held GPU slot
         released_at = time.time()
         release.touch()
