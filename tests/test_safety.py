@@ -244,7 +244,7 @@ def test_stale_temporaries_of_a_rerun_stage_are_removed(tmp_path):
     stale = [out.parent / ".labels.parquet.1a2b3c4d.tmp", out.parent / ".other.parquet.5e6f7a8b.tmp"]
     for s in stale:
         s.write_bytes(b"half a file")
-    table = pa.table({"prompt_id": ["a"], "prompt": ["x"]}, schema=PROMPTS)
+    table = pa.table({"prompt_id": ["a"], "prompt": ["x"]})
     execute(plan, lambda: {"rows": write_parquet(table, out, PROMPTS)})
     assert not stale[0].exists()  # the stage's own temporary: gone
     assert stale[1].exists()  # another stage's: not this stage's to remove
