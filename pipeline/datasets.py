@@ -87,3 +87,47 @@ def read_offline(path: str | Path) -> pa.Table:
         out["chosen"].append(chosen)
         out["rejected"].append(rejected)
     return pa.table(out, schema=schemas.OFFLINE)
+
+
+def text_key(text: str) -> str:
+    """The form under which two prompts count as the same text: whitespace runs collapsed, ends stripped."""
+    return " ".join(text.split())
+
+
+def prompt_texts(path: str | Path, field: str = "prompt") -> set[str]:
+    """The `text_key`s of a dataset's prompts (a prompt file or an offline preference set), for overlap checks."""
+    path = Path(path)
+    return {text_key(_text(path, row, i, field)) for i, row in enumerate(_rows(path))}
+
+
+def read_reference_outputs(path: str | Path) -> dict[str, str]:
+    """A baseline's reference outputs, AlpacaEval style: rows with `instruction` and `output` (a JSON list as
+    alpaca_eval writes `model_outputs.json`, JSONL, or Parquet). Returns text_key(instruction) -> output.
+
+    Raises:
+        ArtifactError: naming the file and row: not a list of objects, a missing or non-string field, the same
+            instruction twice with different outputs.
+    """
+    path = Path(path)
+    if path.suffix == ".json" and path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArtifactError(f"{path}: not valid JSON: {e}") from None
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise ArtifactError(f"{path}: expected a JSON list of objects with `instruction` and `output`")
+        rows = data
+    else:
+        rows = _rows(path)
+    if not rows:
+        raise ArtifactError(f"{path}: no reference outputs")
+    out: dict[str, str] = {}
+    for i, row in enumerate(rows):
+        key = text_key(_text(path, row, i, "instruction"))
+        output = row.get("output")
+        if not isinstance(output, str):
+            raise ArtifactError(f"{_where(path, row, i)}: field 'output' must be a string")
+        if key in out and out[key] != output:
+            raise ArtifactError(f"{_where(path, row, i)}: instruction {key[:60]!r} appears twice with different outputs")
+        out[key] = output
+    return out
