@@ -378,7 +378,7 @@ def run(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any] | None = None) 
             mine = pol[pid][j]
             theirs = base[pid].get(j) if outputs is None else None
             if outputs is None and theirs is None:
-                continue  # (cannot happen with equal num_samples; kept for safety)
+                continue  # the baseline has no sample j (both sides draw eval.num_samples: not expected)
             other = outputs[text_key(text)] if outputs is not None else theirs["response"]
             for name, value in (("prompt_id", pid), ("prompt", text), ("sample_idx", j), ("response", mine["response"]),
                                 ("baseline_response", other), ("tokens", count(mine["response"])),
@@ -409,7 +409,7 @@ def run(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any] | None = None) 
     # metrics over the counted rows
     c = np.flatnonzero(counted)
     pc, pids = p_hat[c], [cols["prompt_id"][i] for i in c]
-    unit = "chars" if ev.length_unit == "chars" else "tokens"
+    unit = ev.length_unit  # "chars" or "tokens": the column pair the LC fit reads
     lp = np.array(cols[unit], dtype=float)[c]
     lb = np.array(cols[f"baseline_{unit}"], dtype=float)[c]
     lc = evaluation.length_controlled(pc, lp, lb, ev.lc_l2)
