@@ -1,6 +1,7 @@
-"""`dice eval --model A --baseline B`: the evaluate stage on any two model folders (the session's tiny model and its
-perturbed copy), with the real vLLM engine in the command's own process; then against a file of reference outputs;
-and bad input, which must stop before any engine starts with one line naming the file."""
+"""The evaluate stage on real models. `dice eval --model A --baseline B` on two model folders (the session's tiny
+model and its perturbed copy), the real vLLM engine in the command's own process; then against a file of reference
+outputs; bad input, which must stop before any engine starts with one line naming the file; and a local vLLM judge
+(the session's engine) annotating rows in both orders. The flow runs the stage in tests/test_flow_e2e.py."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from pipeline import rounds
+from pipeline.config import RunConfig
+from stages import evaluate
 from tests.conftest import REPO
 
 DICE = str(Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "dice")
@@ -69,3 +74,26 @@ def test_dice_eval_bad_input_is_one_line_naming_the_file(tmp_path, tiny_model):
     assert missing.returncode == 2 and f"model {tmp_path / 'nope'}: no model folder" in missing.stderr
     usage = subprocess.run([DICE, "eval", "--model", str(tiny_model)], cwd=REPO, capture_output=True, text=True)
     assert usage.returncode == 2 and "--model needs --baseline" in usage.stderr
+
+
+def test_a_local_vllm_judge_annotates_rows_in_both_orders(llm, tiny_model, tmp_path):
+    """eval.judges with backend vllm: an empty model is π_0 (here the tiny model, round0.mode=skip), served by the
+    engine passed in; p is the symmetrised answer, so swapping policy and baseline gives 1 − p."""
+    from pipeline.judges import VllmJudge, compare, load_template
+
+    cfg = RunConfig.model_validate({"runs_dir": str(tmp_path), "round0": {"mode": "skip"},
+                                    "model": {"policy": str(tiny_model)},
+                                    "eval": {"judges": [{"id": "self", "backend": "vllm"}]}})  # fmt: skip
+    plan = rounds.plan(cfg, 1, "evaluate")
+    assert plan.inputs["judge:self"] == str(tiny_model) and plan.roles["judge:self"] == "π_0"
+    prompts = ["Why are flamingos pink?", "Write a short riddle whose answer is a lost sock."]
+    a, b = ["Because of the shrimp and algae they eat.", "sock"], ["Pink.", "I have one twin and no shoes: a sock."]
+    p, errors, _, stats = evaluate.annotate(cfg, plan, prompts, a, b, engines={str(tiny_model): llm})
+    q, _, _, _ = evaluate.annotate(cfg, plan, prompts, b, a, engines={str(tiny_model): llm})
+    assert stats["comparisons_failed"] == 0 and errors == [[None, None]]
+    np.testing.assert_allclose(p[:, 0] + q[:, 0], 1.0, atol=1e-9)
+    from transformers import AutoTokenizer
+
+    judge = VllmJudge("self", cfg.eval.judges[0], load_template(cfg.eval.judges[0].template), llm,
+                      AutoTokenizer.from_pretrained(tiny_model), str(tiny_model))  # fmt: skip
+    np.testing.assert_allclose(p[:, 0], [c.p for c in compare(judge, list(zip(prompts, a, b)))])
