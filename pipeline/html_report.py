@@ -440,7 +440,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def round_markdown(run_dir: str | Path, k: int, report_path: Path) -> str:
-    """Markdown for a round's Prefect artifact: the round's plots from the HTML report, as data-URI images."""
+    """Markdown for a round's Prefect artifact: the round's plots from the HTML report (and, for an evaluated round,
+    the evaluation across rounds), as data-URI images."""
     rd = Path(run_dir) / f"round-{k}"
     lines = [f"# Round {k}", "", f"Full report (all rounds): `{Path(report_path).resolve()}`", ""]
     evaluated = "evaluate" in stage_manifests(rd)
