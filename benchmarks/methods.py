@@ -1,25 +1,34 @@
-"""Every recipe on the toy task with a known true reward: does each method do what its paper says?
+"""Every recipe on the toy task with a known true reward, over several seeds, with 95% intervals.
 
-    .venv/bin/python benchmarks/methods.py                      # all recipes, 2 rounds (~40-60 min on 2 cores)
-    .venv/bin/python benchmarks/methods.py --recipes dice,dice-alpha0 --rounds 2
+Does each method do what its paper says, and does the evaluate stage's length-controlled win rate rank the methods
+as the true reward does?
+
+    .venv/bin/python benchmarks/methods.py                      # all recipes, 2 rounds, 3 seeds (hours on 2 cores)
+    .venv/bin/python benchmarks/methods.py --recipes dice,dpo --rounds 2 --seeds 3
     .venv/bin/python benchmarks/methods.py --update-readme      # also rewrite the README's table from the results
 
-What it does:
-1. Builds the toy model (pipeline/toy.py: the toy corpus, `pipeline.tiny.build_tiny_model`) once.
-2. Trains ONE π_0 for everybody: `dice run conf/recipes/dice.yaml rounds=0` (offline DPO on the toy preference
-   set). Every recipe then starts from that π_0 (`round0.mode=skip`, `model.reference` = the SFT model), so the
-   rounds are the only difference: same seeds, same prompts per round, same training batch, same number of
+What it does, for each seed s (`--seeds N`: s = seed, seed+1, …):
+1. Builds the toy model (pipeline/toy.py: the toy corpus, `pipeline.tiny.build_tiny_model`) once, for all seeds.
+2. Trains ONE π_0 per seed for everybody: `dice run conf/recipes/dice.yaml rounds=0 seed=s` (offline DPO on the toy
+   preference set). Every recipe then starts from that π_0 (`round0.mode=skip`, `model.reference` = the SFT model),
+   so the rounds are the only difference: same seeds, same prompts per round, same training batch, same number of
    rounds (the budget).
-3. Runs each recipe as users do, `dice run conf/recipes/<recipe>.yaml ...` (the Prefect flow, every stage its own
-   process), timing it. Variants are the same preset with overrides: `dice-alpha0` (no length debiasing),
+3. Runs each recipe as users do, `dice run conf/recipes/<recipe>.yaml ... seed=s` (the Prefect flow, every stage its
+   own process), timing it. Variants are the same preset with overrides: `dice-alpha0` (no length debiasing),
    `irepo-noise*` (annotator noise), `ipo-md-beta0` (β_m = 0, which must match online IPO).
-4. Evaluates π_0 and every round's checkpoint on the held-out `data/toy/eval_prompts.jsonl` (96 prompts × 4
-   samples, the same per-prompt seeds for every model): mean true reward, win rate against π_0 on the same
-   (prompt, sample) — ties count ½ — mean response tokens, and from the round's pairs.parquet the mean
+4. Reads each round's `evaluate` stage (every recipe's `eval:` block: π_k against π_0 on the held-out
+   `data/toy/eval_prompts.jsonl`, 96 prompts × 4 samples, the same per-prompt seeds for every model, annotated by the
+   toy's true reward): R = the mean true reward of π_k's responses (π_0's for round 0), the win rate against π_0
+   (ties ½) and the length-controlled win rate, the mean response tokens, and from the round's pairs.parquet the mean
    chosen−rejected length gap (tokens) of the pairs it trained on.
-5. Writes `benchmarks/results/methods.md` (the table), `benchmarks/results/methods.json` and PNG plots
-   (`methods_reward.png`, `methods_length.png`); `--update-readme` puts the table into README.md between the
-   `<!-- methods:begin -->` / `<!-- methods:end -->` markers. Run folders stay in `benchmarks/out/methods/`.
+5. Aggregates over seeds: mean ± the half-width of a 95% t-interval (Student's t, n−1 degrees of freedom) for R, the
+   win rate and the LC win rate; the Spearman rank correlation, across recipes, between the LC win rate (and the raw
+   win rate) and R at the last round; and findings that draw a conclusion only where two 95% intervals do not
+   overlap (each recipe against π_0 and against `dpo`, continued offline DPO).
+6. Writes `methods.md` (the table and findings), `methods.json` and PNG plots (`methods_reward.png`,
+   `methods_length.png`) into `--results` (default benchmarks/results); `--update-readme` puts the table and findings
+   into README.md between the `<!-- methods:begin -->` / `<!-- methods:end -->` markers. Run folders stay in
+   $DICE_BENCH_OUT/methods (default benchmarks/out/methods).
 """
 
 from __future__ import annotations
@@ -37,11 +46,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-OUT = REPO / "benchmarks" / "out" / "methods"
+# everything the benchmark writes but its results (models, runs, logs); DICE_BENCH_OUT moves it, as for the others
+OUT = Path(os.environ.get("DICE_BENCH_OUT") or REPO / "benchmarks" / "out").resolve() / "methods"
 RESULTS = REPO / "benchmarks" / "results"
-EVAL_PROMPTS = REPO / "data" / "toy" / "eval_prompts.jsonl"
-EVAL_SAMPLES = 4
 MARK_BEGIN, MARK_END = "<!-- methods:begin -->", "<!-- methods:end -->"
+BASELINE = "dpo"  # the recipe every other one is compared with: continued offline DPO for the same steps
+# t_{0.975, df} for df = 1..30 (two-sided 95%); beyond 30 the normal-approximation expansion below
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
 
 
 def _judges(n: int, noise: float, temperature: float = 0.25) -> str:
@@ -100,34 +112,12 @@ def run_logged(cmd: list[str], log: Path) -> float:
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate(model: str, seed: int) -> dict[str, Any]:
-    """True reward, lengths and per-sample rewards of `model` on the eval prompts (vLLM, per-prompt seeds)."""
-    import gc
-
-    from transformers import AutoTokenizer
-    from vllm import SamplingParams, TokensPrompt
-
-    from pipeline.config import EngineConfig
-    from pipeline.engine import make_llm
-    from pipeline.logprobs import prompt_ids
-    from pipeline.toy import true_reward
-    from stages.generate import prompt_seed
-
-    rows = [json.loads(line) for line in EVAL_PROMPTS.read_text().splitlines() if line.strip()]
-    tok = AutoTokenizer.from_pretrained(model)
-    llm = make_llm(model, EngineConfig(), dtype="float32", seed=seed, trust_remote_code=False)
-    params = [
-        SamplingParams(n=EVAL_SAMPLES, temperature=1.0, max_tokens=64, seed=prompt_seed(seed, 999, r["prompt_id"]))
-        for r in rows
-    ]
-    outs = llm.generate([TokensPrompt(prompt_token_ids=prompt_ids(tok, r["prompt"])) for r in rows], params, use_tqdm=False)
-    rewards = [true_reward(r["prompt"], o.text) for r, res in zip(rows, outs) for o in res.outputs]
-    tokens = [len(o.token_ids) for res in outs for o in res.outputs]
-    cut = sum(o.finish_reason == "length" for res in outs for o in res.outputs)
-    del llm
-    gc.collect()
-    return {"rewards": rewards, "true_reward": sum(rewards) / len(rewards), "tokens": sum(tokens) / len(tokens),
-            "cut_share": cut / len(tokens)}  # fmt: skip
+def round_eval(run_dir: Path, k: int) -> dict[str, Any]:
+    """Round k's evaluate stage (π_k against π_0, annotated by the toy's true reward), from its manifest."""
+    path = run_dir / f"round-{k}" / ".dice" / "evaluate.json"
+    if not path.is_file():
+        raise RuntimeError(f"{path}: round {k} was not evaluated (does the recipe have an `eval:` block?)")
+    return json.loads(path.read_text())["stats"]
 
 
 def pair_gap(run_dir: Path, k: int, tokenizer) -> dict[str, float | None]:
@@ -147,8 +137,55 @@ def pair_gap(run_dir: Path, k: int, tokenizer) -> dict[str, float | None]:
     }
 
 
-def win_rate(rewards: list[float], base: list[float]) -> float:
-    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards, base)) / len(base)
+def t_interval(values: list[float]) -> dict[str, Any]:
+    """Mean and the half-width of its two-sided 95% Student-t interval over seeds (None with fewer than 2 values)."""
+    import statistics
+
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return {"mean": None, "hw": None, "n": 0}
+    if len(xs) < 2:
+        return {"mean": xs[0], "hw": None, "n": 1}
+    df = len(xs) - 1
+    if df <= len(_T975):
+        t = _T975[df - 1]
+    else:  # Cornish-Fisher expansion of t around the normal quantile z = 1.96 (error < 1e-3 for df > 30)
+        z = 1.959964
+        t = z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+    return {"mean": statistics.fmean(xs), "hw": t * statistics.stdev(xs) / len(xs) ** 0.5, "n": len(xs)}
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties): the Pearson correlation of the ranks."""
+    import numpy as np
+
+    if len(x) < 3:
+        return None
+
+    def ranks(v: list[float]) -> np.ndarray:
+        a = np.asarray(v, dtype=float)
+        order = a.argsort(kind="stable")
+        r = np.empty(len(a))
+        r[order] = np.arange(len(a), dtype=float)
+        for value in np.unique(a):  # ties share their average rank
+            r[a == value] = r[a == value].mean()
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def separated(a: dict[str, Any], b: dict[str, Any]) -> int:
+    """+1 if a's 95% interval lies wholly above b's, −1 if wholly below, 0 if they overlap (or either is missing)."""
+    if a.get("hw") is None or b.get("hw") is None:
+        return 0
+    if a["mean"] - a["hw"] > b["mean"] + b["hw"]:
+        return 1
+    if a["mean"] + a["hw"] < b["mean"] - b["hw"]:
+        return -1
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -158,14 +195,18 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipes", default=",".join(VARIANTS), help="comma-separated variants (default: all)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds after the shared π_0")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--update-readme", action="store_true", help="write the table into README.md")
+    ap.add_argument("--seed", type=int, default=0, help="the first seed")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per recipe (seed, seed+1, …): the intervals are over them")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where methods.{md,json} and the plots go")
+    ap.add_argument("--update-readme", action="store_true", help="write the table and findings into README.md")
     ap.add_argument("--fresh", action="store_true", help="delete earlier run folders first (else finished rounds are reused)")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         ap.error(f"unknown recipe(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    if args.seeds < 1:
+        ap.error("--seeds must be at least 1")
     if args.fresh and OUT.exists():
         import shutil
 
@@ -179,97 +220,150 @@ def main(argv: list[str] | None = None) -> None:
         print("building the toy model ...", flush=True)
         build_tiny_model(sft, [REPO / "data/toy/sft.jsonl"], TinySpec(sft_steps=400, seed=args.seed))
     runs = OUT / "runs"
-    common = [f"runs_dir={runs}", f"seed={args.seed}", "model.build_tiny_if_missing=false"]
-    print("π_0: offline DPO on the toy preference set ...", flush=True)
-    wall0 = run_logged(dice_cmd("dice", [*common, "name=pi0", "rounds=0", f"model.policy={sft}"]), OUT / "logs" / "pi0.log")
-    pi0 = runs / "pi0" / "round-0" / "checkpoint"
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(pi0)
-    evals: dict[str, dict[str, Any]] = {}
-    cache = OUT / "evals.json"
-    if cache.is_file():
-        evals = json.loads(cache.read_text())
-
-    def evaluated(model: Path) -> dict[str, Any]:
-        from pipeline.artifacts import fingerprint
-
-        key = f"{model}@{fingerprint(model)}:{args.seed}"
-        if key not in evals:
-            evals[key] = evaluate(str(model), args.seed)
-            cache.write_text(json.dumps(evals))
-        return evals[key]
-
-    base = evaluated(pi0)
-    results: dict[str, Any] = {"rounds": args.rounds, "seed": args.seed, "pi0_seconds": wall0, "recipes": {}}
-    earlier = RESULTS / "methods.json"
+    seeds = [args.seed + i for i in range(args.seeds)]
+    results: dict[str, Any] = {"rounds": args.rounds, "seeds": seeds, "pi0_seconds": {}, "recipes": {}}
+    earlier = args.results / "methods.json"
     if earlier.is_file():  # a subset run updates its rows and keeps the others of the same settings
         old = json.loads(earlier.read_text())
-        if (old.get("rounds"), old.get("seed")) == (args.rounds, args.seed):
+        if (old.get("rounds"), old.get("seeds")) == (args.rounds, seeds):
             results["recipes"] = {n: r for n, r in old["recipes"].items() if n in VARIANTS}
+    from transformers import AutoTokenizer
+
+    per_seed: dict[str, dict[int, Any]] = {name: {} for name in names}
+    walls: dict[str, dict[int, float]] = {name: {} for name in names}
+    for seed in seeds:
+        common = [f"runs_dir={runs}", f"seed={seed}", "model.build_tiny_if_missing=false"]
+        print(f"seed {seed}: π_0 by offline DPO on the toy preference set ...", flush=True)
+        results["pi0_seconds"][seed] = run_logged(
+            dice_cmd("dice", [*common, f"name=pi0-s{seed}", "rounds=0", f"model.policy={sft}"]), OUT / "logs" / f"pi0-s{seed}.log"
+        )
+        pi0 = runs / f"pi0-s{seed}" / "round-0" / "checkpoint"
+        tokenizer = AutoTokenizer.from_pretrained(pi0)
+        for name in names:
+            preset, extra, what = VARIANTS[name]
+            run = f"{name}-s{seed}"
+            overrides = [*common, f"name={run}", f"rounds={args.rounds}", "round0.mode=skip", "eval.enabled=true",
+                         f"model.policy={pi0}", f"model.reference={sft}", *extra]  # fmt: skip
+            print(f"{name} (seed {seed}): dice run conf/recipes/{preset}.yaml {' '.join(extra)}", flush=True)
+            walls[name][seed] = run_logged(dice_cmd(preset, overrides), OUT / "logs" / f"{run}.log")
+            first = round_eval(runs / run, 1)  # its baseline side is π_0
+            rows = [{"round": 0, "true_reward": first["baseline_metric_mean"], "win_rate": None, "lc_win_rate": None,
+                     "tokens": first["baseline_mean_tokens"], "gap_generated": None, "gap_all": None}]  # fmt: skip
+            for k in range(1, args.rounds + 1):
+                ev = round_eval(runs / run, k)
+                rows.append({"round": k, "true_reward": ev["metric_mean"], "win_rate": ev["win_rate"],
+                             "lc_win_rate": ev["lc_win_rate"], "tokens": ev["mean_tokens"],
+                             **pair_gap(runs / run, k, tokenizer)})  # fmt: skip
+                r = rows[-1]
+                print(f"  round {k}: true reward {r['true_reward']:+.3f}  win {r['win_rate']:.3f}  "
+                      f"LC {r['lc_win_rate']:.3f}  tokens {r['tokens']:.1f}", flush=True)  # fmt: skip
+            per_seed[name][seed] = rows
     for name in names:
         preset, extra, what = VARIANTS[name]
-        overrides = [*common, f"name={name}", f"rounds={args.rounds}", "round0.mode=skip",
-                     f"model.policy={pi0}", f"model.reference={sft}", *extra]  # fmt: skip
-        print(f"{name}: dice run conf/recipes/{preset}.yaml {' '.join(extra)}", flush=True)
-        wall = run_logged(dice_cmd(preset, overrides), OUT / "logs" / f"{name}.log")
-        per_round = [{"round": 0, "true_reward": base["true_reward"], "win_rate": 0.5, "tokens": base["tokens"],
-                      "cut_share": base["cut_share"], "gap_generated": None, "gap_all": None}]  # fmt: skip
-        for k in range(1, args.rounds + 1):
-            ev = evaluated(runs / name / f"round-{k}" / "checkpoint")
-            per_round.append({"round": k, "true_reward": ev["true_reward"], "win_rate": win_rate(ev["rewards"], base["rewards"]),
-                              "tokens": ev["tokens"], "cut_share": ev["cut_share"], **pair_gap(runs / name, k, tokenizer)})  # fmt: skip
-            r = per_round[-1]
-            print(f"  round {k}: true reward {r['true_reward']:+.3f}  win {r['win_rate']:.3f}  tokens {r['tokens']:.1f}", flush=True)
-        results["recipes"][name] = {"preset": preset, "overrides": extra, "what": what, "seconds": wall, "rounds": per_round}
+        agg = []
+        for k in range(args.rounds + 1):
+            at = [per_seed[name][s][k] for s in seeds]
+            gap = [r["gap_generated"] if r["gap_generated"] is not None else r["gap_all"] for r in at]
+            agg.append({"round": k, **{key: t_interval([r[key] for r in at]) for key in
+                                       ("true_reward", "win_rate", "lc_win_rate", "tokens")}, "gap": t_interval(gap)})  # fmt: skip
+        results["recipes"][name] = {"preset": preset, "overrides": extra, "what": what, "seconds": walls[name],
+                                    "per_seed": per_seed[name], "rounds": agg}  # fmt: skip
     results["recipes"] = {n: results["recipes"][n] for n in VARIANTS if n in results["recipes"]}  # table order
-    write_results(results, args.update_readme)
+    results["spearman"], results["findings"] = findings(results)
+    write_results(results, args.results, args.update_readme)
+
+
+def findings(results: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The rank correlations and the conclusions the intervals allow, as Markdown bullet lines."""
+    last = results["rounds"]
+    recs = results["recipes"]
+    lcs = {n: r["rounds"][last]["lc_win_rate"]["mean"] for n, r in recs.items()}
+    wins = {n: r["rounds"][last]["win_rate"]["mean"] for n, r in recs.items()}
+    rs = {n: r["rounds"][last]["true_reward"]["mean"] for n, r in recs.items()}
+    names = [n for n in recs if None not in (lcs[n], wins[n], rs[n])]
+    rho = {"lc_win_rate_vs_true_reward": spearman([lcs[n] for n in names], [rs[n] for n in names]),
+           "win_rate_vs_true_reward": spearman([wins[n] for n in names], [rs[n] for n in names]),
+           "recipes": len(names)}  # fmt: skip
+    lines = []
+    fmt = lambda xs: ", ".join(f"`{x}`" for x in xs) or "none"  # noqa: E731
+    if len(results["seeds"]) < 2:
+        lines.append("One seed: no intervals, so no difference below is established.")
+    vs0 = {n: separated(r["rounds"][last]["true_reward"], r["rounds"][0]["true_reward"]) for n, r in recs.items()}
+    lines.append(f"R at round {last} against π_0's (round 0): above for {fmt([n for n, v in vs0.items() if v > 0])}, "
+                 f"below for {fmt([n for n, v in vs0.items() if v < 0])}; the intervals overlap (no conclusion) for "
+                 f"{fmt([n for n, v in vs0.items() if v == 0])}.")  # fmt: skip
+    if BASELINE in recs:
+        base = recs[BASELINE]["rounds"][last]["true_reward"]
+        others = {n: separated(r["rounds"][last]["true_reward"], base) for n, r in recs.items() if n != BASELINE}
+        lines.append(f"Against `{BASELINE}` (continued offline DPO) at round {last}, R is higher for "
+                     f"{fmt([n for n, v in others.items() if v > 0])}, lower for {fmt([n for n, v in others.items() if v < 0])}; "
+                     f"the intervals overlap (no conclusion) for {fmt([n for n, v in others.items() if v == 0])}.")  # fmt: skip
+    if rho["lc_win_rate_vs_true_reward"] is not None:
+        lines.append(f"Rank correlation (Spearman) across the {len(names)} recipes at round {last}, seed means: LC win "
+                     f"rate vs R ρ = {rho['lc_win_rate_vs_true_reward']:+.2f}; raw win rate vs R ρ = "
+                     f"{_fmt(rho['win_rate_vs_true_reward'], '+.2f')}.")  # fmt: skip
+    else:
+        lines.append(f"Rank correlation between LC win rate and R: not computed ({len(names)} recipe(s); it needs 3 "
+                     "with distinct values).")  # fmt: skip
+    return rho, lines
 
 
 def _fmt(v: Any, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
+def _pm(x: dict[str, Any], spec: str) -> str:
+    """mean ± half-width of the 95% interval (just the mean with one seed)."""
+    if x["mean"] is None:
+        return "–"
+    return format(x["mean"], spec) + (f" ± {x['hw']:.3f}" if x["hw"] is not None else "")
+
+
 def table(results: dict[str, Any]) -> str:
-    """The Markdown table: one row per recipe, the last round's numbers and the per-round true reward."""
+    """The Markdown table: one row per recipe, R per round and the last round's win rates, lengths and gap."""
     rounds = results["rounds"]
     head = ["recipe", "what", *[f"R round {k}" for k in range(rounds + 1)], f"win vs π_0 (round {rounds})",
-            "tokens (π_0 → last)", "gap chosen−rejected (last round)", "wall s"]  # fmt: skip
+            f"LC win vs π_0 (round {rounds})", "tokens (π_0 → last)", "gap chosen−rejected (last round)",
+            "wall s per seed"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rec in results["recipes"].items():
         rs = rec["rounds"]
         last = rs[-1]
-        gap = last["gap_generated"] if last["gap_generated"] is not None else last["gap_all"]
+        wall = sum(rec["seconds"].values()) / max(len(rec["seconds"]), 1)
         lines.append("| " + " | ".join([
-            f"`{name}`", rec["what"], *[_fmt(r["true_reward"], "+.3f") for r in rs], _fmt(last["win_rate"], ".3f"),
-            f"{rs[0]['tokens']:.1f} → {last['tokens']:.1f}", _fmt(gap, "+.1f"), f"{rec['seconds']:.0f}",
+            f"`{name}`", rec["what"], *[_pm(r["true_reward"], "+.3f") for r in rs], _pm(last["win_rate"], ".3f"),
+            _pm(last["lc_win_rate"], ".3f"), f"{_fmt(rs[0]['tokens']['mean'], '.1f')} → {_fmt(last['tokens']['mean'], '.1f')}",
+            _fmt(last["gap"]["mean"], "+.1f"), f"{wall:.0f}",
         ]) + " |")  # fmt: skip
     return "\n".join(lines)
 
 
-def write_results(results: dict[str, Any], update_readme: bool) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "methods.json").write_text(json.dumps(results, indent=2))
+def write_results(results: dict[str, Any], out: Path, update_readme: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "methods.json").write_text(json.dumps(results, indent=2))
     md = table(results)
     cmd = "`.venv/bin/python benchmarks/methods.py`"
-    pi0 = next(iter(results["recipes"].values()))["rounds"][0]["true_reward"]  # round 0 is the shared π_0
-    note = (f"Toy task, {results['rounds']} rounds from one shared π_0, seed {results['seed']}; R = mean true reward "
-            f"of 96 held-out prompts × {EVAL_SAMPLES} samples (π_0: {pi0:+.3f}); produced by {cmd}.")  # fmt: skip
-    (RESULTS / "methods.md").write_text(note + "\n\n" + md + "\n")
-    plot(results)
-    print("\n" + md)
+    seeds = results["seeds"]
+    note = (f"Toy task, {results['rounds']} rounds from one π_0 per seed, {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); "
+            "R = mean true reward of π_k on 96 held-out prompts × 4 samples (the evaluate stage, π_0 as baseline; "
+            "round 0: π_0), mean ± the half-width of a 95% t-interval over seeds; win and LC win rates against π_0 "
+            f"(ties ½); produced by {cmd}.")  # fmt: skip
+    found = "\n".join(f"- {line}" for line in results["findings"])
+    body = note + "\n\n" + md + "\n\nFindings (written by the command; a conclusion only where 95% intervals separate):\n" + found + "\n"
+    (out / "methods.md").write_text(body)
+    plot(results, out)
+    print("\n" + md + "\n\n" + found)
     if update_readme:
         readme = REPO / "README.md"
         text = readme.read_text()
         if MARK_BEGIN not in text or MARK_END not in text:
             raise SystemExit(f"README.md has no {MARK_BEGIN} … {MARK_END} block to update")
         start, end = text.index(MARK_BEGIN) + len(MARK_BEGIN), text.index(MARK_END)
-        readme.write_text(text[:start] + "\n" + note + "\n\n" + md + "\n" + text[end:])
+        readme.write_text(text[:start] + "\n" + body + text[end:])
         print("README.md updated")
 
 
-def plot(results: dict[str, Any]) -> None:
+def plot(results: dict[str, Any], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,14 +374,16 @@ def plot(results: dict[str, Any]) -> None:
         fig, ax = plt.subplots(figsize=(8, 5))
         for name, rec in results["recipes"].items():
             xs = [r["round"] for r in rec["rounds"]]
-            ax.plot(xs, [r[key] for r in rec["rounds"]], marker="o", label=name)
+            ys = [r[key]["mean"] for r in rec["rounds"]]
+            err = [r[key]["hw"] or 0.0 for r in rec["rounds"]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=2, label=name)
         ax.set_xlabel("round")
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(ylabel + " (95% interval over seeds)")
         ax.set_xticks(range(results["rounds"] + 1))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
-        fig.savefig(RESULTS / fname, dpi=110)
+        fig.savefig(out / fname, dpi=110)
         plt.close(fig)
 
 

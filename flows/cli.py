@@ -127,10 +127,10 @@ def serve(
 def inspect(
     run_dir: Path = typer.Argument(..., help="A run folder, e.g. runs/tiny."),
     round_: Optional[int] = typer.Option(None, "--round", help="Show rows of this round (with --stage)."),
-    stage: Optional[str] = typer.Option(None, help="generate | label | pairs | reference | train (its Parquet output)."),
+    stage: Optional[str] = typer.Option(None, help="generate | label | pairs | reference | train | evaluate (its Parquet output)."),
     head: int = typer.Option(5, help="Rows to show."),
     sql: Optional[str] = typer.Option(
-        None, help="A duckdb query over all rounds: views responses, labels, pairs, reference, train_metrics (with `round`)."
+        None, help="A duckdb query over all rounds: views responses, labels, pairs, reference, train_metrics, eval (with `round`)."
     ),
 ) -> None:
     """Print a per-round table of a run; with --round and --stage, the first rows of that stage's Parquet; with
@@ -175,6 +175,31 @@ def _print_summary(run_dir: Path) -> None:
         if key != "round":
             table.add_row(key, *[_fmt(r.get(key), 24) for r in rows])
     console.print(table)
+    best = _best_round(run_dir, rows)
+    if best:
+        console.print(best)
+
+
+def _best_round(run_dir: Path, rows: list[dict[str, Any]]) -> str | None:
+    """One line naming the best round by LC win rate (the flow's stopping rule, with the run's saved config)."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.evaluation import progress
+
+    lcs = [(r["round"], r["lc_win_rate"]) for r in rows if r.get("lc_win_rate") is not None]
+    conf = run_dir / "config.yaml"
+    if not lcs or not conf.is_file():
+        return None
+    try:
+        ev = load_config(conf).eval
+    except ConfigError:
+        return None
+    kind = ev.baseline if ev.baseline in ("initial", "previous") else "file"
+    state = progress(lcs, kind, ev.min_gain, ev.stop_after_no_gain)
+    line = f"best round by LC win rate: {state.best_round} (against {ev.baseline}"
+    line += f", LC {state.best_lc:.3f})" if state.best_lc is not None else ")"
+    if state.stop:
+        line += f"; stopping rule met: {state.reason}"
+    return line
 
 
 def _print_rows(run_dir: Path, k: int, stage: str, head: int) -> None:
@@ -252,6 +277,105 @@ def _print_sql(run_dir: Path, sql: str) -> None:
     for r in shown:
         table.add_row(*[_fmt(v, 80) for v in r])
     console.print(table)
+
+
+@app.command("eval")
+def eval_(
+    args: Optional[list[str]] = typer.Argument(
+        None, help="RUN folder (with --round), then key=value overrides; with --model: overrides of --config only."
+    ),
+    round_: Optional[int] = typer.Option(None, "--round", help="The round of RUN to evaluate (its evaluate stage: same plan, same files)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Instead of a run: a model folder or hub id to evaluate."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="With --model: the baseline model, or a reference-outputs file (instruction/output)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="With --model: the YAML whose eval section is used (default: the embedded tiny preset)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="With --model: the output folder (default: RUNS_DIR/eval/<model>-vs-<baseline>)."),
+    force: bool = typer.Option(False, "--force", help="Evaluate again even when the stage's manifest says it is done."),
+) -> None:
+    """Evaluate a model against a baseline: win rate and length-controlled win rate on held-out prompts.
+
+    `dice eval RUN --round K` runs round K's evaluate stage of a run (skipped when done) and prints its metrics;
+    `dice eval --model A --baseline B --config CONF` evaluates any two models (or a model and a file of reference
+    outputs) with CONF's eval settings, writing DIR/eval.parquet.
+    """
+    from pipeline import rounds
+    from pipeline.artifacts import ArtifactError, RunLocked, execute, run_lock
+    from pipeline.config import ConfigError, load_config
+    from stages import evaluate
+
+    args = list(args or [])
+    overrides = [a for a in args if "=" in a and not Path(a).exists()]
+    positional = [a for a in args if a not in overrides]
+
+    def fail(message: str) -> None:
+        from rich.markup import escape
+
+        err.print(f"[red]error:[/red] {escape(message)}")
+        raise typer.Exit(2)
+
+    try:
+        if model is not None:
+            if positional or round_ is not None:
+                fail("--model evaluates two models outside a run: give no RUN folder and no --round")
+            if baseline is None:
+                fail("--model needs --baseline (a model folder, a hub id, or a reference-outputs file)")
+            cfg = load_config(config, ["eval.enabled=true", *overrides])
+            name = lambda m: "".join(c if c.isalnum() or c in "._-" else "-" for c in m.strip("/").split("/")[-1])  # noqa: E731
+            import hashlib
+
+            tag = hashlib.sha256(f"{model}\0{baseline}".encode()).hexdigest()[:8]
+            out = out or Path(cfg.runs_dir) / "eval" / f"{name(model)}-vs-{name(baseline)}-{tag}"
+            plan = rounds.standalone_eval_plan(cfg, model, baseline, out)
+            manifest = execute(plan, lambda: evaluate.run(cfg, plan), force=force)
+        else:
+            if len(positional) != 1 or round_ is None:
+                fail("give a RUN folder and --round K (or --model A --baseline B --config CONF)")
+            run_dir = Path(positional[0])
+            conf = run_dir / "config.yaml"
+            if not conf.is_file():
+                fail(f"{conf}: not found; is {run_dir} a dice run folder?")
+            cfg = load_config(conf, ["eval.enabled=true", *overrides])
+            if not rounds.evaluates(cfg, round_):
+                fail(f"round {round_} has nothing to evaluate: with eval.baseline={cfg.eval.baseline} it would compare "
+                     "π_0 with itself (use eval.baseline=previous or a reference-outputs file)")  # fmt: skip
+            plan = rounds.plan(cfg, round_, rounds.EVAL_STAGE)
+            with run_lock(cfg.run_dir):
+                manifest = execute(plan, lambda: evaluate.run(cfg, plan), force=force)
+    except typer.Exit:
+        raise
+    except (ConfigError, ArtifactError, ValueError, RuntimeError, RunLocked) as e:
+        if os.environ.get("DICE_DEBUG"):
+            raise
+        fail(str(e))
+    _print_eval(manifest, plan.outputs["eval"])
+
+
+def _print_eval(manifest: dict[str, Any], path: Path) -> None:
+    st = manifest["stats"]
+    ci = lambda v: f"  [{v[0]:.3f}, {v[1]:.3f}]" if v else ""  # noqa: E731
+    status = "already done, skipped" if manifest.get("skipped") else f"done in {manifest['duration_s']:.1f}s"
+    table = Table(title=f"{manifest['inputs']['policy']['path']} vs {st['baseline_path']} ({status})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("prompts × samples", f"{st['prompts']} × {st['samples']} = {st['rows']} rows ({st['rows_excluded']} excluded)"),
+        ("held-out prompts refused (overlap)", st["prompts_overlap"]),
+        ("win rate (95% CI)", f"{st['win_rate']:.3f}{ci(st['win_rate_ci'])}"),
+        ("LC win rate (95% CI)", f"{st['lc_win_rate']:.3f}{ci(st['lc_win_rate_ci'])}"),
+        ("wins / ties / losses", f"{st['wins']} / {st['ties']} / {st['losses']}"),
+        ("mean tokens (model / baseline)", f"{st['mean_tokens']:.1f} / {st['baseline_mean_tokens']:.1f}"),
+        ("mean chars (model / baseline)", f"{st['mean_chars']:.1f} / {st['baseline_mean_chars']:.1f}"),
+        ("annotators", ", ".join(st["annotators"])),
+        ("annotator agreement", st["agreement"]),
+        ("comparisons failed", st["comparisons_failed"]),
+    ]
+    if st.get("metric_mean") is not None:
+        rows.append(("python metric (model / baseline)", f"{st['metric_mean']:.4g} / {st['baseline_metric_mean']:.4g}"))
+    if st.get("reward_mean") is not None:
+        rows.append(("reward model (model / baseline)", f"{st['reward_mean']:.4g} / {st['baseline_reward_mean']:.4g}"))
+    for name, value in rows:
+        table.add_row(name, _fmt(value, 80))
+    console.print(table)
+    console.print(f"rows: {path}")
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""The Prefect flow `dice`: round 0 (offline DPO), then DICE rounds 1..R, each stage a task.
+"""The Prefect flow `dice`: round 0 (offline DPO), then DICE rounds 1..R, each stage a task; with eval.enabled each
+round ends by evaluating π_k against its baseline, and `eval.stop_after_no_gain` ends the run when rounds stop helping.
 
 The flow only wires stages: every task runs `python -m stages.<name>` in its own process (so vLLM's and
 DeepSpeed's memory is released when the stage ends), streams that process's output into the task's logs,
@@ -29,6 +30,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipeline import rounds
 from pipeline.artifacts import is_done, read_manifest, run_lock, write_json_atomic
+from pipeline.evaluation import Progress, progress
 from pipeline.config import RunConfig, save_config
 from pipeline.html_report import round_markdown, write_report
 from pipeline.report import round_summary, stage_manifests
@@ -187,7 +189,8 @@ def dice(
               "(scheduled deployments); empty: run config.rounds."),
     ] = None,  # fmt: skip
 ) -> list[dict[str, Any]]:
-    """Iterative self-alignment rounds (DICE): round 0 offline DPO, then generate → label → pairs → reference → train."""
+    """Iterative self-alignment rounds (DICE): round 0 offline DPO, then generate → label → pairs → reference → train
+    (→ evaluate)."""
     # Models the config names are checked before anything is written: a missing folder or pickle weights
     # (pytorch_model.bin) is refused here, not after a round of generation.
     rounds.check_initial_models(config)
@@ -204,29 +207,59 @@ def dice(
             data = cfg.model.tiny_data or [cfg.data.prompts.path, cfg.data.offline.path]
             build_tiny_model(cfg.model.policy, data, cfg.model.tiny_sft_steps)
         summaries = []
+        state, stopped = None, None
         for k in range(0, cfg.rounds + 1):
             stages = rounds.stages_of_round(cfg, k)
             if not stages:
                 continue
+            if state is not None and state.stop and not (rounds.round_dir(cfg, k) / "manifest.json").is_file():
+                # finished rounds are still published; a round not yet run is not started
+                logger.info(f"round {k} not started: {state.reason} (eval.stop_after_no_gain="
+                            f"{cfg.eval.stop_after_no_gain}, eval.min_gain={cfg.eval.min_gain}); stopping the run")  # fmt: skip
+                stopped = k
+                break
             logger.info(f"round {k}: {' → '.join(stages)}")
             for stage in stages:
                 if stage == "generate" and cfg.generate.shard_deployment:
                     hand_out_generate_shards(str(config_path), cfg, k)  # then the stage only concatenates
                 run_stage.with_options(task_run_name=f"round-{k}-{stage}")(str(config_path), cfg, k, stage)
             summaries.append(publish_round(cfg, k))
+            state = eval_progress(cfg, summaries)
+            if state is not None and "evaluate" in stages:
+                logger.info(f"round {k} evaluation: win rate {summaries[-1].get('win_rate'):.3f}, LC win rate "
+                            f"{summaries[-1].get('lc_win_rate'):.3f}; best round so far {state.best_round}")  # fmt: skip
         create_markdown_artifact(
             key=_artifact_key(cfg.name, 999).replace("-round-999", "-summary"),
-            markdown=_summary_markdown(cfg, summaries),
+            markdown=_summary_markdown(cfg, summaries, state, stopped),
             description=f"dice run {cfg.name}: all rounds",
         )
     return summaries
 
 
-def _summary_markdown(cfg: RunConfig, summaries: list[dict[str, Any]]) -> str:
+def eval_progress(cfg: RunConfig, summaries: list[dict[str, Any]]) -> Progress | None:
+    """The stopping rule on the rounds published so far (pipeline.evaluation.progress); None without evaluation."""
+    lcs = [(s["round"], s["lc_win_rate"]) for s in summaries if s.get("lc_win_rate") is not None]
+    if not cfg.eval.enabled or not lcs:
+        return None
+    ev = cfg.eval
+    kind = ev.baseline if ev.baseline in ("initial", "previous") else "file"
+    return progress(lcs, kind, ev.min_gain, ev.stop_after_no_gain)
+
+
+def _summary_markdown(
+    cfg: RunConfig, summaries: list[dict[str, Any]], state: Progress | None = None, stopped: int | None = None
+) -> str:
     cols = ["round", "pairs_generated", "pairs_offline", "alpha", "gap_alpha0", "gap", "chosen_len", "rejected_len",
-            "reward_mean", "final_loss", "final_accuracy", "seconds"]  # fmt: skip
+            "reward_mean", "final_loss", "final_accuracy", "win_rate", "win_rate_ci", "lc_win_rate", "lc_win_rate_ci",
+            "eval_chars", "baseline_chars", "seconds"]  # fmt: skip
     fmt = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = [f"# dice run `{cfg.name}`", "", f"Folder: `{cfg.run_dir}`", "", "| " + " | ".join(cols) + " |",
              "|" + "---|" * len(cols)]  # fmt: skip
     lines += ["| " + " | ".join(fmt(s.get(c)) for c in cols) + " |" for s in summaries]
+    if state is not None:
+        lines += ["", f"**best_round: {state.best_round}** (LC win rate {fmt(state.best_lc)}, baseline "
+                  f"`{cfg.eval.baseline}`); rounds without a gain since: {state.rounds_without_gain}."]  # fmt: skip
+        if stopped is not None:
+            lines += ["", f"**Stopped before round {stopped}**: {state.reason} (eval.stop_after_no_gain = "
+                      f"{cfg.eval.stop_after_no_gain}, eval.min_gain = {cfg.eval.min_gain:g})."]  # fmt: skip
     return "\n".join(lines)

@@ -441,6 +441,80 @@ class TrainConfig(_Section):
         return "mean" if self.loss == LossType.IPO else "sum"
 
 
+class EvalConfig(_Section):
+    """Per-round evaluation (../shared/METHODS.md §8; stages/evaluate.py): π_k against a baseline on held-out prompts."""
+
+    enabled: bool = Field(True, description="Run the evaluate stage at the end of every round (and round 0 where it compares two models).")
+    prompts: str = Field(
+        "data/eval_prompts.jsonl",
+        description="Held-out prompts (JSONL or Parquet: prompt, optional prompt_id); any also in data.prompts or "
+        "data.offline (same text) is refused and counted.",
+    )
+    max_prompts: int | None = Field(None, gt=0, description="Evaluate only the first N held-out prompts (empty: all).")
+    baseline: str = Field(
+        "initial",
+        min_length=1,
+        description="initial: π_0; previous: π_{k-1}; or a file of reference outputs (JSON/JSONL/Parquet with "
+        "AlpacaEval's `instruction` and `output`) with an output for every held-out prompt.",
+    )
+    num_samples: int = Field(2, ge=1, description="Responses per prompt, each compared with the baseline's of the same seed.")
+    temperature: float = Field(0.8, ge=0, description="Sampling temperature of both sides (0: greedy, with num_samples 1).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold of both sides.")
+    max_tokens: int = Field(160, gt=0, description="Response token limit of both sides (cut responses are kept and counted).")
+    judges: list[JudgeConfig] = Field(
+        # the tiny preset's annotator: a rule-based Python judge, no extra model (set `judges: []` to drop it)
+        default_factory=lambda: [JudgeConfig(id="overlap", backend="python", function="pipeline.judges:overlap_judge")],
+        description="AI annotators, as label.judges (empty vllm model: π_0, the same judge every round); each "
+        "compares policy and baseline in both orders. Default: pipeline.judges:overlap_judge.",
+    )
+    reward_model: str | None = Field(
+        None, description="An annotator: a sequence-classification reward model; p = σ(r_policy − r_baseline)."
+    )
+    reward_model_format: str | None = Field(
+        None, description="Fallback text '…{prompt}…{response}…' for a reward model without a chat template."
+    )
+    python_metric: str | None = Field(
+        None,
+        description="An annotator: 'module:function'(prompts, responses) -> list[float] scoring each response "
+        "(e.g. pipeline.toy:true_rewards); p = 1, ½ or 0 as the policy's score is above, equal or below. Runs your code.",
+    )
+    min_annotators: int = Field(1, ge=1, description="A row counts only when this many annotators answered it without failure.")
+    length_unit: Literal["chars", "tokens"] = Field(
+        "chars", description="Length in the LC fit: characters (as AlpacaEval) or tokens of the policy's tokenizer."
+    )
+    lc_l2: float = Field(
+        0.01, gt=0, description="λ: L2 weight on (θ, φ) in the LC fit; keeps separable preferences finite (pipeline/evaluation.py)."
+    )
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap replicates over prompts for the 95% intervals (0: none).")
+    batch_size: int = Field(16, gt=0, description="Sequences per forward pass of the reward model and calls of the Python metric.")
+    trust_remote_code: bool = Field(False, description="Allow judge and reward models to run their own Python code.")
+    stop_after_no_gain: int | None = Field(
+        None,
+        ge=1,
+        description="Stop the run (or a more_rounds tick) once the LC win rate has not improved by min_gain for N "
+        "evaluated rounds (empty: never stop early).",
+    )
+    min_gain: float = Field(0.0, ge=0, description="The LC win-rate improvement that counts as a gain for stop_after_no_gain.")
+
+    def annotator_ids(self) -> list[str]:
+        """The annotators' ids in eval.parquet: the judges' (id or judge-<index>), then reward_model, python_metric."""
+        ids = [j.id or f"judge-{i}" for i, j in enumerate(self.judges)]
+        return ids + ["reward_model"] * bool(self.reward_model) + ["python_metric"] * bool(self.python_metric)
+
+    @model_validator(mode="after")
+    def _check_eval(self) -> EvalConfig:
+        ids = self.annotator_ids()
+        if self.enabled and not ids:
+            raise ValueError("eval.enabled needs an annotator: eval.judges, eval.reward_model or eval.python_metric")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"eval: annotator ids must be unique (got {ids})")
+        if self.temperature == 0 and self.num_samples > 1:
+            raise ValueError("eval.temperature 0 (greedy) gives identical samples: set eval.num_samples to 1")
+        if self.min_annotators > max(len(ids), 1):
+            raise ValueError(f"eval.min_annotators ({self.min_annotators}) exceeds the {len(ids)} annotator(s)")
+        return self
+
+
 class RunConfig(_Section):
     """A whole dice run: where it lives, how many rounds, and each stage's settings."""
 
@@ -466,6 +540,7 @@ class RunConfig(_Section):
     pairs: PairsConfig = Field(default_factory=PairsConfig, description="Building preference pairs.")
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig, description="Reference log-probs.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Preference training.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Per-round evaluation of π_k against a baseline.")
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

@@ -266,3 +266,51 @@ def read_offline(src: str | Path | DataSource) -> pa.Table:
         out["chosen"].append(chosen)
         out["rejected"].append(rejected)
     return pa.table(out, schema=schemas.OFFLINE)
+
+
+def text_key(text: str) -> str:
+    """The form under which two prompts count as the same text: whitespace runs collapsed, ends stripped."""
+    return " ".join(text.split())
+
+
+def prompt_texts(src: str | Path | DataSource, kind: str = "prompts") -> set[str]:
+    """The `text_key`s of a dataset's prompts as dice reads them (`kind`: prompts, or offline pairs), for overlap
+    checks; a conversation counts by its plain text."""
+    table = read_offline(src) if kind == "offline" else read_prompts(src)
+    return {text_key(t) for t in table.column("prompt").to_pylist()}
+
+
+def read_reference_outputs(path: str | Path) -> dict[str, str]:
+    """A baseline's reference outputs, AlpacaEval style: rows with `instruction` and `output` (a JSON list as
+    alpaca_eval writes `model_outputs.json`, JSONL, or Parquet). Returns text_key(instruction) -> output.
+
+    Raises:
+        ArtifactError: naming the file and row: not a list of objects, a missing or non-string field, the same
+            instruction twice with different outputs.
+    """
+    path = Path(path)
+    if path.suffix == ".json" and path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArtifactError(f"{path}: not valid JSON: {e}") from None
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise ArtifactError(f"{path}: expected a JSON list of objects with `instruction` and `output`")
+        rows = data
+    elif path.is_file():
+        rows, _ = load_rows(path, "reference outputs")
+    else:
+        raise ArtifactError(f"{path}: file not found")
+    if not rows:
+        raise ArtifactError(f"{path}: no reference outputs")
+    out: dict[str, str] = {}
+    for i, row in enumerate(rows):
+        where = _where(str(path), row, i)
+        key = text_key(_text(where, row.get("instruction"), "instruction"))
+        output = row.get("output")
+        if not isinstance(output, str):
+            raise ArtifactError(f"{where}: field 'output' must be a string")
+        if key in out and out[key] != output:
+            raise ArtifactError(f"{where}: instruction {key[:60]!r} appears twice with different outputs")
+        out[key] = output
+    return out

@@ -3,8 +3,9 @@ artifacts) and a side-by-side comparison of two rounds (`dice diff`).
 
 Everything on the page is inline (CSS, PNG plots as data URIs, one small script), so it opens offline,
 attached to an email or from a Prefect artifact. Per round: the reward and length distributions of the
-responses, chosen vs rejected lengths, label agreement and the training curves; across rounds: α and the
-length gap it removes. Every number is read from the round's Parquet files and stage manifests, so a
+responses, chosen vs rejected lengths, label agreement and the training curves; across rounds: the evaluation
+(win rate and length-controlled win rate against the baseline, with their intervals, and both sides' response
+length) and α with the length gap it removes. Every number is read from the round's Parquet files and stage manifests, so a
 round in progress (or round 0, which generates nothing) shows the plots its files allow.
 """
 
@@ -290,6 +291,55 @@ def alpha_plot(summary: list[dict[str, Any]]) -> Plot | None:
     )
 
 
+def eval_plot(run_dir: str | Path) -> Plot | None:
+    """Across rounds: win rate and LC win rate of π_k against its baseline (95% prompt-bootstrap intervals), and the
+    mean response length of both sides; None when no round was evaluated."""
+    rows = []
+    for k, d in round_dirs(run_dir):
+        st = stage_manifests(d).get("evaluate", {}).get("stats") or {}
+        if st.get("win_rate") is not None:
+            rows.append((k, st))
+    if not rows:
+        return None
+    fig, (ax, ax2) = _figure(2)
+    ks = [k for k, _ in rows]
+    for key, label, color, dx in (("win_rate", "win rate", BLUE, -0.05), ("lc_win_rate", "LC win rate", GREEN, 0.05)):
+        ys = np.array([st[key] for _, st in rows])
+        ci = np.array([st.get(f"{key}_ci") or [st[key], st[key]] for _, st in rows])  # (R, 2)
+        ax.errorbar(np.array(ks) + dx, ys, yerr=[ys - ci[:, 0], ci[:, 1] - ys], fmt="o-", color=color, capsize=3,
+                    label=label)  # fmt: skip
+    ax.axhline(0.5, color=GREY, lw=1, ls="--")
+    ax.set(xlabel="round", ylabel="P(π_k ≻ baseline)", title="against the baseline", ylim=(0, 1))
+    ax.set_xticks(ks)
+    ax.legend(fontsize=8)
+    ax2.plot(ks, [st["mean_tokens"] for _, st in rows], "o-", color=PURPLE, label="π_k")
+    ax2.plot(ks, [st["baseline_mean_tokens"] for _, st in rows], "s--", color="#777777", mfc="none", label="baseline")
+    ax2.set(xlabel="round", ylabel="mean tokens", title="response length")
+    ax2.set_xticks(ks)
+    ax2.legend(fontsize=8)
+    fig.suptitle("evaluation on held-out prompts", fontsize=10)
+
+    def ci(st: dict[str, Any], key: str) -> str:
+        v = st.get(f"{key}_ci")
+        return f" [{v[0]:.3f}, {v[1]:.3f}]" if v else ""
+
+    caption = (
+        "π_k against its baseline on the held-out prompts (both orders of every judge, position bias cancelled): "
+        "win rate = mean P(π_k ≻ baseline), ties ½; LC win rate = the preference a logistic fit on the length "
+        "difference predicts at equal length (AlpacaEval 2's length control, without its instruction term); bars: "
+        "95% intervals from prompt resamples; dashed: ½. Right: mean response tokens of both sides. "
+        + "; ".join(
+            f"round {k} vs {st.get('baseline')}: win {st['win_rate']:.3f}{ci(st, 'win_rate')}, LC "
+            f"{st['lc_win_rate']:.3f}{ci(st, 'lc_win_rate')}, tokens {st['mean_tokens']:.1f} vs "
+            f"{st['baseline_mean_tokens']:.1f}"
+            for k, st in rows
+        )
+        + "."
+    )
+    return Plot("plot-eval", "Evaluation", caption,
+                "Win rate and LC win rate against the baseline, and response lengths, per round", _png(fig))  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- the page
 
 _CSS = """
@@ -342,10 +392,13 @@ def build_report(run_dir: str | Path) -> tuple[str, list[Plot]]:
     summary = run_summary(run_dir)
     plots: list[Plot] = []
     sections: list[tuple[str, str, str, list[Plot]]] = []  # (anchor, title, note, plots)
-    a = alpha_plot(summary)
-    if a:
-        plots.append(a)
-        sections.append(("across-rounds", "Across rounds", "", [a]))
+    try:
+        across = [p for p in (eval_plot(run_dir), alpha_plot(summary)) if p is not None]
+    except Exception:  # noqa: BLE001 (a damaged eval.parquet: the rounds' own plots still show)
+        across = [a] if (a := alpha_plot(summary)) is not None else []
+    if across:
+        plots += across
+        sections.append(("across-rounds", "Across rounds", "", across))
     for k, d in round_dirs(run_dir):
         try:
             rp, note = round_plots(d), _missing_note(k, d)
@@ -401,11 +454,13 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def round_markdown(run_dir: str | Path, k: int, report_path: Path) -> str:
-    """Markdown for a round's Prefect artifact: the round's plots from the HTML report, as data-URI images."""
+    """Markdown for a round's Prefect artifact: the round's plots from the HTML report (and, for an evaluated round,
+    the evaluation across rounds), as data-URI images."""
     rd = Path(run_dir) / f"round-{k}"
     lines = [f"# Round {k}", "", f"Full report (all rounds): `{Path(report_path).resolve()}`", ""]
     try:
-        plots = round_plots(rd)
+        evaluated = "evaluate" in stage_manifests(rd)
+        plots = round_plots(rd) + ([e] if evaluated and (e := eval_plot(run_dir)) is not None else [])
     except Exception as e:  # noqa: BLE001 (as in build_report)
         return "\n".join(lines + [f"The plots of round {k} could not be drawn: {e}"])
     for p in plots:
@@ -506,6 +561,10 @@ def round_diff(run_dir: str | Path, a: int, b: int, examples: int = 2) -> dict[s
     sa, sb = round_summary(da), round_summary(db)
     for name in ("gap_alpha0", "gap"):  # the gap before the α search is only in the pairs stage's manifest
         metrics[f"length_{name}"] = (sa.get(name), sb.get(name))
+    # the evaluate stage's numbers (π_k against its baseline), from its manifest
+    for name in ("win_rate", "lc_win_rate", "eval_tokens", "baseline_tokens", "eval_chars", "baseline_chars",
+                 "eval_metric"):  # fmt: skip
+        metrics[name] = (sa.get(name), sb.get(name))
     ra, rb = _responses_file(da), _responses_file(db)
     if not (ra.is_file() and rb.is_file()):
         return {"metrics": metrics, "shared": None, "examples": []}

@@ -8,7 +8,7 @@ from typing import Any
 
 from pipeline.artifacts import MANIFEST_DIR, read_manifest
 
-STAGE_ORDER = ("generate", "label", "pairs", "reference", "train")
+STAGE_ORDER = ("generate", "label", "pairs", "reference", "train", "evaluate")
 
 
 def round_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -34,7 +34,7 @@ def round_summary(round_dir: Path) -> dict[str, Any]:
     """One row of numbers for a round: counts, α, lengths, reward statistics, training results, durations."""
     ms = stage_manifests(round_dir)
     s = {stage: m.get("stats", {}) for stage, m in ms.items()}
-    g, lab, p, ref, t = (s.get(k, {}) for k in STAGE_ORDER)
+    g, lab, p, ref, t, ev = (s.get(k, {}) for k in STAGE_ORDER)
     row: dict[str, Any] = {
         "round": int(round_dir.name.split("-")[1]),
         "stages_done": "/".join(st for st in STAGE_ORDER if st in ms) or "-",
@@ -63,9 +63,28 @@ def round_summary(round_dir: Path) -> dict[str, Any]:
         "final_accuracy": t.get("final_accuracy"),
         "final_margin": t.get("final_margin"),
         "train_tokens_per_s": t.get("tokens_per_s"),
+        # evaluate: π_k against its baseline on held-out prompts (stages/evaluate.py); 95% prompt-bootstrap intervals
+        "eval_baseline": ev.get("baseline"),
+        "win_rate": ev.get("win_rate"),
+        "win_rate_ci": _interval(ev.get("win_rate_ci")),
+        "lc_win_rate": ev.get("lc_win_rate"),
+        "lc_win_rate_ci": _interval(ev.get("lc_win_rate_ci")),
+        "eval_tokens": ev.get("mean_tokens"),
+        "baseline_tokens": ev.get("baseline_mean_tokens"),
+        "eval_chars": ev.get("mean_chars"),
+        "baseline_chars": ev.get("baseline_mean_chars"),
+        "eval_metric": ev.get("metric_mean"),
+        "baseline_metric": ev.get("baseline_metric_mean"),
+        "eval_agreement": ev.get("agreement"),
+        "eval_failed": ev.get("comparisons_failed"),
         "seconds": round(sum(m.get("duration_s", 0.0) for m in ms.values()), 1),
     }
     return row
+
+
+def _interval(ci: list[float] | None) -> str | None:
+    """A stored [low, high] as text for tables, e.g. "0.412–0.587"."""
+    return f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else None
 
 
 def run_summary(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -11,12 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.artifacts import StagePlan
-from pipeline.config import RunConfig
+from pipeline.config import DataSource, RunConfig
 from pipeline.datasets import plan_input
 from pipeline.models import with_revision
 
 STAGES = ("generate", "label", "pairs", "reference", "train")
 ROUND0_STAGES = ("pairs", "reference", "train")
+EVAL_STAGE = "evaluate"  # last in a round, when cfg.eval.enabled
 
 # The file each stage writes in its round folder.
 OUTPUT_FILES = {
@@ -25,6 +26,7 @@ OUTPUT_FILES = {
     "pairs": {"pairs": "pairs.parquet"},
     "reference": {"reference": "reference.parquet"},
     "train": {"checkpoint": "checkpoint", "metrics": "train_metrics.parquet"},
+    "evaluate": {"eval": "eval.parquet"},
 }
 
 
@@ -34,8 +36,32 @@ def round_dir(cfg: RunConfig, k: int) -> Path:
 
 def stages_of_round(cfg: RunConfig, k: int) -> tuple[str, ...]:
     if k == 0:
-        return ROUND0_STAGES if cfg.round0.mode == "offline_dpo" else ()
-    return ROUND0_STAGES if cfg.offline_rounds else STAGES
+        base = ROUND0_STAGES if cfg.round0.mode == "offline_dpo" else ()
+    else:
+        base = ROUND0_STAGES if cfg.offline_rounds else STAGES
+    return base + (EVAL_STAGE,) if evaluates(cfg, k) else base
+
+
+def evaluates(cfg: RunConfig, k: int) -> bool:
+    """Whether round k ends with `evaluate`: every round ≥ 1 when eval.enabled; round 0 only when its comparison
+    is not π_0 against itself: a reference-outputs file, or `previous` with π_{-1} ≠ π_0 (π_0 against the model
+    round 0 started from)."""
+    if not cfg.eval.enabled:
+        return False
+    if k >= 1 or cfg.eval.baseline not in ("initial", "previous"):
+        return True
+    return cfg.eval.baseline == "previous" and model_of(cfg, -1) != model_of(cfg, 0)
+
+
+def eval_baseline(cfg: RunConfig, k: int) -> tuple[str, str, str]:
+    """(kind, model or file, role) of round k's evaluation baseline: ("model", π_0 or π_{k-1}, "π_j") or
+    ("file", the reference outputs, "reference outputs")."""
+    b = cfg.eval.baseline
+    if b == "initial":
+        return "model", model_of(cfg, 0), "π_0"
+    if b == "previous":
+        return "model", model_of(cfg, k - 1), f"π_{k - 1}"
+    return "file", b, "reference outputs"
 
 
 def policy_name(cfg: RunConfig) -> str:
@@ -192,6 +218,8 @@ def plan(cfg: RunConfig, k: int, stage: str) -> StagePlan:
             config={"batch_size": cfg.reference.batch_size, **scoring},
             roles={"reference": f"π_{ref_j}"},
         )
+    if stage == EVAL_STAGE:
+        return _eval_plan(cfg, k, rd, model_of(cfg, k), f"π_{k}", eval_baseline(cfg, k), model_of(cfg, 0), "π_0")
     # train
     return StagePlan(
         stage, k, rd,
@@ -200,6 +228,62 @@ def plan(cfg: RunConfig, k: int, stage: str) -> StagePlan:
         config={"train": cfg.train.model_dump(mode="json"), "seed": cfg.seed, **scoring},
         roles={"init": f"π_{k - 1}", "output": f"π_{k}"},
     )
+
+
+def _eval_plan(cfg: RunConfig, k: int, rd: Path, policy: str, policy_role: str, baseline: tuple[str, str, str],
+               default_judge: str, default_judge_role: str) -> StagePlan:  # fmt: skip
+    """The evaluate stage's plan: every model and file its result depends on is an input (so changing the judges, the
+    baseline or the prompts re-runs it), and every setting that changes the result is config; the stopping rule
+    (stop_after_no_gain, min_gain) is the flow's, not the stage's, and does not re-run it."""
+    ev = cfg.eval
+    kind, base, base_role = baseline
+    inputs: dict[str, Path | str] = {
+        "policy": policy,
+        "prompts": plan_input(DataSource(path=ev.prompts)),
+        # the overlap check refuses held-out prompts that the run trains on
+        "train_prompts": plan_input(cfg.data.prompts),
+        "offline": plan_input(cfg.data.offline),
+    }
+    roles = {"policy": policy_role}
+    if kind == "model":
+        inputs["baseline"] = base
+        roles["baseline"] = base_role
+    else:
+        inputs["baseline_outputs"] = Path(base)
+        roles["baseline_outputs"] = base_role
+    for jid, j in zip(ev.annotator_ids(), ev.judges):
+        if j.backend == "vllm":  # an empty model: π_0, so every round is judged by the same judge
+            inputs[f"judge:{jid}"] = j.model or default_judge
+            roles[f"judge:{jid}"] = j.model or default_judge_role
+        if j.backend != "python":
+            inputs[f"template:{jid}"] = Path(j.template)
+    if ev.reward_model:
+        inputs["reward_model"] = ev.reward_model
+    return StagePlan(
+        EVAL_STAGE, k, rd,
+        inputs=inputs,
+        outputs={"eval": rd / OUTPUT_FILES[EVAL_STAGE]["eval"]},
+        config={
+            "eval": ev.model_dump(mode="json", exclude={"enabled", "stop_after_no_gain", "min_gain"}),
+            "seed": cfg.seed,
+            "stop": cfg.generate.stop,
+            "stop_token_ids": cfg.generate.stop_token_ids,
+            "max_prompt_tokens": cfg.model.max_prompt_tokens,
+            "max_model_len": cfg.generate.engine.max_model_len,
+            "dtype": cfg.model.dtype,
+            "trust_remote_code": cfg.model.trust_remote_code,
+        },
+        roles=roles,
+    )
+
+
+def standalone_eval_plan(cfg: RunConfig, model: str, baseline: str, out: Path) -> StagePlan:
+    """`dice eval --model A --baseline B --out DIR`: A against B (a model, or a reference-outputs file) with the
+    config's eval settings, written to DIR/eval.parquet with its manifest in DIR/.dice (round −1: no run)."""
+    is_file = Path(baseline).is_file()
+    base = ("file", baseline, "reference outputs") if is_file else ("model", baseline, "baseline")
+    judge = model if is_file else baseline
+    return _eval_plan(cfg, -1, Path(out), model, "model", base, judge, "model" if is_file else "baseline")
 
 
 def gpus_used(cfg: RunConfig, stage: str) -> int:
@@ -214,6 +298,8 @@ def gpus_used(cfg: RunConfig, stage: str) -> int:
         ),
         "reference": 1,
         "train": cfg.train.num_processes,
+        # generation on one engine; local judges and a reward model take one GPU after it
+        EVAL_STAGE: cfg.generate.engine.tensor_parallel_size,
     }.get(stage, 0)
 
 

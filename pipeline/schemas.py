@@ -134,3 +134,43 @@ TRAIN_METRICS = pa.schema(
         pa.field("seconds", pa.float64(), nullable=False),
     ]
 )
+
+# One row per held-out prompt × sample that the evaluate stage compared: the policy π_k's response and the
+# baseline's response to the same prompt drawn with the same seed (a reference-outputs file: its one output),
+# their lengths, each annotator's P(policy ≻ baseline) and the mean p̂ the metrics use. Written as `eval.parquet`
+# (stages/evaluate.py). `eval_schema(ids)` appends two columns per annotator, in config order:
+#   p_<id>      float64  that annotator's P(policy ≻ baseline), position bias cancelled; null when it failed
+#   error_<id>  string   null, or why it failed: timeout, http_<code>, python_error, non_finite, too_long, ...
+EVAL = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("sample_idx", pa.int32(), nullable=False),  # the policy's sample; compared with the baseline's same one
+        pa.field("response", pa.string(), nullable=False),  # the policy's
+        pa.field("baseline_response", pa.string(), nullable=False),
+        pa.field("tokens", pa.int32(), nullable=False),  # response tokens under the policy's tokenizer (no special tokens)
+        pa.field("baseline_tokens", pa.int32(), nullable=False),  # the same count, same tokenizer
+        pa.field("chars", pa.int32(), nullable=False),
+        pa.field("baseline_chars", pa.int32(), nullable=False),
+        pa.field("finish_reason", pa.string(), nullable=False),  # "stop" or "length" (cut at eval.max_tokens)
+        pa.field("baseline_finish_reason", pa.string()),  # null for a reference-outputs file
+        pa.field("seed", pa.int64(), nullable=False),  # the prompt's sampling seed, the same for both sides
+        pa.field("p", pa.float64()),  # p̂: mean of the annotators' p; null below eval.min_annotators (excluded)
+        pa.field("annotators", pa.int32(), nullable=False),  # annotators that answered this row
+        pa.field("metric", pa.float64()),  # eval.python_metric of the policy's response (null without one)
+        pa.field("baseline_metric", pa.float64()),
+        pa.field("reward", pa.float64()),  # eval.reward_model's score of the policy's response (null without one)
+        pa.field("baseline_reward", pa.float64()),
+        pa.field("model", pa.string(), nullable=False),  # the policy evaluated
+        pa.field("baseline", pa.string(), nullable=False),  # the baseline model, or the reference-outputs file
+        pa.field("round", pa.int32()),  # the round of π_k; null for a standalone `dice eval --model`
+    ]
+)
+
+
+def eval_schema(annotator_ids: list[str]) -> pa.Schema:
+    """EVAL plus `p_<id>` and `error_<id>` for each annotator, in order (eval.annotator_ids())."""
+    extra = []
+    for a in annotator_ids:
+        extra += [pa.field(f"p_{a}", pa.float64()), pa.field(f"error_{a}", pa.string())]
+    return pa.schema(list(EVAL) + extra)

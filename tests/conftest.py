@@ -68,6 +68,8 @@ def tiny_config(runs_dir: Path, model: Path, **overrides):
         "round0.max_pairs=48",
         "generate.max_tokens=128",
         "train.global_batch_size=8",
+        # off unless a test turns it on (tests/test_flow_e2e.py does): every flow test would pay for its engines
+        "eval.enabled=false",
     ]
     return load_config(REPO / "conf/tiny.yaml", base + [f"{k}={v}" for k, v in overrides.items()])
 

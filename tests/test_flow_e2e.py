@@ -1,7 +1,8 @@
 """End to end: `dice run` (the real Prefect flow, vLLM, DeepSpeed), SIGKILLed in round 2's training, run again.
 
-One run serves every test in this module: it is the README's job on the tiny model, interrupted the hard
-way, then resumed; the tests read what it left on disk.
+One run serves every test in this module: it is the README's job on the tiny model, evaluating every round against
+π_0 (three Python annotators), interrupted the hard way, then resumed; the tests read what it left on disk. The
+last test re-evaluates a round with another judge, so it changes the run: keep it last.
 """
 
 from __future__ import annotations
@@ -59,10 +60,19 @@ def _manifests(run_dir: Path) -> dict[str, str]:
     return {str(p.relative_to(run_dir)): p.read_text() for p in sorted(run_dir.glob("round-*/.dice/*.json"))}
 
 
+# Two simulated judges (one noisy) and a Python metric: annotator agreement and every annotator kind but the model ones
+EVAL = {
+    "eval.enabled": "true", "eval.prompts": str(REPO / "data/eval_prompts.jsonl"), "eval.max_prompts": 16,
+    "eval.judges": "[{id: overlap, backend: python, function: 'pipeline.judges:overlap_judge'}, "
+                   "{id: noisy, backend: python, function: 'pipeline.judges:overlap_judge', options: {noise: 1.0, seed: 1}}]",
+    "eval.python_metric": "pipeline.rewards:prompt_coverage", "eval.bootstrap": 200,
+}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model):
     tmp = tmp_path_factory.mktemp("e2e")
-    cfg = tiny_config(tmp / "runs", tiny_model, name="e2e", rounds=2)
+    cfg = tiny_config(tmp / "runs", tiny_model, name="e2e", rounds=2, **EVAL)
     conf = tmp / "e2e.yaml"
     save_config(cfg, conf)
     env = _env(tmp)
@@ -117,7 +127,7 @@ def test_rounds_chain_their_models(run):
         assert json.loads((rd / ".dice/reference.json").read_text())["inputs"]["reference"]["path"] == ckpt[k - 1]
         assert json.loads((rd / ".dice/train.json").read_text())["inputs"]["init"]["path"] == ckpt[k - 1]
         manifest = json.loads((rd / "manifest.json").read_text())
-        assert set(manifest["stages"]) == set(rounds.STAGES)
+        assert set(manifest["stages"]) == set(rounds.STAGES) | {"evaluate"}
         assert manifest["files"]["responses"]["rows"] == cfg.data.prompts_per_round * cfg.generate.num_samples
     labels = pq.read_table(rounds.round_dir(cfg, 2) / "labels.parquet").to_pandas()
     assert labels.reward.notna().mean() > 0.9 and labels.reward.std() > 0  # π_1 and π_0 differ
@@ -130,7 +140,7 @@ def test_every_parquet_opens_in_pandas_polars_duckdb_datasets(run):
     from datasets import load_dataset
 
     files = sorted(run["cfg"].run_dir.glob("round-*/*.parquet"))
-    assert len(files) == 3 + 2 * 6  # round 0: pairs, reference, metrics; rounds 1-2: six files each (preferences too)
+    assert len(files) == 3 + 2 * 7  # round 0: pairs, reference, metrics; rounds 1-2: seven (preferences, eval too)
     for f in files:
         n = pq.read_metadata(f).num_rows
         assert len(pd.read_parquet(f)) == n
@@ -189,11 +199,22 @@ def test_flow_under_prefect_harness_publishes_round_artifacts(run, tmp_path):
 
     cfg = run["cfg"]
     before = _manifests(cfg.run_dir)
+    summary_key = _artifact_key(cfg.name, 999).replace("-round-999", "-summary")
+    # the stopping rule: no LC gain of 1.0 is possible, so after round 1 (patience 1) no new round may start. A
+    # scheduled tick (more_rounds=1 after round 2: rounds = 3) takes the same path as `dice run` with rounds=3.
+    stop = cfg.eval.model_copy(update={"stop_after_no_gain": 1, "min_gain": 1.0})
     with prefect_test_harness(server_startup_timeout=120):
         summaries = dice(config=cfg)
         artifacts = {k: Artifact.get(_artifact_key(cfg.name, k)) for k in (0, 1, 2)}
         plots = {k: Artifact.get(_artifact_key(cfg.name, k) + "-plots") for k in (0, 1, 2)}
+        plain = Artifact.get(summary_key).data
+        ticked = dice(config=cfg.model_copy(update={"eval": stop}), more_rounds=1)
+        stopped = Artifact.get(summary_key).data
     assert _manifests(cfg.run_dir) == before  # nothing recomputed
+    assert [s["round"] for s in ticked] == [0, 1, 2]
+    assert not rounds.round_dir(cfg, 3).exists()  # round 3 was never started
+    assert "**best_round: " in plain and "Stopped" not in plain
+    assert "**best_round: 0**" in stopped and "**Stopped before round 3**" in stopped and "min_gain = 1" in stopped
     assert [s["round"] for s in summaries] == [0, 1, 2]
     for k, art in artifacts.items():
         assert art is not None and art.type == "table"
@@ -202,7 +223,9 @@ def test_flow_under_prefect_harness_publishes_round_artifacts(run, tmp_path):
         if k:
             assert table["pairs_generated"] == summaries[k]["pairs_generated"] > 0
             assert "alpha" in table and "reward_mean" in table
-            assert plots[k].type == "markdown" and plots[k].data.count("![") == 5  # the report's round plots
+            assert table["lc_win_rate"] == round(summaries[k]["lc_win_rate"], 4) and table["win_rate_ci"]
+            # the report's five round plots and the evaluation across rounds
+            assert plots[k].type == "markdown" and plots[k].data.count("![") == 6
     assert (cfg.run_dir / "report.html").is_file()
 
 
@@ -239,7 +262,7 @@ def test_report_renders_every_plot_in_a_headless_browser(run, tmp_path):
     ).stdout  # fmt: skip
     body = re.search(r'<body data-plots="(\d+)" data-plots-loaded="(\d+)"', dom)
     assert body, dom[:500]
-    expected = ["plot-alpha", "plot-round0-training"] + [
+    expected = ["plot-eval", "plot-alpha", "plot-round0-training"] + [
         f"plot-round{k}-{p}" for k in (1, 2) for p in ("rewards", "lengths", "pair-lengths", "agreement", "training")
     ]
     assert int(body.group(1)) == int(body.group(2)) == len(expected)  # every image decoded with a real size
@@ -273,6 +296,59 @@ def test_inspect_sql_and_diff(run):
         assert f"{labels.num_tokens.median():.4g}" in diff.stdout
 
 
+def test_every_round_is_evaluated_against_pi0(run):
+    """Rounds 1 and 2 end with `evaluate`: π_k against π_0 on the held-out prompts, every annotator in every row,
+    p̂ their mean, the metrics in the round's manifest; π_0's responses are the same in both rounds (same seeds) and
+    were generated once (round 2 read them from the run's cache); round 0 (π_0 against itself) is not evaluated."""
+    import numpy as np
+    import pandas as pd
+
+    cfg = run["cfg"]
+    pi0 = str(rounds.round_dir(cfg, 0) / "checkpoint")
+    assert not (rounds.round_dir(cfg, 0) / "eval.parquet").exists()
+    baseline = {}
+    for k in (1, 2):
+        rd = rounds.round_dir(cfg, k)
+        ev = pd.read_parquet(rd / "eval.parquet").sort_values(["prompt_id", "sample_idx"])
+        assert len(ev) == 16 * cfg.eval.num_samples and set(ev.model) == {str(rd / "checkpoint")}
+        assert set(ev.baseline) == {pi0} and (ev["round"] == k).all()
+        assert (ev.annotators == 3).all() and ev.p.between(0, 1).all()
+        np.testing.assert_allclose(ev.p, ev[["p_overlap", "p_noisy", "p_python_metric"]].mean(axis=1))
+        st = json.loads((rd / "manifest.json").read_text())["stages"]["evaluate"]["stats"]
+        assert st["win_rate"] == pytest.approx(ev.p.mean()) and st["rows_counted"] == len(ev)
+        assert st["win_rate_ci"][0] <= st["win_rate"] <= st["win_rate_ci"][1]
+        assert 0 < st["lc_win_rate"] < 1 and st["lc_win_rate_ci"][0] <= st["lc_win_rate"] <= st["lc_win_rate_ci"][1]
+        assert st["mean_chars"] == pytest.approx(ev.response.str.len().mean()) and st["agreement"] is not None
+        assert st["baseline"] == "π_0" and st["prompts_overlap"] == 0
+        baseline[k] = (ev.baseline_response.tolist(), ev.seed.tolist())
+    assert baseline[1] == baseline[2]
+    cached = {k: json.loads((rounds.round_dir(cfg, k) / ".dice/evaluate.json").read_text())["stats"]["responses_cached"]
+              for k in (1, 2)}  # fmt: skip
+    assert cached == {1: {"policy": False, "baseline": False}, 2: {"policy": False, "baseline": True}}
+    out = subprocess.run([DICE, "inspect", str(cfg.run_dir)], capture_output=True, text=True,
+                         env={**run["env"], "COLUMNS": "200"})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    for column in ("win_rate", "win_rate_ci", "lc_win_rate", "lc_win_rate_ci", "eval_tokens", "baseline_tokens"):
+        assert re.search(rf"│ {column}\s", out.stdout), column
+    assert "best round by LC win rate:" in out.stdout
+    diff = subprocess.run([DICE, "diff", str(cfg.run_dir), "1", "2"], capture_output=True, text=True,
+                          env={**run["env"], "COLUMNS": "200"})  # fmt: skip
+    assert diff.returncode == 0 and "lc_win_rate" in diff.stdout
+
+
+def test_evaluate_reruns_only_when_its_judges_or_baseline_change(run):
+    """The stage's plan fingerprints what decides its result: the same config is done; other judges or another
+    baseline are not (the flow would run the stage again); the stopping rule is the flow's and changes nothing."""
+    from pipeline.artifacts import is_done
+
+    cfg = run["cfg"]
+    assert is_done(rounds.plan(cfg, 2, "evaluate"))
+    with_eval = lambda **kw: cfg.model_copy(update={"eval": cfg.eval.model_copy(update=kw)})  # noqa: E731
+    assert is_done(rounds.plan(with_eval(stop_after_no_gain=3, min_gain=0.2), 2, "evaluate"))
+    assert not is_done(rounds.plan(with_eval(judges=cfg.eval.judges[:1]), 2, "evaluate"))
+    assert not is_done(rounds.plan(with_eval(baseline="previous"), 2, "evaluate"))
+
+
 def test_a_flow_error_ends_with_one_line(tmp_path, tiny_model):
     """Not a stage's failure but the flow's own (a shard deployment that does not exist, which Prefect reports as
     `ObjectNotFound: None`): `dice run` ends with one line naming the deployment and the resume hint."""
@@ -290,7 +366,7 @@ def test_a_flow_error_ends_with_one_line(tmp_path, tiny_model):
 
 
 def test_a_damaged_finished_file_is_redone_by_the_next_run(run):
-    """LAST in this module: it damages the shared run. A finished round's labels.parquet cut in half (a full disk,
+    """Near the end of this module: it damages the shared run. A finished round's labels.parquet cut in half (a full disk,
     a bad copy) and a temporary left by a killed write: the next `dice run` reports the damage instead of
     crashing in the report, redoes that stage only (its output is the same again, so nothing downstream changes)
     and removes the stale temporary."""
@@ -309,3 +385,24 @@ def test_a_damaged_finished_file_is_redone_by_the_next_run(run):
     assert not stale.exists()
     after = _manifests(cfg.run_dir)
     assert {n for n in before if after[n] != before[n]} == {"round-1/.dice/label.json"}
+
+
+def test_dice_eval_on_a_round_reuses_the_stage(run):
+    """`dice eval RUN --round K`: the round's evaluate stage, skipped when done; with another judge it runs again from
+    the cached responses (nothing generated). This changes the run's round 2: keep this test last."""
+    import pandas as pd
+
+    cfg, env = run["cfg"], {**run["env"], "COLUMNS": "160"}
+    done = subprocess.run([DICE, "eval", str(cfg.run_dir), "--round", "2"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    st = json.loads((rounds.round_dir(cfg, 2) / ".dice/evaluate.json").read_text())["stats"]
+    assert "already done, skipped" in done.stdout and f"{st['lc_win_rate']:.3f}" in done.stdout
+    none = subprocess.run([DICE, "eval", str(cfg.run_dir), "--round", "0"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert none.returncode == 2 and "round 0 has nothing to evaluate" in none.stderr
+    judge = "eval.judges=[{id: overlap, backend: python, function: 'pipeline.judges:overlap_judge'}]"
+    again = subprocess.run([DICE, "eval", str(cfg.run_dir), "--round", "2", judge], cwd=REPO, capture_output=True,
+                           text=True, env=env)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    st = json.loads((rounds.round_dir(cfg, 2) / ".dice/evaluate.json").read_text())["stats"]
+    assert st["annotators"] == ["overlap", "python_metric"] and st["responses_cached"] == {"policy": True, "baseline": True}
+    assert "p_noisy" not in pd.read_parquet(rounds.round_dir(cfg, 2) / "eval.parquet").columns

@@ -36,6 +36,10 @@ def test_every_recipe_has_a_gpu_twin():
                                       g.reference.model, g.offline_rounds), tiny.stem  # fmt: skip
         assert g.train.bf16 and g.train.num_processes >= 8 and g.model.build_tiny_if_missing is False
         assert "/" in g.model.policy  # a hub model id, not the toy model
+        # every recipe evaluates its rounds: the toy by its true reward on held-out prompts, the GPU twin with an
+        # AI judge served over HTTP (`vllm serve`), its key read from an environment variable
+        assert t.eval.enabled and t.eval.python_metric == "pipeline.toy:true_rewards" and t.eval.prompts.startswith("data/toy/")
+        assert g.eval.enabled and g.eval.judges and all(j.backend == "http" and j.api_key_env for j in g.eval.judges)
 
 
 def _short(path, tmp_path, tiny_model, reference):
@@ -44,6 +48,7 @@ def _short(path, tmp_path, tiny_model, reference):
         f"runs_dir={tmp_path / 'runs'}", f"model.policy={tiny_model}", "model.build_tiny_if_missing=false",
         "round0.mode=skip", f"model.reference={reference}", "rounds=1", "data.prompts_per_round=6", "data.offline_per_round=16",
         "generate.max_tokens=128", "pairs.min_valid=2",
+        "eval.enabled=false",  # evaluating π_1 needs a second engine beside the session's: tests/test_flow_e2e.py runs it
         f"data.prompts={REPO / 'data/toy/prompts.jsonl'}", f"data.offline={REPO / 'data/toy/offline_prefs.jsonl'}",
     ])  # fmt: skip
 
@@ -106,5 +111,6 @@ def test_reference_model_initial_keeps_pi0_as_the_regulariser(tmp_path):
 
 def test_offline_rounds_skip_generation_and_labelling(tmp_path):
     cfg = load_config(REPO / "conf/recipes/dpo.yaml", [f"runs_dir={tmp_path}"])
-    assert rounds.stages_of_round(cfg, 0) == rounds.stages_of_round(cfg, 2) == ("pairs", "reference", "train")
+    assert rounds.stages_of_round(cfg, 0) == ("pairs", "reference", "train")
+    assert rounds.stages_of_round(cfg, 2) == ("pairs", "reference", "train", "evaluate")  # π_2 against π_0
     assert "labels" not in rounds.plan(cfg, 1, "pairs").inputs

@@ -1,7 +1,7 @@
 """`dice report`, `dice inspect --sql` and `dice diff` on a run folder written by hand.
 
 The fake run has the real schemas and minimal stage manifests (round 0: offline pairs and training; rounds 1
-and 2: every stage), so these tests need neither vLLM nor DeepSpeed. Round 1's pairs have one annotator
+and 2: every stage, evaluation included), so these tests need neither vLLM nor DeepSpeed. Round 1's pairs have one annotator
 (DICE's implicit reward), round 2's have several, so both kinds of label-agreement plot are drawn. The HTML
 is opened in headless Chromium, which must decode every plot; without Chromium that test is skipped
 (.ci/run installs it).
@@ -28,7 +28,9 @@ from pipeline.artifacts import MANIFEST_DIR, write_json_atomic, write_parquet
 from pipeline.html_report import build_report, round_diff, round_markdown
 
 PLOTS = ("rewards", "lengths", "pair-lengths", "agreement", "training")
-EXPECTED = ["plot-alpha", "plot-round0-training"] + [f"plot-round{k}-{p}" for k in (1, 2) for p in PLOTS]
+EXPECTED = ["plot-eval", "plot-alpha", "plot-round0-training"] + [
+    f"plot-round{k}-{p}" for k in (1, 2) for p in PLOTS
+]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 # Prompts p00..p11 in round 1, p06..p17 in round 2: six prompts are answered in both rounds.
@@ -152,7 +154,38 @@ def _dice_round(run_dir: Path, k: int, rng: np.random.Generator) -> None:
               {"pairs": {"length_unit": "tokens"}})  # fmt: skip
     _reference(rd, pairs, rng)
     _train(rd, rng, steps=6, pairs=len(pairs))
+    _evaluate(rd, k, rng)
     write_json_atomic(rd / "manifest.json", {"round": k})
+
+
+def _evaluate(rd: Path, k: int, rng: np.random.Generator) -> None:
+    """eval.parquet and the evaluate manifest: 10 held-out prompts × 2 samples against π_0, one judge; the stats are
+    computed with the real metric functions (round 2 wins more and answers longer)."""
+    from pipeline import evaluation
+
+    n = 20
+    pids = [f"e{i // 2:02d}" for i in range(n)]
+    tokens, base_tokens = rng.integers(20, 60, n) + 10 * k, rng.integers(20, 60, n)
+    p = np.clip(rng.normal(0.45 + 0.1 * k, 0.2, n), 0, 1)
+    ev = pd.DataFrame({
+        "prompt_id": pids, "prompt": [f"Held-out {q}?" for q in pids], "sample_idx": [i % 2 for i in range(n)],
+        "response": ["x " * t for t in tokens], "baseline_response": ["y " * t for t in base_tokens],
+        "tokens": tokens, "baseline_tokens": base_tokens, "chars": 2 * tokens, "baseline_chars": 2 * base_tokens,
+        "finish_reason": ["stop"] * n, "baseline_finish_reason": ["stop"] * n, "seed": np.arange(n), "p": p,
+        "annotators": [1] * n, "metric": [None] * n, "baseline_metric": [None] * n, "reward": [None] * n,
+        "baseline_reward": [None] * n, "model": [f"pi_{k}"] * n, "baseline": ["pi_0"] * n, "round": [k] * n,
+        "p_judge": p, "error_judge": [None] * n,
+    })  # fmt: skip
+    schema = schemas.eval_schema(["judge"])
+    write_parquet(pa.Table.from_pandas(ev, preserve_index=False), rd / "eval.parquet", schema)
+    lc = evaluation.length_controlled(p, ev.chars, ev.baseline_chars)
+    _manifest(rd, "evaluate", {"eval": rd / "eval.parquet"}, {
+        "baseline": "π_0", "win_rate": float(p.mean()), "win_rate_ci": list(evaluation.win_rate_interval(p, pids, 200)),
+        "lc_win_rate": lc.lc_win_rate, "lc_win_rate_ci": list(evaluation.lc_interval(p, ev.chars, ev.baseline_chars, pids, 200)),
+        "mean_tokens": float(tokens.mean()), "baseline_mean_tokens": float(base_tokens.mean()),
+        "mean_chars": float(2 * tokens.mean()), "baseline_mean_chars": float(2 * base_tokens.mean()),
+        "agreement": None, "comparisons_failed": 0,
+    })  # fmt: skip
 
 
 def make_run(run_dir: Path) -> Path:
@@ -241,6 +274,8 @@ def test_report_is_self_contained_with_a_caption_per_plot(run_dir):
     assert "no inter-annotator agreement" in page  # round 1: one annotator per pair, said so
     assert "have several annotators" in page  # round 2
     assert "<th>round 2</th>" in page and "final_loss" in page  # the summary table
+    assert "<td>lc_win_rate</td>" in page and "<td>win_rate_ci</td>" in page
+    assert "round 2 vs π_0: win" in page  # the evaluation plot's caption gives every round's numbers
 
 
 def test_round_in_progress_shows_the_plots_its_files_allow(run_dir, tmp_path):
@@ -265,7 +300,8 @@ def test_round_in_progress_shows_the_plots_its_files_allow(run_dir, tmp_path):
 
 def test_round_markdown_embeds_the_rounds_plots(run_dir):
     md = round_markdown(run_dir, 1, run_dir / "report.html")
-    assert md.count("](data:image/png;base64,") == len(PLOTS)
+    assert md.count("](data:image/png;base64,") == len(PLOTS) + 1  # and the evaluation across rounds
+    assert "## Evaluation" in md
     assert str((run_dir / "report.html").resolve()) in md
     assert round_markdown(run_dir, 0, run_dir / "report.html").count("![") == 1  # training only
 
@@ -290,7 +326,7 @@ def test_publish_round_writes_the_report_and_a_markdown_artifact(run_dir, tmp_pa
             Artifact.get(_artifact_key("fake", 1) + "-plots"),
         )
     assert table.type == "table" and plots.type == "markdown"
-    assert plots.data.count("](data:image/png;base64,") == len(PLOTS)
+    assert plots.data.count("](data:image/png;base64,") == len(PLOTS) + 1
     assert (
         str((cfg.run_dir / "report.html").resolve()) in plots.data and (cfg.run_dir / "report.html").is_file()
     )
@@ -301,7 +337,7 @@ def test_publish_round_writes_the_report_and_a_markdown_artifact(run_dir, tmp_pa
 
 def test_sql_views_are_the_union_of_rounds_with_a_round_column(run_dir):
     for view, file in (("responses", "responses"), ("labels", "labels"), ("pairs", "pairs"),
-                       ("reference", "reference"), ("train_metrics", "train_metrics")):  # fmt: skip
+                       ("reference", "reference"), ("train_metrics", "train_metrics"), ("eval", "eval")):  # fmt: skip
         res = _cli(
             "inspect",
             str(run_dir),
@@ -352,6 +388,9 @@ def test_diff_numbers_match_pandas(run_dir):
         }  # fmt: skip
         for name, value in expected.items():
             assert m[name][i] == pytest.approx(value), (k, name)
+        ev = json.loads((rd / ".dice/evaluate.json").read_text())["stats"]
+        assert m["win_rate"][i] == ev["win_rate"] and m["lc_win_rate"][i] == ev["lc_win_rate"]
+        assert m["eval_tokens"][i] == pytest.approx(pd.read_parquet(rd / "eval.parquet").tokens.mean())
         stats = json.loads((rd / ".dice/pairs.json").read_text())["stats"]
         assert (
             m["length_gap"][i] == stats["length_gap"]

@@ -1,0 +1,279 @@
+"""Evaluating a round: win rate, its bootstrap interval, the length-controlled win rate, annotator agreement, and
+the rule that stops a run when rounds stop helping. Pure functions over arrays (../shared/METHODS.md §8).
+
+The inputs are one row per (prompt, sample): p̂ = P(policy ≻ baseline) from the annotators (soft, ties ½), the
+lengths of both responses, and the prompt each row belongs to. Every interval resamples PROMPTS, not rows: the
+samples of one prompt are not independent of each other, so a row bootstrap would give intervals too narrow.
+
+Length control (Dubois et al. 2024, "Length-Controlled AlpacaEval", arXiv 2404.04475). Judges prefer longer
+answers, so a raw win rate rewards a policy that only grew longer. AlpacaEval 2 fits a logistic regression of the
+judge's preference on the length difference and reports the preference it predicts at zero length difference.
+`length_controlled` fits, by Newton's method on the penalised log-likelihood below,
+
+    logit P(policy ≻ baseline | row i) = θ + φ·tanh(Δ_i / σ_Δ),   Δ_i = len(policy_i) − len(baseline_i)
+
+    maximise  Σ_i [p̂_i·log σ(z_i) + (1 − p̂_i)·log σ(−z_i)] − (λ/2)·(θ² + φ²),   z_i = θ + φ·tanh(Δ_i / σ_Δ)
+
+where p̂_i is the soft target (a Bernoulli log-likelihood with fractional outcomes, as alpaca_eval's
+`is_ytrue_proba` fit), σ_Δ is the sample standard deviation (ddof 1) of Δ over the rows fitted, length is counted
+in `eval.length_unit` (characters by default, as alpaca_eval counts them) and λ = `eval.lc_l2`. The LC win rate is
+σ(θ): the fitted preference at Δ = 0. Where this departs from alpaca_eval's `length_controlled_v1`
+(`src/alpaca_eval/metrics/glm_winrate.py`):
+  - no instruction-difficulty term: alpaca_eval fits one per instruction across many models on its own 805
+    instructions (weights fetched from the Hub); dice's held-out prompts have no such fit, so the model has only the
+    intercept θ and the length term, and σ(θ) is also the mean prediction at Δ = 0 over the prompts;
+  - a fixed small L2 penalty on (θ, φ) instead of an L1 penalty with its strength chosen by 5-fold cross-validation,
+    and no regularisation towards the "gamed" baselines alpaca_eval mixes in: the penalty only keeps the fit finite
+    when the preferences are separable (every p̂ = 1, or length deciding every row);
+  - Δ is policy − baseline (alpaca_eval's column is baseline − model), which only flips the sign of φ.
+With no length variation (σ_Δ = 0) the length term is dropped and σ(θ) is the (penalised) mean of p̂.
+The form's limit (alpaca_eval's too): a judge's length preference that is not a logistic-tanh curve — a near step
+in Δ, or a policy so much longer that tanh saturates on most rows — leaves a residual length effect in σ(θ)
+(tests/test_evaluation.py measures both cases).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def win_rate(p: np.ndarray) -> float:
+    """Mean p̂ over rows: a row's p̂ is P(policy ≻ baseline), so a tie (p̂ = ½) counts half (METHODS.md §8)."""
+    p = np.asarray(p, dtype=float)
+    if p.size == 0:
+        raise ValueError("win rate of no comparisons")
+    return float(p.mean())
+
+
+def _groups(prompt_ids: Sequence[str]) -> tuple[int, list[np.ndarray]]:
+    _, inv = np.unique(np.asarray(prompt_ids, dtype=object).astype(str), return_inverse=True)
+    n = int(inv.max()) + 1 if inv.size else 0
+    return n, [np.flatnonzero(inv == g) for g in range(n)]
+
+
+def bootstrap_interval(
+    statistic: Callable[[np.ndarray], float],
+    prompt_ids: Sequence[str],
+    n_boot: int,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of `statistic` over PROMPTS.
+
+    Each replicate draws as many prompts as there are, with replacement, and passes the row indices of every
+    drawn prompt (all its samples, repeated as often as it was drawn) to `statistic`.
+
+    Args:
+        statistic: row indices (R,) -> the statistic on those rows.
+        prompt_ids: (N,) the prompt of each row.
+        n_boot: replicates; 0 gives None.
+        level: coverage, e.g. 0.95 -> the 2.5th and 97.5th percentiles.
+        seed: the replicates' RNG seed (the same seed, the same interval).
+    Returns:
+        (low, high), or None when n_boot is 0 or there are no rows.
+    """
+    n, rows_of = _groups(prompt_ids)
+    if n_boot <= 0 or n == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    values = np.empty(n_boot)
+    for b in range(n_boot):
+        pick = rng.integers(0, n, n)
+        values[b] = statistic(np.concatenate([rows_of[g] for g in pick]))
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def win_rate_interval(
+    p: np.ndarray, prompt_ids: Sequence[str], n_boot: int, level: float = 0.95, seed: int = 0
+) -> tuple[float, float] | None:
+    """`bootstrap_interval` of the win rate, vectorised: per-prompt sums and counts, one matrix of draws."""
+    p = np.asarray(p, dtype=float)
+    n, rows_of = _groups(prompt_ids)
+    if n_boot <= 0 or n == 0:
+        return None
+    sums = np.array([p[r].sum() for r in rows_of])  # (G,)
+    counts = np.array([len(r) for r in rows_of], dtype=float)  # (G,)
+    pick = np.random.default_rng(seed).integers(0, n, (n_boot, n))  # (B, G)
+    values = sums[pick].sum(1) / counts[pick].sum(1)  # (B,)
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class LengthControlled:
+    """The fitted length-controlled model logit P = θ + φ·tanh(Δ/σ_Δ) and its LC win rate σ(θ)."""
+
+    lc_win_rate: float
+    theta: float
+    phi: float
+    sigma_len: float  # σ_Δ: std (ddof 1) of len(policy) − len(baseline) over the rows fitted; 0: no length term
+    iterations: int
+
+    def predict(self, delta_len: np.ndarray) -> np.ndarray:
+        """P(policy ≻ baseline) the model predicts at length differences `delta_len` (same unit as the fit)."""
+        x = np.tanh(np.asarray(delta_len, dtype=float) / self.sigma_len) if self.sigma_len > 0 else 0.0
+        return _sigmoid(self.theta + self.phi * x)
+
+
+def _sigmoid(z: np.ndarray | float) -> np.ndarray:
+    return np.exp(-np.logaddexp(0.0, -np.asarray(z, dtype=float)))
+
+
+def length_controlled(
+    p: np.ndarray, len_policy: np.ndarray, len_baseline: np.ndarray, l2: float = 0.01, sigma_len: float | None = None
+) -> LengthControlled:
+    """Fit the LC model of the module docstring (AlpacaEval 2's form without the instruction term) by Newton's method.
+
+    Args:
+        p: (N,) p̂ = P(policy ≻ baseline) per row, in [0, 1] (soft targets).
+        len_policy, len_baseline: (N,) response lengths, one unit for both.
+        l2: λ, the L2 weight on (θ, φ); > 0 keeps separable data finite.
+        sigma_len: σ_Δ to use instead of the sample std of Δ (None: computed from these rows).
+    Returns:
+        LengthControlled with lc_win_rate = σ(θ).
+    """
+    p = np.asarray(p, dtype=float)
+    delta = np.asarray(len_policy, dtype=float) - np.asarray(len_baseline, dtype=float)  # (N,)
+    if p.size == 0:
+        raise ValueError("length-controlled win rate of no comparisons")
+    if not np.all((p >= 0) & (p <= 1)):
+        raise ValueError("p̂ must lie in [0, 1]")
+    sigma = float(delta.std(ddof=1)) if sigma_len is None and delta.size > 1 else float(sigma_len or 0.0)
+    if sigma > 0:
+        x = np.column_stack([np.ones_like(p), np.tanh(delta / sigma)])  # (N, 2)
+    else:  # no length variation: the intercept alone
+        sigma = 0.0
+        x = np.ones((p.size, 1))  # (N, 1)
+    w = np.zeros(x.shape[1])
+    w[0] = math.log((p.mean() + 1e-3) / (1 - p.mean() + 1e-3))  # start at the logit of the raw win rate
+
+    def objective(v: np.ndarray) -> float:
+        z = x @ v  # (N,)
+        return float(np.sum(-p * np.logaddexp(0, -z) - (1 - p) * np.logaddexp(0, z)) - 0.5 * l2 * v @ v)
+
+    it = 0
+    for it in range(1, 101):
+        s = _sigmoid(x @ w)  # (N,)
+        grad = x.T @ (p - s) - l2 * w  # (D,)
+        hess = (x.T * (s * (1 - s))) @ x + l2 * np.eye(len(w))  # (D, D), the negated Hessian: positive definite
+        step = np.linalg.solve(hess, grad)
+        t, f0 = 1.0, objective(w)
+        while objective(w + t * step) < f0 - 1e-12 and t > 1e-8:  # concave: backtracking always finds ascent
+            t *= 0.5
+        w = w + t * step
+        if np.max(np.abs(t * step)) < 1e-10:
+            break
+    theta, phi = float(w[0]), float(w[1]) if len(w) > 1 else 0.0
+    return LengthControlled(float(_sigmoid(theta)), theta, phi, sigma, it)
+
+
+def lc_interval(
+    p: np.ndarray,
+    len_policy: np.ndarray,
+    len_baseline: np.ndarray,
+    prompt_ids: Sequence[str],
+    n_boot: int,
+    level: float = 0.95,
+    seed: int = 0,
+    l2: float = 0.01,
+) -> tuple[float, float] | None:
+    """Prompt-bootstrap interval of the LC win rate: the model is refitted (σ_Δ included) on every replicate."""
+    p, lp, lb = (np.asarray(a, dtype=float) for a in (p, len_policy, len_baseline))
+    return bootstrap_interval(
+        lambda idx: length_controlled(p[idx], lp[idx], lb[idx], l2).lc_win_rate, prompt_ids, n_boot, level, seed
+    )
+
+
+def agreement(p_by_annotator: np.ndarray) -> float | None:
+    """Pairwise annotator agreement: over every pair of annotators and every row both answered, the share in which
+    they pick the same side (p > ½, p < ½, or both exactly ½).
+
+    Args:
+        p_by_annotator: (N, A) each annotator's p per row; NaN where it failed.
+    Returns:
+        The share in [0, 1], or None with fewer than two annotators or no row two of them answered.
+    """
+    p = np.asarray(p_by_annotator, dtype=float)
+    if p.ndim != 2 or p.shape[1] < 2:
+        return None
+    side = np.sign(p - 0.5)  # (N, A), NaN where failed
+    same = total = 0
+    for a in range(p.shape[1]):
+        for b in range(a + 1, p.shape[1]):
+            both = np.isfinite(side[:, a]) & np.isfinite(side[:, b])
+            total += int(both.sum())
+            same += int((side[both, a] == side[both, b]).sum())
+    return same / total if total else None
+
+
+def scalar_preference(policy: np.ndarray, baseline: np.ndarray) -> np.ndarray:
+    """p = 1, ½ or 0 as a scalar metric of the policy's response is above, equal to or below the baseline's.
+
+    A Python metric (e.g. the toy task's true reward) is compared, not put on a probability scale: its units are
+    arbitrary. NaN where either value is not finite.
+    """
+    a, b = np.asarray(policy, dtype=float), np.asarray(baseline, dtype=float)
+    out = np.where(a > b, 1.0, np.where(a < b, 0.0, 0.5))
+    return np.where(np.isfinite(a) & np.isfinite(b), out, np.nan)
+
+
+def reward_preference(policy: np.ndarray, baseline: np.ndarray) -> np.ndarray:
+    """p = σ(r_policy − r_baseline) from a reward model's scores (Bradley-Terry, as pairs use it; METHODS.md §6)."""
+    return _sigmoid(np.asarray(policy, dtype=float) - np.asarray(baseline, dtype=float))
+
+
+# ---------------------------------------------------------------------------------------------- stopping
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands by its LC win rates: the best round so far and how many rounds since it improved."""
+
+    best_round: int | None
+    best_lc: float | None
+    rounds_without_gain: int
+    stop: bool
+    reason: str | None
+
+
+def progress(
+    lc_by_round: Sequence[tuple[int, float]], baseline: str, min_gain: float, patience: int | None
+) -> Progress:
+    """Apply `eval.stop_after_no_gain` (patience N) and `eval.min_gain` to the rounds' LC win rates, in round order.
+
+    A round improves when its LC win rate beats the reference by more than min_gain:
+      - baseline `initial` (π_0): the best LC so far, starting from round 0 at ½ (π_0 against itself);
+      - a reference-outputs file: the best LC so far (the first evaluated round sets it);
+      - `previous` (π_{k-1}): ½, since round k's LC already measures π_k against π_{k-1}; rates of different rounds
+        are not on one scale, so best_round is the last round that beat its predecessor (0 if none did).
+    The run stops once the last N evaluated rounds all failed to improve.
+    """
+    best_round: int | None = None
+    best: float | None = None
+    if baseline in ("initial", "previous"):
+        best_round, best = 0, 0.5
+    stale, since = 0, []
+    for k, v in lc_by_round:
+        if baseline == "initial" and k == 0:
+            continue  # π_0 against itself: not a measurement
+        if baseline == "previous":
+            improved = v > 0.5 + min_gain
+        else:
+            improved = best is None or v > best + min_gain
+        if improved:
+            best_round, best, stale, since = k, v, 0, []
+        else:
+            stale += 1
+            since.append(k)
+    stop = patience is not None and stale >= patience
+    reason = None
+    if stop:
+        ref = "½ (its predecessor)" if baseline == "previous" else f"{best:.4g} (round {best_round})"
+        reason = (f"the LC win rate has not improved by more than {min_gain:g} over {ref} for {stale} round(s) "
+                  f"(rounds {', '.join(map(str, since))}); best round {best_round}")  # fmt: skip
+    return Progress(best_round, best, stale, stop, reason)

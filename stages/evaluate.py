@@ -1,0 +1,483 @@
+"""Stage `evaluate`: did the round help? π_k against a baseline on held-out prompts, judged, with a win rate and a
+length-controlled win rate (../shared/METHODS.md §8; the metrics are pipeline/evaluation.py).
+
+Reads π_k (the model round k trained; round 0: π_0), the baseline — π_0 (`eval.baseline: initial`, the default),
+π_{k-1} (`previous`) or a file of reference outputs — the held-out prompts `eval.prompts`, and `data.prompts` and
+`data.offline` to refuse overlap. Writes `eval.parquet` (EVAL + per-annotator columns, pipeline/schemas.py) and
+returns the metrics, which go into the round's manifest, `dice inspect`, the report and the flow's stopping rule.
+
+1. Prompts. The held-out file (its first `eval.max_prompts`), less every prompt whose text (whitespace collapsed)
+   also appears in `data.prompts` or `data.offline`: those are refused and counted (`prompts_overlap`); none left
+   is an error naming the files.
+2. Responses. `eval.num_samples` per prompt from each model with vLLM (`eval.temperature`, `top_p`, `max_tokens`;
+   temperature 0 is greedy), prompts rendered by `pipeline.logprobs.prompt_ids`. Prompt j's seed is
+   `prompt_seed(run seed, EVAL_SEED_SLOT, prompt_id)` for every model and every round, so sample i of a prompt is
+   compared with the baseline's sample i drawn with the same seed, and the baseline's responses are the same in
+   every round. Each model's responses are cached in `<run>/eval-cache/<digest>.parquet` (`dice eval --out DIR`:
+   DIR/eval-cache), the digest covering the model's fingerprint, the prompts, the sampling settings and the seed:
+   π_0's responses are generated once per run, and with `previous` round k reuses the π_{k-1} responses round k-1
+   generated. Prompts too long for either model (`model.max_prompt_tokens`, the context) are dropped and counted.
+   A reference-outputs file (AlpacaEval's `instruction` / `output`) must have an output for every prompt kept
+   (else an error naming the file and the first prompt missing); each of the policy's samples is compared with it.
+3. Annotators, each giving P(policy ≻ baseline) per row: the judges of `eval.judges` (the backends of
+   `label.judges`: a local model on vLLM, an OpenAI-compatible server, a Python function), asked in both orders with
+   the position bias cancelled (pipeline.judges.compare); the reward model (σ(r_policy − r_baseline)); the Python
+   metric (1, ½ or 0 by comparing the two scores). A failed comparison is recorded per annotator (`error_<id>`),
+   excluded and counted; an annotator that fails every comparison is an error naming it (never a silent ½).
+   p̂ = the mean over the annotators that answered; rows with fewer than `eval.min_annotators` are excluded.
+4. Metrics over the rows with a p̂: win rate (mean p̂, ties ½) and the LC win rate, each with a 95% interval from
+   `eval.bootstrap` prompt resamples (seeded by the run seed); wins, losses, ties; annotator agreement; mean length
+   of both sides in tokens (the policy's tokenizer) and characters; the metric's and reward model's means per side.
+
+    python -m stages.evaluate conf/tiny.yaml --round 1
+    dice eval runs/tiny --round 1                                     # the same stage, then its metrics table
+    dice eval --model PATH --baseline PATH_OR_FILE --config conf/tiny.yaml --out DIR   # any two models
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import evaluation, schemas
+from pipeline.artifacts import ArtifactError, StagePlan, fingerprint, read_parquet, write_parquet
+from pipeline.config import RunConfig
+from pipeline.chat import messages_column, prompts_of
+from pipeline.datasets import is_hub_dataset, prompt_texts, read_prompts, read_reference_outputs, text_key
+
+# The "round" slot of stages.generate.prompt_seed for evaluation: no generate round is negative, so evaluation
+# seeds never coincide with a training round's, and they are the same in every round and for every model.
+EVAL_SEED_SLOT = -1
+
+
+def cache_dir(plan: StagePlan) -> Path:
+    """Where model responses are cached: the run folder (round plans) or the standalone output folder."""
+    return (plan.round_dir.parent if plan.round >= 0 else plan.round_dir) / "eval-cache"
+
+
+# ---------------------------------------------------------------------------------------------- 1. prompts
+
+
+def held_out_prompts(cfg: RunConfig, plan: StagePlan) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    """[(prompt_id, prompt)] to evaluate: eval.prompts (first max_prompts) less those the run also trains on."""
+    path = cfg.eval.prompts
+    table = read_prompts(path)
+    if cfg.eval.max_prompts:
+        table = table.slice(0, cfg.eval.max_prompts)
+    rows = list(zip(table["prompt_id"].to_pylist(), table["prompt"].to_pylist()))
+    seen: set[str] = set()
+    checked, unchecked = [], []
+    for kind, src in (("prompts", cfg.data.prompts), ("offline", cfg.data.offline)):
+        local = Path(src.path)
+        if local.exists() or is_hub_dataset(src.path):
+            seen |= prompt_texts(src, kind)
+            checked.append(str(src))
+        else:  # a standalone `dice eval` whose config names data files this machine does not have
+            unchecked.append(str(src))
+            print(f"evaluate: {src} not found: held-out prompts not checked against it", file=sys.stderr)
+    kept = [(pid, text) for pid, text in rows if text_key(text) not in seen]
+    overlap = len(rows) - len(kept)
+    if overlap:
+        print(f"evaluate: {overlap} of the {len(rows)} prompts of {path} also appear in {' or '.join(checked)} "
+              "and are not evaluated", flush=True)  # fmt: skip
+    if not kept:
+        raise ValueError(
+            f"{path}: all {len(rows)} held-out prompts also appear in {' or '.join(checked)} (same text); "
+            "eval.prompts must hold prompts the run does not train on"
+        )
+    return kept, {"prompts_file": len(rows), "prompts_overlap": overlap, "overlap_checked": checked,
+                  "overlap_unchecked": unchecked}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- 2. responses
+
+
+def _tokenizer(cfg: RunConfig, model: str):
+    from stages.generate import _load_tokenizer
+
+    return _load_tokenizer(cfg, model)
+
+
+def _digest(cfg: RunConfig, model: str, prompts: list[tuple[str, str]]) -> str:
+    """The cache key of a model's responses: everything that decides them."""
+    ev, g = cfg.eval, cfg.generate
+    key = {
+        "model": fingerprint(model), "prompts": prompts, "seed": cfg.seed, "slot": EVAL_SEED_SLOT,
+        "num_samples": ev.num_samples, "temperature": ev.temperature, "top_p": ev.top_p, "max_tokens": ev.max_tokens,
+        "stop": g.stop, "stop_token_ids": g.stop_token_ids, "max_prompt_tokens": cfg.model.max_prompt_tokens,
+        "max_model_len": g.engine.max_model_len, "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code,
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def model_responses(
+    cfg: RunConfig, plan: StagePlan, model: str, prompts: list[tuple[str, str]], engines: dict[str, Any]
+) -> tuple[pa.Table, bool]:
+    """`eval.num_samples` responses per prompt from `model` (RESPONSES rows; prompts too long for it are absent),
+    from the cache when this model, these prompts and these settings were generated before. Returns (table, cached)."""
+    from stages.generate import _context_limit, prompt_seed
+
+    path = cache_dir(plan) / f"{_digest(cfg, model, prompts)}.parquet"
+    if path.is_file():
+        try:
+            return read_parquet(path, schemas.RESPONSES), True
+        except ArtifactError as e:  # a damaged cache file is regenerated, not trusted
+            print(f"evaluate: cache {path} unreadable ({e}); generating again", file=sys.stderr)
+    from vllm import SamplingParams, TokensPrompt
+
+    from pipeline.engine import make_llm
+    from pipeline.logprobs import prompt_ids
+
+    ev, g = cfg.eval, cfg.generate
+    tokenizer = _tokenizer(cfg, model)
+    limit = min(cfg.model.max_prompt_tokens, _context_limit(cfg, model) - 1)
+    table = read_prompts(cfg.eval.prompts)  # the conversations behind the texts, for the chat template
+    convs = dict(zip(table["prompt_id"].to_pylist(), prompts_of(table)))
+    ids = [prompt_ids(tokenizer, convs.get(pid, text)) for pid, text in prompts]
+    kept = [i for i, x in enumerate(ids) if len(x) <= limit]
+    seeds = [prompt_seed(cfg.seed, EVAL_SEED_SLOT, prompts[i][0]) for i in kept]
+    llm = engines.get(model)
+    owned = llm is None
+    if owned:
+        llm = make_llm(model, g.engine, dtype=cfg.model.dtype, seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code)
+    started = time.monotonic()
+    try:
+        params = [
+            SamplingParams(n=ev.num_samples, temperature=ev.temperature, top_p=ev.top_p, max_tokens=ev.max_tokens,
+                           seed=s, stop=g.stop or None, stop_token_ids=g.stop_token_ids or None)
+            for s in seeds
+        ]  # fmt: skip
+        results = llm.generate([TokensPrompt(prompt_token_ids=ids[i]) for i in kept], params, use_tqdm=False) if kept else []
+    finally:
+        if owned:
+            del llm
+            gc.collect()
+    cols: dict[str, list] = {name: [] for name in schemas.RESPONSES.names}
+    for i, seed, result in zip(kept, seeds, results):
+        for j, out in enumerate(result.outputs):
+            conv = convs.get(prompts[i][0], prompts[i][1])
+            for name, value in (("prompt_id", prompts[i][0]), ("prompt", prompts[i][1]),
+                                ("prompt_messages", messages_column([conv])[0]), ("sample_idx", j),
+                                ("response", out.text), ("num_tokens", len(out.token_ids)), ("num_chars", len(out.text)),
+                                ("finish_reason", out.finish_reason or "unknown"), ("cumulative_logprob", None),
+                                ("seed", seed), ("model", model), ("round", plan.round)):  # fmt: skip
+                cols[name].append(value)
+    table = pa.table(cols, schema=schemas.RESPONSES)
+    write_parquet(table, path, schemas.RESPONSES)
+    n_tokens = sum(cols["num_tokens"])
+    print(f"evaluate: {model}: {len(kept)} prompts × {ev.num_samples} samples, {n_tokens} tokens in "
+          f"{time.monotonic() - started:.1f} s" + (f"; {len(prompts) - len(kept)} prompts too long" if len(kept) < len(prompts) else ""),
+          flush=True)  # fmt: skip
+    return table, False
+
+
+def _by_prompt(table: pa.Table) -> dict[str, dict[int, dict[str, Any]]]:
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in table.to_pylist():
+        out.setdefault(r["prompt_id"], {})[r["sample_idx"]] = r
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- 3. annotators
+
+
+def _judges(cfg: RunConfig, plan: StagePlan) -> list[tuple[str, str | None, Any]]:
+    """(id, vLLM model or None, factory(llm) -> judge) per judge, templates checked up front (label's twin)."""
+    from pipeline.judges import HttpJudge, PythonJudge, VllmJudge, load_template
+    from pipeline.rewards import load_callable
+
+    made: list[tuple[str, str | None, Any]] = []
+    for i, (jid, j) in enumerate(zip(cfg.eval.annotator_ids(), cfg.eval.judges)):
+        if j.backend == "python":
+            fn = load_callable(str(j.function), f"eval.judges[{i}].function")
+            made.append((jid, None, lambda _llm, jid=jid, j=j, fn=fn: PythonJudge(jid, j, fn)))
+            continue
+        template = load_template(plan.inputs[f"template:{jid}"])
+        if j.backend == "http":
+            judge = HttpJudge(jid, j, template)  # checks the URL and that the key's variable is set
+            made.append((jid, None, lambda _llm, judge=judge: judge))
+            continue
+        model = str(plan.inputs[f"judge:{jid}"])
+
+        def local(llm: Any, jid: str = jid, j: Any = j, template: Any = template, model: str = model) -> Any:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=cfg.eval.trust_remote_code)
+            return VllmJudge(jid, j, template, llm, tokenizer, model)
+
+        made.append((jid, model, local))
+    return made
+
+
+def _python_scores(cfg: RunConfig, prompts: list[str], responses: list[str]) -> np.ndarray:
+    from pipeline.rewards import load_callable
+
+    spec = str(cfg.eval.python_metric)
+    fn = load_callable(spec, "eval.python_metric")
+    out = np.full(len(prompts), np.nan)
+    step = cfg.eval.batch_size
+    for start in range(0, len(prompts), step):
+        stop = min(start + step, len(prompts))
+        try:
+            scores = list(fn(prompts[start:stop], responses[start:stop]))
+        except Exception as e:  # noqa: BLE001 -- user code: name it, keep its message
+            raise ValueError(f"eval.python_metric={spec}: raised {type(e).__name__}: {e}") from e
+        if len(scores) != stop - start:
+            raise ValueError(f"eval.python_metric={spec}: returned {len(scores)} scores for {stop - start} responses")
+        out[start:stop] = [np.nan if x is None else float(x) for x in scores]
+    return out
+
+
+def _reward_scores(cfg: RunConfig, plan: StagePlan, prompts: list[str], texts: list[str]) -> np.ndarray:
+    """The reward model's score of each (prompt, text) on its own encoding; NaN where the text is too long."""
+    from pipeline.rewards import check_format, load_reward_model, reward_model_ids, score_reward_model
+
+    ev = cfg.eval
+    check_format(ev.reward_model_format)
+    path = str(plan.inputs["reward_model"])
+    model, tokenizer = load_reward_model(path, cfg.model.dtype, ev.trust_remote_code)
+    encoded = [reward_model_ids(tokenizer, p, t, ev.reward_model_format, path) for p, t in zip(prompts, texts)]
+    limit = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", None) or cfg.model.max_length)
+    ok = [i for i, x in enumerate(encoded) if len(x) <= limit]
+    scores = np.full(len(encoded), np.nan)
+    if ok:
+        scores[ok] = score_reward_model(model, tokenizer, [encoded[i] for i in ok], ev.batch_size, path)
+    del model
+    gc.collect()
+    return scores
+
+
+def annotate(
+    cfg: RunConfig, plan: StagePlan, prompts: list[str], policy: list[str], baseline: list[str],
+    engines: dict[str, Any] | None = None,
+) -> tuple[np.ndarray, list[list[str | None]], dict[str, np.ndarray], dict[str, Any]]:  # fmt: skip
+    """Every annotator on every row: P(policy ≻ baseline) per row and annotator.
+
+    Returns:
+        (p: (N, A) with NaN where an annotator failed, errors: A lists of N reasons or None,
+         scores: {"metric", "baseline_metric", "reward", "baseline_reward"} (N,) arrays where configured, stats).
+    Raises:
+        ValueError: naming the annotator, when one fails on every row.
+    """
+    from pipeline.engine import make_llm
+    from pipeline.judges import compare
+
+    ev, engines = cfg.eval, engines or {}
+    ids = ev.annotator_ids()
+    n = len(prompts)
+    p = np.full((n, len(ids)), np.nan)
+    errors: list[list[str | None]] = [[None] * n for _ in ids]
+    details: dict[str, str] = {}
+    scores: dict[str, np.ndarray] = {}
+    attempts = 0
+    questions = list(zip(prompts, policy, baseline))
+    judges = _judges(cfg, plan)
+    for model in dict.fromkeys(m for _, m, _ in judges):  # one engine per judge model, freed before the next
+        llm = None
+        if model is not None:
+            llm = engines.get(model) or make_llm(model, cfg.label.engine, dtype=cfg.model.dtype, seed=cfg.seed,
+                                                 trust_remote_code=ev.trust_remote_code)  # fmt: skip
+        for jid, m, factory in judges:
+            if m != model:
+                continue
+            a = ids.index(jid)
+            for i, c in enumerate(compare(factory(llm), questions) if questions else []):
+                attempts += c.attempts
+                if c.p is None:
+                    errors[a][i] = c.error
+                    details.setdefault(f"{jid}:{c.error}", c.detail or "")
+                else:
+                    p[i, a] = c.p
+        if model is not None and model not in engines:
+            del llm
+            gc.collect()
+    if ev.reward_model:
+        a = ids.index("reward_model")
+        both = _reward_scores(cfg, plan, prompts + prompts, policy + baseline)
+        scores["reward"], scores["baseline_reward"] = both[:n], both[n:]
+        p[:, a] = evaluation.reward_preference(both[:n], both[n:])
+        for i in np.flatnonzero(~np.isfinite(p[:, a])):
+            errors[a][i] = "too_long"
+    if ev.python_metric:
+        a = ids.index("python_metric")
+        both = _python_scores(cfg, prompts + prompts, policy + baseline)
+        scores["metric"], scores["baseline_metric"] = both[:n], both[n:]
+        p[:, a] = evaluation.scalar_preference(both[:n], both[n:])
+        for i in np.flatnonzero(~np.isfinite(p[:, a])):
+            errors[a][i] = "non_finite"
+    where = {**{jid: "eval.judges" for jid in ids}, "reward_model": "eval.reward_model", "python_metric": "eval.python_metric"}
+    per_annotator, by_reason = {}, Counter()
+    for a, jid in enumerate(ids):
+        failed = Counter(e for e in errors[a] if e is not None)
+        by_reason.update(failed)
+        per_annotator[jid] = {"ok": int(np.isfinite(p[:, a]).sum()), "failed": sum(failed.values())}
+        if n and not per_annotator[jid]["ok"]:
+            reason = failed.most_common(1)[0][0]
+            detail = details.get(f"{jid}:{reason}", "")
+            raise ValueError(
+                f"evaluate: annotator {jid} ({where[jid]}) failed on all {n} comparisons (most often {reason}"
+                + (f": {detail}" if detail else "") + "); fix it or remove it"
+            )
+    stats = {"annotators": ids, "per_annotator": per_annotator, "comparisons_failed": sum(by_reason.values()),
+             "failures_by_reason": dict(by_reason), "judge_requests": attempts}  # fmt: skip
+    return p, errors, scores, stats
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+def _baseline_label(plan: StagePlan) -> str:
+    if "baseline" in plan.inputs:
+        return str(plan.inputs["baseline"])
+    return str(plan.inputs["baseline_outputs"])
+
+
+def run(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate the plan's policy against its baseline. `engines`: started vLLM engines by model path (tests)."""
+    ev, engines = cfg.eval, engines or {}
+    policy = str(plan.inputs["policy"])
+    prompts, prompt_stats = held_out_prompts(cfg, plan)
+
+    # the reference-outputs file is checked before anything is generated
+    outputs = None
+    if "baseline_outputs" in plan.inputs:
+        path = Path(plan.inputs["baseline_outputs"])
+        if not path.is_file():
+            raise ValueError(f"eval.baseline {path}: not 'initial', 'previous' or an existing reference-outputs file")
+        outputs = read_reference_outputs(path)
+        missing = [(pid, text) for pid, text in prompts if text_key(text) not in outputs]
+        if missing:
+            pid, text = missing[0]
+            raise ValueError(
+                f"{path}: no output for {len(missing)} of the {len(prompts)} held-out prompts (first: prompt_id "
+                f"{pid!r}, {text[:80]!r}); eval.baseline needs an `output` for every `instruction` of {plan.inputs['prompts']}"
+            )
+
+    pol_table, pol_cached = model_responses(cfg, plan, policy, prompts, engines)
+    pol = _by_prompt(pol_table)
+    base: dict[str, dict[int, dict[str, Any]]] = {}
+    base_cached = None
+    if outputs is None:
+        base_table, base_cached = model_responses(cfg, plan, str(plan.inputs["baseline"]), prompts, engines)
+        base = _by_prompt(base_table)
+    kept = [(pid, text) for pid, text in prompts if pid in pol and (outputs is not None or pid in base)]
+    if not kept:
+        raise ValueError(f"{plan.inputs['prompts']}: every held-out prompt is longer than model.max_prompt_tokens "
+                         f"({cfg.model.max_prompt_tokens}) or a model's context")  # fmt: skip
+
+    # one row per (prompt, sample): the policy's sample i against the baseline's sample i (or the file's output)
+    tokenizer = _tokenizer(cfg, policy)
+    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    cols: dict[str, list] = {name: [] for name in schemas.EVAL.names}
+    for pid, text in kept:
+        for j in sorted(pol[pid]):
+            mine = pol[pid][j]
+            theirs = base[pid].get(j) if outputs is None else None
+            if outputs is None and theirs is None:
+                continue  # the baseline has no sample j (both sides draw eval.num_samples: not expected)
+            other = outputs[text_key(text)] if outputs is not None else theirs["response"]
+            for name, value in (("prompt_id", pid), ("prompt", text), ("sample_idx", j), ("response", mine["response"]),
+                                ("baseline_response", other), ("tokens", count(mine["response"])),
+                                ("baseline_tokens", count(other)), ("chars", len(mine["response"])),
+                                ("baseline_chars", len(other)), ("finish_reason", mine["finish_reason"]),
+                                ("baseline_finish_reason", theirs["finish_reason"] if theirs else None),
+                                ("seed", mine["seed"]), ("model", policy), ("baseline", _baseline_label(plan)),
+                                ("round", plan.round if plan.round >= 0 else None)):  # fmt: skip
+                cols[name].append(value)
+    n = len(cols["prompt_id"])
+    p, errors, scores, ann_stats = annotate(cfg, plan, cols["prompt"], cols["response"], cols["baseline_response"], engines)
+    answered = np.isfinite(p).sum(1)  # (N,)
+    counted = answered >= ev.min_annotators
+    p_hat = np.where(counted, np.nansum(np.where(np.isfinite(p), p, 0.0), 1) / np.maximum(answered, 1), np.nan)
+    if not counted.any():
+        raise ValueError(f"evaluate: no row has eval.min_annotators={ev.min_annotators} annotators answering")
+    cols["p"] = list(p_hat)
+    cols["annotators"] = answered.astype(int).tolist()
+    for name in ("metric", "baseline_metric", "reward", "baseline_reward"):
+        cols[name] = list(scores[name]) if name in scores else [None] * n
+    ids = ev.annotator_ids()
+    for a, jid in enumerate(ids):
+        cols[f"p_{jid}"] = list(p[:, a])
+        cols[f"error_{jid}"] = errors[a]
+    schema = schemas.eval_schema(ids)
+    write_parquet(_table(cols, schema), plan.outputs["eval"], schema)
+
+    # metrics over the counted rows
+    c = np.flatnonzero(counted)
+    pc, pids = p_hat[c], [cols["prompt_id"][i] for i in c]
+    unit = ev.length_unit  # "chars" or "tokens": the column pair the LC fit reads
+    lp = np.array(cols[unit], dtype=float)[c]
+    lb = np.array(cols[f"baseline_{unit}"], dtype=float)[c]
+    lc = evaluation.length_controlled(pc, lp, lb, ev.lc_l2)
+    level = 0.95
+    wr_ci = evaluation.win_rate_interval(pc, pids, ev.bootstrap, level, cfg.seed)
+    lc_ci = evaluation.lc_interval(pc, lp, lb, pids, ev.bootstrap, level, cfg.seed, ev.lc_l2)
+    mean = lambda name: float(np.mean(np.array(cols[name], dtype=float)))  # noqa: E731 -- over every row compared
+    stats: dict[str, Any] = {
+        "baseline": plan.roles.get("baseline") or plan.roles.get("baseline_outputs"),
+        "baseline_path": _baseline_label(plan),
+        "prompts": len(kept),
+        **prompt_stats,
+        "prompts_too_long": len(prompts) - len(kept),
+        "samples": ev.num_samples,
+        "rows": n,
+        "rows_counted": int(counted.sum()),
+        "rows_excluded": int(n - counted.sum()),
+        "win_rate": evaluation.win_rate(pc),
+        "win_rate_ci": list(wr_ci) if wr_ci else None,
+        "lc_win_rate": lc.lc_win_rate,
+        "lc_win_rate_ci": list(lc_ci) if lc_ci else None,
+        "lc_theta": lc.theta,
+        "lc_phi": lc.phi,
+        "lc_sigma_len": lc.sigma_len,
+        "length_unit": ev.length_unit,
+        "ci_level": level,
+        "wins": int((pc > 0.5).sum()),
+        "losses": int((pc < 0.5).sum()),
+        "ties": int((pc == 0.5).sum()),
+        "agreement": evaluation.agreement(p[c]),
+        "mean_tokens": mean("tokens"),
+        "baseline_mean_tokens": mean("baseline_tokens"),
+        "mean_chars": mean("chars"),
+        "baseline_mean_chars": mean("baseline_chars"),
+        "cut_at_limit": cols["finish_reason"].count("length"),
+        "baseline_cut_at_limit": cols["baseline_finish_reason"].count("length") if outputs is None else None,
+        "metric_mean": float(np.nanmean(scores["metric"])) if "metric" in scores else None,
+        "baseline_metric_mean": float(np.nanmean(scores["baseline_metric"])) if "metric" in scores else None,
+        "reward_mean": float(np.nanmean(scores["reward"])) if "reward" in scores else None,
+        "baseline_reward_mean": float(np.nanmean(scores["baseline_reward"])) if "reward" in scores else None,
+        "responses_cached": {"policy": pol_cached, "baseline": base_cached},
+        **ann_stats,
+    }
+    ci = lambda v: f" [{v[0]:.3f}, {v[1]:.3f}]" if v else ""  # noqa: E731
+    print(f"evaluate round {plan.round}: {plan.roles.get('policy')} vs "
+          f"{stats['baseline']} on {len(kept)} prompts × {ev.num_samples}: win rate {stats['win_rate']:.3f}{ci(wr_ci)}, "
+          f"LC win rate {lc.lc_win_rate:.3f}{ci(lc_ci)}, mean {unit} {np.mean(lp):.1f} vs {np.mean(lb):.1f}",
+          flush=True)  # fmt: skip
+    return stats
+
+
+def _table(cols: dict[str, list], schema: pa.Schema) -> pa.Table:
+    """The columns as a table of `schema`, NaN floats stored as nulls."""
+    arrays = []
+    for f in schema:
+        values = cols[f.name]
+        if pa.types.is_floating(f.type):
+            values = [None if v is None or not np.isfinite(v) else float(v) for v in values]
+        arrays.append(pa.array(values, type=f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+if __name__ == "__main__":
+    from stages.common import main
+
+    main("evaluate", run)

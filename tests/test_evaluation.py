@@ -1,0 +1,342 @@
+"""Layers 1-3 for evaluation (pipeline/evaluation.py, EvalConfig, the evaluate plan, the annotators of
+stages/evaluate.py on given responses): hand-checked win rates and intervals, the length-controlled win rate's
+defining properties on synthetic judges, agreement, the stopping rule, and bad input. No engine is started here:
+tests/test_flow_e2e.py runs the stage in the real flow and `dice eval` on two real models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from pipeline import evaluation, rounds
+from pipeline.artifacts import ArtifactError
+from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.datasets import prompt_texts, read_reference_outputs, text_key
+from stages import evaluate
+
+from .conftest import REPO
+
+# ---------------------------------------------------------------------------------------------- win rate
+
+
+def test_win_rate_counts_ties_half():
+    """p̂ = 1, 0, ½, ½: one win, one loss, two ties -> (1 + 0 + ½ + ½)/4 = 0.5; soft p̂ 0.9 and 0.3 -> 0.6."""
+    assert evaluation.win_rate(np.array([1.0, 0.0, 0.5, 0.5])) == 0.5
+    assert evaluation.win_rate(np.array([0.9, 0.3])) == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="no comparisons"):
+        evaluation.win_rate(np.array([]))
+
+
+def test_bootstrap_resamples_prompts_not_rows():
+    """Prompt a has four rows all won, prompt b four rows all lost. Resampling prompts, a replicate holds 0, 1 or 2
+    copies of a out of 2 prompts: its win rate is 0, ½ or 1, nothing else; resampling rows would give eighths."""
+    p = np.array([1.0] * 4 + [0.0] * 4)
+    pids = ["a"] * 4 + ["b"] * 4
+    seen = set()
+    evaluation.bootstrap_interval(lambda idx: seen.add(float(p[idx].mean())) or 0.0, pids, 200, seed=0)
+    assert seen == {0.0, 0.5, 1.0}
+    lo, hi = evaluation.win_rate_interval(p, pids, 2000, seed=0)
+    assert (lo, hi) == (0.0, 1.0)  # P(all a or all b) = ½ each draw-pair: both ends are in the 2.5%/97.5% tails
+
+
+def test_win_rate_interval_matches_the_generic_bootstrap_and_is_seeded():
+    rng = np.random.default_rng(1)
+    p = rng.uniform(0, 1, 60)
+    pids = [f"q{i // 3}" for i in range(60)]  # 20 prompts × 3 samples
+    fast = evaluation.win_rate_interval(p, pids, 500, seed=7)
+    assert fast == evaluation.win_rate_interval(p, pids, 500, seed=7)
+    assert fast[0] < evaluation.win_rate(p) < fast[1]
+    slow = evaluation.bootstrap_interval(lambda idx: p[idx].mean(), pids, 2000, seed=3)
+    assert fast == pytest.approx(slow, abs=0.03)
+    assert evaluation.win_rate_interval(p, pids, 0) is None
+
+
+# ---------------------------------------------------------------------------------------------- length control
+
+
+def _lengths(n: int, seed: int, longer_by: float):
+    """Lengths in hundreds of characters: the baseline's ~ N(3, 0.8), the policy's `longer_by` longer on average
+    (difference std 1)."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(3, 0.8, n).clip(0.1)
+    pol = (base + rng.normal(longer_by, 1.0, n)).clip(0.1)
+    return pol, base
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_length_only_judge_raw_win_rate_high_lc_near_half(seed):
+    """A judge that prefers the longer response and nothing else, p = σ(len_a − len_b) (lengths in hundreds of
+    characters): a policy that answers longer (by 100 chars on average) wins far more than half the raw comparisons,
+    yet at equal length the judge has no preference, so the LC win rate is ½ (to 0.02, over five seeds)."""
+    pol, base = _lengths(400, seed, longer_by=1.0)
+    p = 1 / (1 + np.exp(-(pol - base)))
+    raw, lc = evaluation.win_rate(p), evaluation.length_controlled(p, pol, base)
+    assert raw > 0.65
+    assert abs(lc.lc_win_rate - 0.5) < 0.02
+    assert lc.phi > 1  # the length term carries the preference
+
+
+def test_step_like_length_judge_is_pulled_towards_half():
+    """The limit of the tanh form (AlpacaEval's too): a judge whose length preference is a near step,
+    p = σ(100·(len_a − len_b)), is not a logistic-tanh curve, so the LC win rate keeps a residual; it still moves
+    from raw ≈ 0.7 to within 0.12 of ½ (five seeds)."""
+    for seed in range(5):
+        pol, base = _lengths(400, seed, longer_by=0.6)
+        p = 1 / (1 + np.exp(-100 * (pol - base)))
+        assert evaluation.win_rate(p) > 0.65
+        assert abs(evaluation.length_controlled(p, pol, base).lc_win_rate - 0.5) < 0.12
+
+
+def test_a_tanh_length_judge_is_fitted_exactly():
+    """A judge whose preference is exactly the model's form, logit p = 2·tanh(Δ/σ_Δ), gives back θ = 0, φ = 2."""
+    pol, base = _lengths(400, 0, longer_by=1.0)
+    q = 1 / (1 + np.exp(-2.0 * np.tanh((pol - base) / (pol - base).std(ddof=1))))
+    fit = evaluation.length_controlled(q, pol, base, l2=1e-6)
+    assert fit.theta == pytest.approx(0.0, abs=1e-3) and fit.phi == pytest.approx(2.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_length_blind_judge_raw_and_lc_agree(seed):
+    """A judge that ignores length, on a policy that answers longer: soft p̂ = σ(ε) with ε ~ N(0.9, 1) independent
+    of the lengths: raw and LC agree to 0.02; hard votes (win with probability 0.7) to 0.05, their sampling noise
+    (the fitted φ is noise, and x = tanh(Δ/σ_Δ) has a non-zero mean, so it moves θ)."""
+    pol, base = _lengths(1000, seed, longer_by=1.0)
+    rng = np.random.default_rng(100 + seed)
+    soft = 1 / (1 + np.exp(-rng.normal(0.9, 1.0, 1000)))
+    assert evaluation.length_controlled(soft, pol, base).lc_win_rate == pytest.approx(evaluation.win_rate(soft), abs=0.02)
+    hard = (rng.uniform(size=1000) < 0.7).astype(float)
+    assert evaluation.length_controlled(hard, pol, base).lc_win_rate == pytest.approx(evaluation.win_rate(hard), abs=0.05)
+    constant = np.full(1000, 0.62)  # constant soft p̂: the fit is the intercept alone (up to the small L2)
+    assert evaluation.length_controlled(constant, pol, base).lc_win_rate == pytest.approx(0.62, abs=1e-3)
+
+
+def test_lc_hand_checked_forms():
+    """No length variation: the length term drops out and σ(θ) is the mean p̂ (intercept-only logistic MLE, λ → 0).
+    Separable data (every p̂ = 1, equal lengths) stay finite through the L2 term: the optimum has
+    n·(1 − σ(θ)) = λ·θ, with n = 10 and λ = 0.01 θ = 5.2452 (bisection), LC = σ(θ) = 0.99475."""
+    fit = evaluation.length_controlled(np.array([1.0, 0.0, 1.0, 1.0]), np.full(4, 50), np.full(4, 50), l2=1e-9)
+    assert fit.sigma_len == 0 and fit.phi == 0 and fit.lc_win_rate == pytest.approx(0.75, abs=1e-6)
+    allwin = evaluation.length_controlled(np.ones(10), np.full(10, 5.0), np.full(10, 5.0), l2=0.01)
+    assert allwin.theta == pytest.approx(5.2452, abs=1e-4) and allwin.lc_win_rate == pytest.approx(0.99475, abs=1e-5)
+    # with a length term too, the first-order conditions hold at the optimum (both parameters penalised)
+    lens = np.arange(10) + 5.0
+    fit = evaluation.length_controlled(np.ones(10), lens, np.full(10, 5.0), l2=0.01)
+    x = np.tanh((lens - 5.0) / (lens - 5.0).std(ddof=1))
+    resid = 1 - 1 / (1 + np.exp(-(fit.theta + fit.phi * x)))
+    assert abs(resid.sum() - 0.01 * fit.theta) < 1e-8 and abs((resid * x).sum() - 0.01 * fit.phi) < 1e-8
+    assert math.isfinite(fit.theta) and fit.predict(np.array([0.0]))[0] == pytest.approx(fit.lc_win_rate)
+
+
+def test_lc_interval_brackets_the_estimate():
+    pol, base = _lengths(90, seed=3, longer_by=0.5)
+    p = 1 / (1 + np.exp(-(pol - base)))
+    pids = [f"q{i // 3}" for i in range(90)]
+    lo, hi = evaluation.lc_interval(p, pol, base, pids, 200, seed=0)
+    assert lo <= evaluation.length_controlled(p, pol, base).lc_win_rate <= hi
+
+
+# ---------------------------------------------------------------------------------------------- annotators
+
+
+def test_agreement_counts_sides_over_annotator_pairs():
+    """Rows × 3 annotators. Pairs (0,1): rows 0,1,2 -> sides agree on 0 and 2 (row 1: > vs <): 2/3. Pairs (0,2):
+    row 0 and 1 (row 2 failed for annotator 2): agree on row 1 only (row 0: > vs =): 1/2. Pairs (1,2): rows 0,1:
+    agree on none: 0/2. Total (2 + 1 + 0)/(3 + 2 + 2) = 3/7."""
+    p = np.array([[0.9, 0.8, 0.5], [0.6, 0.4, 0.7], [0.2, 0.1, np.nan]])
+    assert evaluation.agreement(p) == pytest.approx(3 / 7)
+    assert evaluation.agreement(p[:, :1]) is None
+
+
+def test_scalar_and_reward_preferences():
+    np.testing.assert_array_equal(
+        evaluation.scalar_preference(np.array([1.0, 0.2, 0.5, np.nan]), np.array([0.5, 0.3, 0.5, 1.0])),
+        [1.0, 0.0, 0.5, np.nan],
+    )
+    assert evaluation.reward_preference(np.array([2.0]), np.array([2.0]))[0] == 0.5
+    assert evaluation.reward_preference(np.array([1.0]), np.array([0.0]))[0] == pytest.approx(1 / (1 + math.exp(-1)))
+
+
+# ---------------------------------------------------------------------------------------------- stopping
+
+
+def test_stopping_rule_initial_baseline():
+    """Against π_0, round 0 counts as ½. LC 0.60, 0.66, 0.65, 0.655 with min_gain 0.01: round 1 and 2 improve, 3
+    and 4 do not beat 0.66 + 0.01: two rounds without a gain -> patience 2 stops, best round 2."""
+    lcs = [(1, 0.60), (2, 0.66), (3, 0.65), (4, 0.655)]
+    state = evaluation.progress(lcs, "initial", 0.01, 2)
+    assert (state.best_round, state.best_lc, state.rounds_without_gain, state.stop) == (2, 0.66, 2, True)
+    assert "rounds 3, 4" in state.reason and "best round 2" in state.reason
+    assert not evaluation.progress(lcs[:3], "initial", 0.01, 2).stop
+    assert not evaluation.progress(lcs, "initial", 0.01, None).stop  # no patience: never stops
+    # a first round that does not beat π_0 is already a round without gain
+    assert evaluation.progress([(1, 0.49)], "initial", 0.0, 1).stop
+
+
+def test_stopping_rule_previous_and_file_baselines():
+    """previous: each LC already compares with the round before, so a gain is LC > ½ + min_gain; best_round is the
+    last round that beat its predecessor. file: the first evaluated round (even round 0) sets the bar."""
+    prev = evaluation.progress([(1, 0.7), (2, 0.52), (3, 0.51)], "previous", 0.05, 2)
+    assert (prev.best_round, prev.stop) == (1, True)
+    file = evaluation.progress([(0, 0.3), (1, 0.4), (2, 0.39)], "file", 0.0, 1)
+    assert (file.best_round, file.best_lc, file.stop) == (1, 0.4, True)
+
+
+# ---------------------------------------------------------------------------------------------- config and plans
+
+
+def _cfg(tmp_path, **eval_kw) -> RunConfig:
+    return RunConfig.model_validate({"runs_dir": str(tmp_path / "runs"), "eval": eval_kw})
+
+
+def test_eval_config_validation(tmp_path):
+    assert RunConfig().eval.annotator_ids() == ["overlap"]  # the tiny preset's rule-based judge
+    with pytest.raises(ValueError, match="needs an annotator"):
+        _cfg(tmp_path, judges=[])
+    assert _cfg(tmp_path, judges=[], enabled=False).eval.enabled is False
+    with pytest.raises(ValueError, match="greedy"):
+        _cfg(tmp_path, temperature=0, num_samples=2)
+    with pytest.raises(ValueError, match="unique"):
+        _cfg(tmp_path, judges=[{"id": "python_metric", "backend": "python", "function": "m:f"}], python_metric="m:f")
+    with pytest.raises(ConfigError, match="field eval.bootstrap"):
+        load_config(None, ["eval.bootstrap=-1"])
+    cfg = _cfg(tmp_path, judges=[{"id": "a", "backend": "python", "function": "m:f"}], reward_model="rm",
+               python_metric="m:g")  # fmt: skip
+    assert cfg.eval.annotator_ids() == ["a", "reward_model", "python_metric"]
+
+
+def test_evaluate_is_the_last_stage_where_it_compares_two_things(tmp_path):
+    cfg = _cfg(tmp_path)
+    assert rounds.stages_of_round(cfg, 1)[-1] == "evaluate"
+    assert "evaluate" not in rounds.stages_of_round(cfg, 0)  # π_0 against π_0
+    prev = _cfg(tmp_path, baseline="previous")
+    assert rounds.stages_of_round(prev, 0)[-1] == "evaluate"  # π_0 against the SFT model round 0 started from
+    skip = RunConfig.model_validate({"runs_dir": str(tmp_path), "round0": {"mode": "skip"}, "eval": {"baseline": "previous"}})
+    assert rounds.stages_of_round(skip, 0) == ()  # π_-1 = π_0 without model.reference
+    with_file = RunConfig.model_validate({"runs_dir": str(tmp_path), "round0": {"mode": "skip"},
+                                          "eval": {"baseline": "ref.json"}})  # fmt: skip
+    assert rounds.stages_of_round(with_file, 0) == ("evaluate",)
+    off = _cfg(tmp_path, enabled=False)
+    assert "evaluate" not in rounds.stages_of_round(off, 1)
+
+
+def test_evaluate_plan_inputs_change_with_judges_and_baseline(tmp_path):
+    """What re-runs the stage: its plan's inputs and config. The baseline model (π_0 / π_{k-1}) and every judge's
+    model and template are inputs; the stopping rule is not (changing it must not re-evaluate)."""
+    from pipeline.artifacts import plan_digest
+
+    cfg = _cfg(tmp_path, judges=[{"id": "local", "backend": "vllm"}])
+    plan = rounds.plan(cfg, 2, "evaluate")
+    assert plan.inputs["policy"] == rounds.model_of(cfg, 2) and plan.inputs["baseline"] == rounds.model_of(cfg, 0)
+    assert plan.inputs["judge:local"] == rounds.model_of(cfg, 0)  # the same judge every round: π_0
+    assert {"prompts", "train_prompts", "offline", "template:local"} <= set(plan.inputs)
+    prev = rounds.plan(_cfg(tmp_path, baseline="previous", judges=[{"id": "local", "backend": "vllm"}]), 2, "evaluate")
+    assert prev.inputs["baseline"] == rounds.model_of(cfg, 1) and prev.roles["baseline"] == "π_1"
+    stop = _cfg(tmp_path, judges=[{"id": "local", "backend": "vllm"}], stop_after_no_gain=2, min_gain=0.01)
+    assert plan_digest(rounds.plan(stop, 2, "evaluate")) == plan_digest(plan)
+    other = _cfg(tmp_path, judges=[{"id": "local", "backend": "vllm", "template": "conf/judges/pairwise-brief.txt"}])
+    assert plan_digest(rounds.plan(other, 2, "evaluate")) != plan_digest(plan)
+    standalone = rounds.standalone_eval_plan(cfg, "a/model", "b/model", tmp_path / "out")
+    assert standalone.round == -1 and standalone.inputs["judge:local"] == "b/model"
+    assert standalone.outputs["eval"] == tmp_path / "out" / "eval.parquet"
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_tiny_eval_prompts_are_held_out():
+    """The shipped held-out prompts share no text with the tiny preset's training prompts or offline set (the stage
+    would refuse them), and the toy task's neither."""
+    for held, train, offline in (("data/eval_prompts.jsonl", "data/prompts.jsonl", "data/offline_prefs.jsonl"),
+                                 ("data/toy/eval_prompts.jsonl", "data/toy/prompts.jsonl", "data/toy/offline_prefs.jsonl")):  # fmt: skip
+        texts = prompt_texts(REPO / held)
+        assert len(texts) >= 40
+        assert not texts & (prompt_texts(REPO / train) | prompt_texts(REPO / offline, "offline"))
+
+
+def test_overlap_is_refused_and_counted(tmp_path):
+    prompts = tmp_path / "eval.jsonl"
+    train = [json.loads(x)["prompt"] for x in (REPO / "data/prompts.jsonl").read_text().splitlines()[:2]]
+    rows = [{"prompt_id": "x0", "prompt": "  " + train[0].replace(" ", "  ")}, {"prompt_id": "x1", "prompt": "Fresh question?"}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, [f"runs_dir={tmp_path}", f"eval.prompts={prompts}",
+                             f"data.prompts={REPO / 'data/prompts.jsonl'}", f"data.offline={REPO / 'data/offline_prefs.jsonl'}"])  # fmt: skip
+    kept, stats = evaluate.held_out_prompts(cfg, rounds.plan(cfg, 1, "evaluate"))
+    assert kept == [("x1", "Fresh question?")] and stats["prompts_overlap"] == 1  # whitespace does not hide a copy
+    cfg = load_config(None, [f"runs_dir={tmp_path}", f"eval.prompts={REPO / 'data/prompts.jsonl'}",
+                             f"data.prompts={REPO / 'data/prompts.jsonl'}"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"data/prompts.jsonl: all 320 held-out prompts also appear in"):
+        evaluate.held_out_prompts(cfg, rounds.plan(cfg, 1, "evaluate"))
+
+
+def test_reference_outputs_file(tmp_path):
+    """AlpacaEval's `model_outputs.json` shape (a JSON list) or JSONL; errors name the file and the row."""
+    good = tmp_path / "ref.json"
+    good.write_text(json.dumps([{"instruction": "Say  hi.", "output": "hi", "generator": "gpt"}]))
+    assert read_reference_outputs(good) == {text_key("Say hi."): "hi"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "a", "output": "x"}) + "\n" + json.dumps({"instruction": "b"}) + "\n")
+    with pytest.raises(ArtifactError, match=r"bad.jsonl: line 2: field 'output' must be a string"):
+        read_reference_outputs(bad)
+    dup = tmp_path / "dup.json"
+    dup.write_text(json.dumps([{"instruction": "a", "output": "x"}, {"instruction": "a", "output": "y"}]))
+    with pytest.raises(ArtifactError, match="dup.json: row 1: instruction 'a' appears twice"):
+        read_reference_outputs(dup)
+    notlist = tmp_path / "obj.json"
+    notlist.write_text("{}")
+    with pytest.raises(ArtifactError, match="obj.json: expected a JSON list"):
+        read_reference_outputs(notlist)
+
+
+def test_reference_outputs_missing_a_prompt_is_an_error_before_generation(tmp_path):
+    prompts = tmp_path / "eval.jsonl"
+    prompts.write_text(json.dumps({"prompt_id": "q1", "prompt": "One?"}) + "\n" + json.dumps({"prompt_id": "q2", "prompt": "Two?"}) + "\n")
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps([{"instruction": "One?", "output": "1"}]))
+    cfg = load_config(None, [f"runs_dir={tmp_path}", f"eval.prompts={prompts}", f"eval.baseline={ref}",
+                             f"data.prompts={REPO / 'data/prompts.jsonl'}", f"data.offline={REPO / 'data/offline_prefs.jsonl'}"])  # fmt: skip
+    plan = rounds.plan(cfg, 1, "evaluate")  # the policy π_1 does not exist: nothing may be generated before this check
+    with pytest.raises(ValueError, match=r"ref.json: no output for 1 of the 2 held-out prompts \(first: prompt_id 'q2'"):
+        evaluate.run(cfg, plan)
+    missing = load_config(None, [f"runs_dir={tmp_path}", f"eval.prompts={prompts}", "eval.baseline=intial"])
+    with pytest.raises(ValueError, match="eval.baseline intial: not 'initial', 'previous' or an existing"):
+        evaluate.run(missing, rounds.plan(missing, 1, "evaluate"))
+
+
+# ---------------------------------------------------------------------------------------------- annotators on given rows
+
+
+def always_fails(prompt: str, a: str, b: str) -> float:
+    raise RuntimeError("judge backend down")
+
+
+def prefers_longer(prompt: str, a: str, b: str) -> float:
+    """A length-only judge: p = σ(len(a) − len(b)) in characters."""
+    return 1 / (1 + math.exp(-(len(a) - len(b))))
+
+
+def test_annotators_on_given_rows(tmp_path):
+    """Python judges (both orders, symmetrised) and the Python metric (compared scalars) on three rows."""
+    cfg = _cfg(tmp_path, judges=[{"id": "long", "backend": "python", "function": "tests.test_evaluation:prefers_longer"}],
+               python_metric="pipeline.rewards:prompt_coverage")  # fmt: skip
+    plan = rounds.plan(cfg, 1, "evaluate")
+    prompts = ["Name a red fruit", "Name a red fruit", "Describe winter weather"]
+    policy = ["A red fruit: cherry, a fruit that is red", "x", "winter"]
+    baseline = ["apple", "a red fruit", "winter weather is cold"]
+    p, errors, scores, stats = evaluate.annotate(cfg, plan, prompts, policy, baseline)
+    assert p.shape == (3, 2) and stats["comparisons_failed"] == 0
+    np.testing.assert_allclose(p[:, 0], [prefers_longer("", a, b) for a, b in zip(policy, baseline)])
+    # prompt_coverage: row 0 uses "fruit" (1 of 1 four-letter word... "Name","fruit") vs baseline none -> 1
+    np.testing.assert_array_equal(p[:, 1], evaluation.scalar_preference(scores["metric"], scores["baseline_metric"]))
+    assert p[0, 1] == 1.0 and p[1, 1] == 0.0
+
+
+def test_an_annotator_failing_everywhere_is_an_error_naming_it(tmp_path):
+    cfg = _cfg(tmp_path, judges=[{"id": "ok", "backend": "python", "function": "tests.test_evaluation:prefers_longer"},
+                                 {"id": "down", "backend": "python", "function": "tests.test_evaluation:always_fails"}])  # fmt: skip
+    plan = rounds.plan(cfg, 1, "evaluate")
+    with pytest.raises(ValueError, match=r"annotator down \(eval.judges\) failed on all 2 comparisons \(most often "
+                                         r"python_error: a first: RuntimeError: judge backend down\)"):
+        evaluate.annotate(cfg, plan, ["q", "q"], ["a", "b"], ["c", "d"])
