@@ -74,7 +74,7 @@ def _config(tmp_path, policy, reference, prompts, offline, **extra):
     return load_config(REPO / "conf/tiny.yaml", [
         f"runs_dir={tmp_path / 'runs'}", f"model.policy={policy}", f"model.reference={reference}",
         "model.build_tiny_if_missing=false", "round0.mode=skip", "rounds=1", "data.prompts_per_round=6",
-        "generate.max_tokens=64", "train.global_batch_size=4", "train.micro_batch_size=2",
+        "generate.max_tokens=64", "train.global_batch_size=4", "train.micro_batch_size=2", "eval.enabled=false",
         f"data.prompts={json.dumps(prompts)}", f"data.offline={json.dumps(offline)}",
         *[f"{k}={v}" for k, v in extra.items()],
     ])  # fmt: skip

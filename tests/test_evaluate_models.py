@@ -71,7 +71,7 @@ def test_dice_eval_bad_input_is_one_line_naming_the_file(tmp_path, tiny_model):
 
     missing = _dice_eval(tmp_path, "--model", str(tmp_path / "nope"), "--baseline", str(tiny_model), "--out",
                          str(tmp_path / "m"))  # fmt: skip
-    assert missing.returncode == 2 and f"model {tmp_path / 'nope'}: no model folder" in missing.stderr
+    assert missing.returncode == 2 and f"model {tmp_path / 'nope'}: the folder does not exist" in missing.stderr
     usage = subprocess.run([DICE, "eval", "--model", str(tiny_model)], cwd=REPO, capture_output=True, text=True)
     assert usage.returncode == 2 and "--model needs --baseline" in usage.stderr
 
