@@ -25,6 +25,7 @@ import gc
 import itertools
 import math
 import sys
+import time
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -32,34 +33,188 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import schemas
-from pipeline.artifacts import StagePlan, read_parquet, write_parquet
+from pipeline.artifacts import StagePlan, plan_digest, read_parquet, write_parquet
 from pipeline.config import RunConfig
 from pipeline.rewards import implicit_reward, load_reward_fn
+from pipeline.shards import Progress, Shards, assign, group_shards
 
 
-def _logps_under(model_path: str, cfg: RunConfig, prompts: list[str], responses: list[str], vocab_of: Any = None):
-    """Summed response log-probs under one model (loaded, used, freed). Returns (logps, too_long mask, tokenizer)."""
-    from pipeline.logprobs import encode, load_causal_lm, score
+# ---------------------------------------------------------------------------------------------- scoring, sharded
+# implicit_reward and reward_model score every response under a model. The responses are cut into shards of
+# `label.shard_size` whole prompts (a prompt's K responses together, so packing computes the prompt once), and
+# `label.num_processes` DeepSpeed ranks (pipeline.launch) each score every N-th missing shard, writing each as it
+# finishes (pipeline.shards); this process then reads the shards back in row order. The implicit reward scores
+# every shard under π_{k-1}, then every shard under π_{k-2}: one model in memory at a time, two shard sets
+# (`label-policy`, `label-reference`), so a kill during the second model's pass keeps the first's.
 
-    model, tokenizer = load_causal_lm(model_path, cfg.model.dtype, cfg.model.trust_remote_code)
-    if vocab_of is not None and tokenizer.get_vocab() != vocab_of.get_vocab():
-        raise ValueError(
-            f"model {model_path}: its tokenizer differs from the policy's; implicit rewards need both "
-            "models to share one tokenizer"
-        )
-    encoded = [encode(tokenizer, p, r) for p, r in zip(prompts, responses)]
-    too_long = np.array([len(p) + len(r) > cfg.model.max_length for p, r in encoded])
-    logps = np.full(len(encoded), np.nan)
-    ok = np.flatnonzero(~too_long)
-    if len(ok):
+SCORES = pa.schema([("row", pa.int64()), ("value", pa.float64()), ("too_long", pa.bool_())])  # a shard's rows
+
+
+def _roles(cfg: RunConfig) -> list[str]:
+    """The models every response is scored under, in order: each one's scores are one set of shards."""
+    return ["policy", "reference"] if cfg.label.labeller == "implicit_reward" else ["reward_model"]
+
+
+def _preflight(cfg: RunConfig, plan: StagePlan) -> None:
+    """Fail before any process starts or any shard is scored: missing models, tokenizers that cannot serve, a model
+    ZeRO-3 cannot shard."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pipeline import zero3
+    from pipeline.logprobs import require_model
+    from pipeline.rewards import check_format, reward_model_ids
+
+    lab = cfg.label
+    paths = {role: str(plan.inputs[role]) for role in _roles(cfg)}
+    for role, path in paths.items():
+        require_model(path)
+        if lab.zero_stage == 3 and (reason := zero3.unsupported(path)):
+            raise ValueError(f"label.zero_stage=3: {role} model {path}: ZeRO-3 cannot shard it: {reason}")
+    if lab.labeller == "implicit_reward":
+        vocabs = {}
+        for role, path in paths.items():
+            try:
+                vocabs[role] = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).get_vocab()
+            except (OSError, ValueError) as e:
+                raise ValueError(f"model {path}: its tokenizer could not be loaded ({e})") from e
+        if vocabs["policy"] != vocabs["reference"]:
+            raise ValueError(f"model {paths['reference']}: its tokenizer differs from the policy's; implicit rewards "
+                             "need both models to share one tokenizer")  # fmt: skip
+        return
+    path = paths["reward_model"]
+    check_format(lab.reward_model_format)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=lab.trust_remote_code)
+        labels = AutoConfig.from_pretrained(path, trust_remote_code=lab.trust_remote_code).num_labels
+    except (OSError, ValueError) as e:
+        raise ValueError(f"reward model {path}: could not be loaded ({e})") from e
+    if labels != 1:
+        raise ValueError(f"reward model {path}: it has {labels} outputs; dice needs a single-score model (num_labels=1)")
+    reward_model_ids(tokenizer, "question", "answer", lab.reward_model_format, path)  # no template, no fallback: error
+
+
+def _scorer(cfg: RunConfig, plan: StagePlan, role: str):
+    """This rank's scorer under one model, fn(prompts, responses) -> (scores, too_long mask, scored tokens), and the
+    share of the model's weights this rank holds.
+
+    The model is loaded whole on this rank's device, or (label.zero_stage 3) partitioned across the ranks; then every
+    call is a collective and each rank must make the same calls (the worker pads with empty ones)."""
+    from pipeline import launch, zero3
+    from pipeline.logprobs import ResponseScorer, encode, load_causal_lm, score
+    from pipeline.rewards import load_reward_model, reward_model_ids, score_reward_model
+
+    lab, path, device = cfg.label, str(plan.inputs[role]), launch.device()
+    if role == "reward_model":
+        model, tokenizer = load_reward_model(path, cfg.model.dtype, lab.trust_remote_code, device, lab.zero_stage)
+        zero = zero3.scoring(model, model.config) if lab.zero_stage == 3 else {}
+        context = getattr(model.config, "max_position_embeddings", None) or cfg.model.max_length
+        limit = min(cfg.model.max_length, context)
+
+        def reward(prompts: list[str], responses: list[str]):
+            encoded = [reward_model_ids(tokenizer, p, r, lab.reward_model_format, path) for p, r in zip(prompts, responses)]
+            too_long = np.array([len(x) > limit for x in encoded], dtype=bool)
+            ok = np.flatnonzero(~too_long)
+            scores = np.full(len(encoded), np.nan)
+            scores[ok] = score_reward_model(model, tokenizer, [encoded[i] for i in ok], lab.batch_size, path, **zero)
+            return scores, too_long, sum(len(encoded[i]) for i in ok)
+
+        return reward, zero3.share_held(model)
+    model, tokenizer = load_causal_lm(path, cfg.model.dtype, cfg.model.trust_remote_code, device, lab.zero_stage)
+    zero = zero3.scoring(ResponseScorer(model), model.config) if lab.zero_stage == 3 else {}
+
+    def logps(prompts: list[str], responses: list[str]):
+        encoded = [encode(tokenizer, p, r) for p, r in zip(prompts, responses)]
+        too_long = np.array([len(p) + len(r) > cfg.model.max_length for p, r in encoded], dtype=bool)
+        ok = np.flatnonzero(~too_long)
+        scores = np.full(len(encoded), np.nan)
         # packed: the K responses of a prompt in one padding-free group, the prompt computed once (exact)
-        logps[ok] = score(
-            model, [encoded[i] for i in ok], tokenizer.pad_token_id, cfg.label.batch_size,
-            packing=cfg.reference.packing, max_length=cfg.model.max_length,
-        )  # fmt: skip
-    del model
-    gc.collect()
-    return logps, too_long, tokenizer
+        scores[ok] = score(model, [encoded[i] for i in ok], tokenizer.pad_token_id, lab.batch_size,
+                           packing=cfg.reference.packing, max_length=cfg.model.max_length, **zero)  # fmt: skip
+        return scores, too_long, sum(len(encoded[i][0]) + len(encoded[i][1]) for i in ok)
+
+    return logps, zero3.share_held(model)
+
+
+def _score_worker(cfg: RunConfig, plan: StagePlan, todo: dict[str, list[int]], digest: str) -> dict[str, Any]:
+    """One rank: its share (every N-th) of the missing shards under each model in turn, each shard written as it ends."""
+    from pipeline import launch
+
+    zero3 = cfg.label.zero_stage == 3
+    if zero3:
+        launch.init_distributed()
+    rank, world = launch.rank(), launch.world()
+    table = read_parquet(plan.inputs["responses"], schemas.RESPONSES)
+    prompts, responses, ids = (table[c].to_pylist() for c in ("prompt", "response", "prompt_id"))
+    rows = group_shards(ids, cfg.label.shard_size)
+    n_prompts = [len({ids[j] for j in r}) for r in rows]
+    del table, ids
+    held = {}
+    for role in _roles(cfg):
+        missing = todo[role]
+        mine = assign(missing, rank, world)
+        if not mine and not zero3 or not missing:
+            continue
+        shards = Shards(plan, f"label-{role}", len(rows), digest)
+        who = f" (rank {rank} of {world})" if world > 1 else ""
+        fn, held[role] = _scorer(cfg, plan, role)
+        progress = Progress(f"label round {plan.round} {role}{who}", len(mine), sum(n_prompts[i] for i in mine),
+                            "prompts", bar=world == 1)  # fmt: skip
+        # ZeRO-3: every rank runs as many shard steps as the busiest one; its extra steps score nothing
+        for step in range(-(-len(missing) // world) if zero3 else len(mine)):
+            i = mine[step] if step < len(mine) else None
+            idx = rows[i] if i is not None else np.zeros(0, np.int64)
+            started, started_at = time.monotonic(), time.time()
+            scores, too_long, tokens = fn([prompts[j] for j in idx], [responses[j] for j in idx])
+            if i is None:
+                continue
+            seconds = round(time.monotonic() - started, 3)
+            shards.write(i, pa.table({"row": idx, "value": pa.array(scores, mask=~np.isfinite(scores)),
+                                      "too_long": too_long}, schema=SCORES),
+                         SCORES, sequences=len(idx), tokens=tokens, seconds=seconds, started_at=started_at)  # fmt: skip
+            progress.shard_done(i, n_prompts[i], len(idx), tokens, seconds)
+        progress.close()
+        del fn
+        gc.collect()
+    return {"weights_held_per_rank": held}  # rank 0's share of each model's weights
+
+
+def _sharded_scores(cfg: RunConfig, plan: StagePlan, table: pa.Table) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
+    """Every response's score under each model of `_roles` (NaN where unscored), the too-long mask, and stats."""
+    from pipeline import launch
+
+    lab = cfg.label
+    n = launch.resolve_processes(lab.num_processes)
+    launch.check(n, cfg.train.hostfile, "label.num_processes")
+    _preflight(cfg, plan)
+    rows = group_shards(table["prompt_id"].to_pylist(), lab.shard_size)
+    digest = plan_digest(plan)
+    stores = {role: Shards(plan, f"label-{role}", len(rows), digest) for role in _roles(cfg)}
+    todo = {role: s.missing() for role, s in stores.items()}
+    for role, s in stores.items():
+        if len(todo[role]) < s.count:
+            print(f"label round {plan.round} {role}: {s.count - len(todo[role])} of {s.count} shards already "
+                  f"written, scoring {len(todo[role])}", flush=True)  # fmt: skip
+    started, ranks = time.monotonic(), {}
+    if any(todo.values()):
+        ranks = launch.run("label", cfg, plan, n, _score_worker, {"todo": todo, "digest": digest},
+                           hostfile=cfg.train.hostfile, what="labelling")  # fmt: skip
+    scoring_s = time.monotonic() - started
+    scores, too_long = {}, np.zeros(table.num_rows, dtype=bool)
+    fresh = []
+    for role, s in stores.items():
+        got = s.read(SCORES)
+        row = got["row"].to_numpy()
+        scores[role] = np.full(table.num_rows, np.nan)
+        scores[role][row] = got["value"].to_numpy(zero_copy_only=False)
+        too_long[row] |= got["too_long"].to_numpy(zero_copy_only=False)
+        fresh += [s.record(i) for i in todo[role]]
+    tokens = sum(r["tokens"] for r in fresh)
+    span = max(r["ended_at"] for r in fresh) - min(r["started_at"] for r in fresh) if fresh else 0.0
+    stats = {"processes": n, "zero_stage": lab.zero_stage, "shards": len(rows) * len(stores),
+             "shards_reused": sum(s.count - len(todo[r]) for r, s in stores.items()),
+             "shards_scored": sum(len(t) for t in todo.values()), "scoring_s": round(scoring_s, 3),
+             "scored_tokens": tokens, "tokens_per_s": tokens / span if span else None, **ranks}  # fmt: skip
+    return scores, too_long, stats
 
 
 def _nullable(a: np.ndarray) -> pa.Array:
@@ -93,28 +248,6 @@ def _python_rewards(cfg: RunConfig, prompts: list[str], responses: list[str]) ->
             )
         rewards[start:stop] = [math.nan if x is None else float(x) for x in out]
     return rewards
-
-
-def _reward_model_rewards(cfg: RunConfig, plan: StagePlan, prompts: list[str], responses: list[str]):
-    """Scores of the reward model on its own encoding (tokenizer, chat template). Returns (r, too_long)."""
-    from pipeline.rewards import check_format, load_reward_model, reward_model_ids, score_reward_model
-
-    lab = cfg.label
-    check_format(lab.reward_model_format)
-    path = str(plan.inputs["reward_model"])
-    model, tokenizer = load_reward_model(path, cfg.model.dtype, lab.trust_remote_code)
-    fallback = lab.reward_model_format
-    encoded = [reward_model_ids(tokenizer, p, r, fallback, path) for p, r in zip(prompts, responses)]
-    context = getattr(model.config, "max_position_embeddings", None) or cfg.model.max_length
-    limit = min(cfg.model.max_length, context)
-    too_long = np.array([len(x) > limit for x in encoded], dtype=bool)
-    rewards = np.full(len(encoded), np.nan)
-    ok = np.flatnonzero(~too_long)
-    if len(ok):
-        rewards[ok] = score_reward_model(model, tokenizer, [encoded[i] for i in ok], lab.batch_size, path)
-    del model
-    gc.collect()
-    return rewards, too_long
 
 
 def _make_judges(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any]) -> list[tuple[str | None, Any]]:
@@ -278,14 +411,13 @@ def run(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any] | None = None) 
     extra: dict[str, Any] = {}
 
     labeller = cfg.label.labeller
-    if labeller == "implicit_reward":
-        policy_logps, too_long, tokenizer = _logps_under(str(plan.inputs["policy"]), cfg, prompts, responses)
-        ref_logps, _, _ = _logps_under(str(plan.inputs["reference"]), cfg, prompts, responses, vocab_of=tokenizer)
-        rewards = implicit_reward(policy_logps, ref_logps, cfg.train.beta)
-        for i in np.flatnonzero(too_long):
-            errors[i] = "too_long"
-    elif labeller == "reward_model":
-        rewards, too_long = _reward_model_rewards(cfg, plan, prompts, responses)
+    if labeller in ("implicit_reward", "reward_model"):
+        scores, too_long, extra = _sharded_scores(cfg, plan, table)
+        if labeller == "implicit_reward":
+            policy_logps, ref_logps = scores["policy"], scores["reference"]
+            rewards = implicit_reward(policy_logps, ref_logps, cfg.train.beta)
+        else:
+            rewards = scores["reward_model"]
         for i in np.flatnonzero(too_long):
             errors[i] = "too_long"
     elif labeller == "judge":
@@ -302,10 +434,17 @@ def run(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any] | None = None) 
     labelled = labelled.append_column("label_error", pa.array(errors, pa.string()))
     write_parquet(labelled, plan.outputs["labels"], schemas.LABELS)
     write_parquet(prefs, plan.outputs["preferences"], schemas.PREFERENCES)
+    for role in _roles(cfg):  # labels.parquet now holds every shard
+        Shards(plan, f"label-{role}", 0, digest="").remove()
     return {**_scalar_stats(rewards), **extra}
 
 
 if __name__ == "__main__":
-    from stages.common import main
+    if "--worker" in sys.argv:  # one rank of the scoring (pipeline.launch)
+        from pipeline import launch
 
-    main("label", run)
+        launch.worker_main("label", _score_worker)
+    else:
+        from stages.common import main
+
+        main("label", run)
