@@ -200,16 +200,16 @@ def _sharded_scores(cfg: RunConfig, plan: StagePlan, table: pa.Table) -> tuple[d
                            hostfile=cfg.train.hostfile, what="labelling")  # fmt: skip
     scoring_s = time.monotonic() - started
     scores, too_long = {}, np.zeros(table.num_rows, dtype=bool)
-    fresh = []
+    tokens, span = 0, 0.0
     for role, s in stores.items():
         got = s.read(SCORES)
         row = got["row"].to_numpy()
         scores[role] = np.full(table.num_rows, np.nan)
         scores[role][row] = got["value"].to_numpy(zero_copy_only=False)
         too_long[row] |= got["too_long"].to_numpy(zero_copy_only=False)
-        fresh += [s.record(i) for i in todo[role]]
-    tokens = sum(r["tokens"] for r in fresh)
-    span = max(r["ended_at"] for r in fresh) - min(r["started_at"] for r in fresh) if fresh else 0.0
+        if fresh := [s.record(i) for i in todo[role]]:  # first shard's start to last shard's end, per model
+            tokens += sum(r["tokens"] for r in fresh)
+            span += max(r["ended_at"] for r in fresh) - min(r["started_at"] for r in fresh)
     stats = {"processes": n, "zero_stage": lab.zero_stage, "shards": len(rows) * len(stores),
              "shards_reused": sum(s.count - len(todo[r]) for r, s in stores.items()),
              "shards_scored": sum(len(t) for t in todo.values()), "scoring_s": round(scoring_s, 3),
@@ -403,7 +403,6 @@ def _judge_labels(cfg: RunConfig, plan: StagePlan, table: pa.Table, engines: dic
 def run(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any] | None = None) -> dict[str, Any]:
     """Label round k's responses. `engines`: started vLLM engines by judge model path (tests, notebooks)."""
     table = read_parquet(plan.inputs["responses"], schemas.RESPONSES)
-    prompts, responses = table["prompt"].to_pylist(), table["response"].to_pylist()
     n = table.num_rows
     errors: list[str | None] = [None] * n
     policy_logps = ref_logps = np.full(n, np.nan)
@@ -423,7 +422,7 @@ def run(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any] | None = None) 
     elif labeller == "judge":
         rewards, errors, prefs, extra = _judge_labels(cfg, plan, table, engines or {})
     else:
-        rewards = _python_rewards(cfg, prompts, responses)
+        rewards = _python_rewards(cfg, table["prompt"].to_pylist(), table["response"].to_pylist())
     for i in np.flatnonzero(~np.isfinite(rewards)):
         errors[i] = errors[i] or "non_finite"
 

@@ -38,20 +38,35 @@ SCORES = pa.schema([("row", pa.int64()), ("chosen_tokens", pa.int32()), ("reject
                     ("ref_chosen", pa.float64()), ("ref_rejected", pa.float64()), ("fits", pa.bool_())])  # fmt: skip
 
 
+def _pairs_by_shard(cfg: RunConfig, plan: StagePlan) -> tuple[dict[str, list[str]], list[np.ndarray], list[int]]:
+    """The pairs' texts (prompt, chosen, rejected), the rows of each shard (whole prompts), each shard's prompts."""
+    pairs = read_parquet(plan.inputs["pairs"], schemas.PAIRS).select(["prompt_id", "prompt", "chosen", "rejected"])
+    ids = pairs["prompt_id"].to_pylist()
+    rows = group_shards(ids, cfg.reference.shard_size)
+    texts = {c: pairs[c].to_pylist() for c in ("prompt", "chosen", "rejected")}
+    return texts, rows, [len({ids[j] for j in r}) for r in rows]
+
+
+def _encode_pairs(tokenizer, texts: dict[str, list[str]], idx: np.ndarray, max_length: int):
+    """(chosen encodings, rejected encodings, fits mask) of the pairs `idx` (pipeline.logprobs.encode)."""
+    from pipeline.logprobs import encode
+
+    c = [encode(tokenizer, texts["prompt"][j], texts["chosen"][j]) for j in idx]
+    r = [encode(tokenizer, texts["prompt"][j], texts["rejected"][j]) for j in idx]
+    fits = np.array([max(len(a[0]) + len(a[1]), len(b[0]) + len(b[1])) <= max_length for a, b in zip(c, r)], dtype=bool)
+    return c, r, fits
+
+
 def _score_worker(cfg: RunConfig, plan: StagePlan, todo: list[int], digest: str) -> dict[str, Any]:
     """One rank: its share (every N-th) of the missing shards, each shard written as it ends."""
     from pipeline import zero3
-    from pipeline.logprobs import ResponseScorer, encode, load_causal_lm, score
+    from pipeline.logprobs import ResponseScorer, load_causal_lm, score
 
     ref = cfg.reference
     if ref.zero_stage == 3:
         launch.init_distributed()
     rank, world = launch.rank(), launch.world()
-    pairs = read_parquet(plan.inputs["pairs"], schemas.PAIRS)
-    prompts, chosen, rejected, ids = (pairs[c].to_pylist() for c in ("prompt", "chosen", "rejected", "prompt_id"))
-    rows = group_shards(ids, ref.shard_size)
-    n_prompts = [len({ids[j] for j in r}) for r in rows]
-    del pairs, ids
+    texts, rows, n_prompts = _pairs_by_shard(cfg, plan)
     mine = assign(todo, rank, world)
     if not mine and ref.zero_stage != 3:
         return {}
@@ -67,10 +82,7 @@ def _score_worker(cfg: RunConfig, plan: StagePlan, todo: list[int], digest: str)
         i = mine[step] if step < len(mine) else None
         idx = rows[i] if i is not None else np.zeros(0, np.int64)
         started, started_at = time.monotonic(), time.time()
-        c = [encode(tokenizer, prompts[j], chosen[j]) for j in idx]
-        r = [encode(tokenizer, prompts[j], rejected[j]) for j in idx]
-        fits = np.array([max(len(a[0]) + len(a[1]), len(b[0]) + len(b[1])) <= cfg.model.max_length
-                         for a, b in zip(c, r)], dtype=bool)  # fmt: skip
+        c, r, fits = _encode_pairs(tokenizer, texts, idx, cfg.model.max_length)
         ok = np.flatnonzero(fits)
         # packed (reference.packing): each pair's prompt once, chosen and rejected after it, no padding (exact)
         logps = score(model, [c[j] for j in ok] + [r[j] for j in ok], tokenizer.pad_token_id, ref.batch_size,
