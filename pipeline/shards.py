@@ -128,24 +128,28 @@ class Progress:
 
             self.bar = tqdm(total=n_units, initial=done_units, desc=what, unit=unit.rstrip("s") or "it")
 
-    def shard_done(self, shard: int, units: int, sequences: int, tokens: int, seconds: float) -> None:
+    def shard_done(self, shard: int, units: int, sequences: int, tokens: int | None, seconds: float) -> None:
+        """Count a finished shard: its units (prompts), sequences, tokens (None: not counted, e.g. judge requests)
+        and the seconds it took."""
         self.shards += 1
         self.units += units
         self.fresh_units += units
         self.sequences += sequences
-        self.tokens += tokens
-        rate = tokens / max(seconds, 1e-9)  # the shard's own rate (no model load or engine start)
+        self.tokens += tokens or 0
         elapsed = time.monotonic() - self.started
         left = self.n_units - self.units
         eta = elapsed / self.fresh_units * left if self.fresh_units else 0.0
+        # the shard's own rate (no model load or engine start)
+        rate = f"{tokens / max(seconds, 1e-9):,.0f} tok/s" if tokens is not None else f"{sequences / max(seconds, 1e-9):,.1f} seq/s"
         if self.bar is not None:
             self.bar.update(units)
-            self.bar.set_postfix_str(f"shards {self.shards}/{self.n_shards}, {rate:,.0f} tok/s")
+            self.bar.set_postfix_str(f"shards {self.shards}/{self.n_shards}, {rate}")
         else:
+            counted = f"{self.tokens} tokens, " if tokens is not None else ""
             # one write per line: ranks sharing a pipe never interleave inside a line
             sys.stdout.write(f"{self.what}: shard {shard} done; shards {self.shards}/{self.n_shards}, {self.unit} "
-                             f"{self.units}/{self.n_units}, {self.sequences} sequences, {self.tokens} tokens, "
-                             f"{rate:,.0f} tok/s, {elapsed:.0f} s elapsed, ETA {eta:.0f} s\n")  # fmt: skip
+                             f"{self.units}/{self.n_units}, {self.sequences} sequences, {counted}{rate}, "
+                             f"{elapsed:.0f} s elapsed, ETA {eta:.0f} s\n")  # fmt: skip
             sys.stdout.flush()
 
     def close(self) -> None:

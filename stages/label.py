@@ -278,47 +278,131 @@ def _make_judges(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any]) -> li
     return made
 
 
+# ---------------------------------------------------------------------------------------------- judges, sharded
+# Judges compare every pair of a prompt's uncut responses. The prompts are cut into shards of `label.shard_size`
+# (pipeline.shards) and the annotators grouped by the engine they need: one group per local vLLM judge model, one
+# for python and http judges (no engine). Each group writes its own set of shards (`label-judges-<g>`: the group's
+# verdicts on the shard's comparisons). A vLLM group runs on `label.engine.data_parallel_size` engine processes
+# (pipeline.launch.engine_workers, each on its own tensor_parallel_size GPUs, as generate does), engine w taking
+# missing shards w, w+N, ...; with one engine, and for the other group, the shards are judged in this process.
+
+VERDICTS = pa.schema([("comparison", pa.int64()), ("annotator", pa.int32()), ("p_ab", pa.float64()),
+                      ("p_ba", pa.float64()), ("p", pa.float64()), ("error", pa.string()), ("error_detail", pa.string()),
+                      ("attempts", pa.int32())])  # fmt: skip
+JUDGE_SHARDS = "--judge-shards"  # an engine process's argument: GROUP:SHARD,SHARD,...
+
+
+def _comparisons(table: pa.Table, shard_size: int):
+    """The judges' work: (the table's columns, label errors so far, judged rows per prompt, every unordered pair
+    (a, b) of a prompt's judged responses with a before b in sample order, the comparisons of each shard)."""
+    d = table.select(["prompt_id", "prompt", "response", "sample_idx", "finish_reason"]).to_pydict()
+    errors: list[str | None] = [None] * table.num_rows
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, reason in enumerate(d["finish_reason"]):
+        if reason == "length":
+            errors[i] = "cut"  # never a pair (pairs drops cut responses): not worth a judge's time
+        else:
+            groups[d["prompt_id"][i]].append(i)
+    comps: list[tuple[int, int]] = []
+    shards: list[range] = []
+    for rows in group_shards(d["prompt_id"], shard_size):  # whole prompts, in first-seen order
+        start = len(comps)
+        for pid in dict.fromkeys(d["prompt_id"][r] for r in rows):
+            comps += itertools.combinations(sorted(groups.get(pid, []), key=lambda r: d["sample_idx"][r]), 2)
+        shards.append(range(start, len(comps)))
+    return d, errors, groups, comps, shards
+
+
+def _judge_groups(factories: list[tuple[str | None, Any]]) -> list[tuple[str | None, list[int]]]:
+    """(vLLM judge model, or None for python/http judges; the annotators it serves), in config order."""
+    return [(m, [i for i, (mm, _) in enumerate(factories) if mm == m]) for m in dict.fromkeys(m for m, _ in factories)]
+
+
+def _judge_shards(cfg: RunConfig, plan: StagePlan, g: int, shard_ids: list[int], llm: Any, digest: str,
+                  work: tuple | None = None, factories: list | None = None, who: str = "") -> None:  # fmt: skip
+    """Judge group g's annotators on the given shards' comparisons, each shard written as it ends.
+
+    llm: the group's engine (None for python/http judges). work / factories: `_comparisons` and `_make_judges` of
+    the caller, when it has them (an engine process computes its own)."""
+    from pipeline.judges import compare
+
+    if work is None:
+        work = _comparisons(read_parquet(plan.inputs["responses"], schemas.RESPONSES), cfg.label.shard_size)
+    d, _, _, comps, shards = work
+    factories = factories or _make_judges(cfg, plan, {})
+    model, members = _judge_groups(factories)[g]
+    judges = [factories[i][1](llm) for i in members]
+    store = Shards(plan, f"label-judges-{g}", len(shards), digest)
+    n_prompts = [len({d["prompt_id"][a] for a, _ in (comps[c] for c in cs)}) for cs in shards]
+    progress = Progress(f"label round {plan.round} judges {model or 'python/http'}{who}", len(shard_ids),
+                        sum(n_prompts[s] for s in shard_ids), "prompts", bar=not who)  # fmt: skip
+    for s in shard_ids:
+        started, started_at = time.monotonic(), time.time()
+        cs = list(shards[s])
+        questions = [(d["prompt"][a], d["response"][a], d["response"][b]) for a, b in (comps[c] for c in cs)]
+        cols: dict[str, list] = {name: [] for name in VERDICTS.names}
+        for i, judge in zip(members, judges):
+            for c, r in zip(cs, compare(judge, questions) if questions else []):
+                for name, value in (("comparison", c), ("annotator", i), ("p_ab", r.p_ab), ("p_ba", r.p_ba), ("p", r.p),
+                                    ("error", r.error), ("error_detail", r.detail), ("attempts", r.attempts)):  # fmt: skip
+                    cols[name].append(value)
+        seconds = round(time.monotonic() - started, 3)
+        requests = 2 * len(cs) * len(members)
+        store.write(s, pa.table(cols, schema=VERDICTS), VERDICTS, comparisons=len(cs), requests=requests,
+                    seconds=seconds, started_at=started_at)  # fmt: skip
+        progress.shard_done(s, n_prompts[s], requests, None, seconds)
+    progress.close()
+
+
 def _judge_labels(cfg: RunConfig, plan: StagePlan, table: pa.Table, engines: dict[str, Any]):
-    """Every judge on every pair of a prompt's uncut responses, both orders.
+    """Every judge on every pair of a prompt's uncut responses, both orders, shard by shard.
 
     Returns:
         (rewards, label errors, the PREFERENCES table, stats).
     """
+    from pipeline import launch
+    from pipeline.config import save_config
     from pipeline.engine import make_llm
-    from pipeline.judges import bradley_terry, compare, copeland
+    from pipeline.judges import Comparison, bradley_terry, copeland
 
     lab, k = cfg.label, plan.round
-    d = table.to_pydict()
+    work = _comparisons(table, lab.shard_size)
+    d, errors, groups, comps, shards = work
     n = table.num_rows
-    errors: list[str | None] = [None] * n
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i in range(n):
-        if d["finish_reason"][i] == "length":
-            errors[i] = "cut"  # never a pair (pairs drops cut responses): not worth a judge's time
-        else:
-            groups[d["prompt_id"][i]].append(i)
-    comps = [  # every unordered pair of a prompt's judged responses, a before b in sample order
-        (a, b)
-        for rows in groups.values()
-        for a, b in itertools.combinations(sorted(rows, key=lambda r: d["sample_idx"][r]), 2)
-    ]
-    questions = [(d["prompt"][a], d["response"][a], d["response"][b]) for a, b in comps]
-
-    factories = _make_judges(cfg, plan, engines)
-    results: dict[int, list[Any]] = {}
-    for model in dict.fromkeys(m for m, _ in factories):  # one engine per judge model, freed before the next
-        members = [i for i, (m, _) in enumerate(factories) if m == model]
+    factories = _make_judges(cfg, plan, engines)  # templates, URLs and keys checked before anything runs
+    digest = plan_digest(plan)
+    n_engines = 1 if engines else lab.engine.resolved_data_parallel_size()
+    stores = [Shards(plan, f"label-judges-{g}", len(shards), digest) for g in range(len(_judge_groups(factories)))]
+    reused = judged = 0
+    for g, (model, _) in enumerate(_judge_groups(factories)):
+        missing = stores[g].missing()
+        reused, judged = reused + stores[g].count - len(missing), judged + len(missing)
+        if len(missing) < stores[g].count:
+            print(f"label round {k} judges {model or 'python/http'}: {stores[g].count - len(missing)} of "
+                  f"{stores[g].count} shards already written, judging {len(missing)}", flush=True)  # fmt: skip
+        if not missing:
+            continue
+        if model is not None and n_engines > 1 and len(missing) > 1:
+            conf = stores[g].dir / "config.yaml"
+            save_config(cfg, conf)  # the exact config of this process (overrides included), for the engines
+            cmds = [[sys.executable, "-m", "stages.label", str(conf), "--round", str(k), JUDGE_SHARDS,
+                     f"{g}:{','.join(map(str, mine))}"] for w in range(n_engines) if (mine := assign(missing, w, n_engines))]  # fmt: skip
+            launch.engine_workers(cmds, lab.engine.tensor_parallel_size,
+                                  lambda w, line: line and print(f"[engine {w}] {line}", flush=True), "label judges")  # fmt: skip
+            continue
         llm = None
-        if model is not None:
-            llm = engines.get(model) or make_llm(
-                model, lab.engine, dtype=cfg.model.dtype, seed=cfg.seed,
-                trust_remote_code=lab.trust_remote_code,
-            )  # fmt: skip
-        for i in members:
-            results[i] = compare(factories[i][1](llm), questions) if questions else []
+        if model is not None:  # one engine per judge model, freed before the next
+            llm = engines.get(model) or make_llm(model, lab.engine, dtype=cfg.model.dtype, seed=cfg.seed,
+                                                 trust_remote_code=lab.trust_remote_code)  # fmt: skip
+        _judge_shards(cfg, plan, g, missing, llm, digest, work, factories)
         if model is not None and model not in engines:
             del llm
             gc.collect()
+    results: dict[int, list[Any]] = {i: [None] * len(comps) for i in range(len(factories))}
+    for store in stores:
+        for v in store.read(VERDICTS).to_pylist():
+            results[v["annotator"]][v["comparison"]] = Comparison(v["p_ab"], v["p_ba"], v["p"], v["error"],
+                                                                  v["error_detail"], v["attempts"])  # fmt: skip
 
     ids = lab.judge_ids()
     cols: dict[str, list] = {name: [] for name in schemas.PREFERENCES.names}
@@ -354,6 +438,8 @@ def _judge_labels(cfg: RunConfig, plan: StagePlan, table: pa.Table, engines: dic
     n_cmp = len(comps) * len(ids)
     n_failed = sum(by_reason.values())
     if n_cmp and n_failed == n_cmp:
+        for store in stores:  # a configuration error (wrong URL, model, key, server down): nothing worth resuming
+            store.remove()
         reason = by_reason.most_common(1)[0][0]
         detail = next(x for x, e in zip(cols["error_detail"], cols["error"]) if e == reason)
         raise ValueError(
@@ -396,6 +482,10 @@ def _judge_labels(cfg: RunConfig, plan: StagePlan, table: pa.Table, engines: dic
         "pairs_below_min_annotators": int((~counted).sum()),
         "not_judged_cut": errors.count("cut"),
         "ranking": lab.ranking,
+        "shards": sum(st.count for st in stores),
+        "shards_reused": reused,
+        "shards_judged": judged,
+        "engines": n_engines,
     }
     return rewards, errors, prefs, stats
 
@@ -433,9 +523,42 @@ def run(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any] | None = None) 
     labelled = labelled.append_column("label_error", pa.array(errors, pa.string()))
     write_parquet(labelled, plan.outputs["labels"], schemas.LABELS)
     write_parquet(prefs, plan.outputs["preferences"], schemas.PREFERENCES)
-    for role in _roles(cfg):  # labels.parquet now holds every shard
-        Shards(plan, f"label-{role}", 0, digest="").remove()
+    shard_sets = [f"label-{role}" for role in _roles(cfg)] + [f"label-judges-{g}" for g in range(len(cfg.label.judges))]
+    for name in shard_sets:  # labels.parquet and preferences.parquet now hold every shard
+        Shards(plan, name, 0, digest="").remove()
     return {**_scalar_stats(rewards), **extra}
+
+
+def _judge_engine_main(argv: list[str]) -> None:
+    """An engine process of a judge group: `python -m stages.label CONF --round K --judge-shards G:I,J,...`."""
+    import argparse
+    import os
+
+    from pipeline import rounds
+    from pipeline.artifacts import ArtifactError
+    from pipeline.config import ConfigError, load_config
+    from pipeline.engine import make_llm
+
+    ap = argparse.ArgumentParser(prog="python -m stages.label", description="Judge some shards of one round.")
+    ap.add_argument("config")
+    ap.add_argument("--round", type=int, required=True, dest="round_")
+    ap.add_argument(JUDGE_SHARDS, required=True, dest="shards", help="GROUP:SHARD,SHARD,...")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        plan = rounds.plan(cfg, args.round_, "label")
+        g, _, ids = args.shards.partition(":")
+        factories = _make_judges(cfg, plan, {})
+        model = _judge_groups(factories)[int(g)][0]
+        llm = make_llm(str(model), cfg.label.engine, dtype=cfg.model.dtype, seed=cfg.seed,
+                       trust_remote_code=cfg.label.trust_remote_code)  # fmt: skip
+        _judge_shards(cfg, plan, int(g), [int(i) for i in ids.split(",")], llm, plan_digest(plan),
+                      factories=factories, who=f" (engine pid {os.getpid()})")  # fmt: skip
+    except (ConfigError, ArtifactError, ValueError, RuntimeError) as e:
+        if os.environ.get("DICE_DEBUG"):
+            raise
+        print(f"dice label: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
@@ -443,6 +566,8 @@ if __name__ == "__main__":
         from pipeline import launch
 
         launch.worker_main("label", _score_worker)
+    elif any(a == JUDGE_SHARDS or a.startswith(JUDGE_SHARDS + "=") for a in sys.argv):  # a judge engine process
+        _judge_engine_main(sys.argv[1:])
     else:
         from stages.common import main
 

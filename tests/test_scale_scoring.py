@@ -8,6 +8,7 @@ tables are computed in this process and are what every other layout must reprodu
     label implicit_reward, 2 ranks          2 processes = 1 process
     label reward_model, 2 ranks, ZeRO-3     2 processes = 1 process; ZeRO-3 = unsharded; weights really split
     reference, 2 ranks, ZeRO-3              the same for reference
+    label, a vLLM judge on 2 engines        the preferences of 1 engine
     label, 2 ranks ZeRO-3, SIGKILLed        a re-run on 1 process without ZeRO-3 scores only the missing shards
     reference, 2 ranks, SIGKILLed           the same for reference
 """
@@ -194,6 +195,12 @@ def launches(setting):
         "reference": ("reference", config("killed-ref", **{"reference.num_processes": 2, "reference.shard_size": 1}),
                       "pairs.parquet", "reference", ["reference.num_processes=1"]),
     }  # fmt: skip
+    # a local vLLM judge (the policy judging its own samples) on 2 engine processes and a simulated annotator in the
+    # stage's own process, 4 shards of 3 prompts
+    judges = "[{id: self, backend: vllm}, {id: sim, backend: python, function: 'pipeline.judges:overlap_judge'}]"
+    equal["judges"] = ("label", config("two-judges", **{"label.labeller": "judge", "label.judges": judges,
+                                                        "label.shard_size": 3, "label.engine.data_parallel_size": 2}),
+                       "responses.parquet")  # fmt: skip
     procs, victims = {}, {}
     for key, (stage, cfg, inputs) in equal.items():
         _inputs(setting, cfg, inputs)
@@ -221,6 +228,8 @@ def launches(setting):
     for key, (stage, cfg, _) in equal.items():
         output = "labels.parquet" if stage == "label" else "reference.parquet"
         out[key] = (_finish(procs[key])[1], pd.read_parquet(rounds.round_dir(cfg, 1) / output))
+    out["judges"] += (pd.read_parquet(rounds.round_dir(equal["judges"][1], 1) / "preferences.parquet"),
+                      procs["judges"][1].read_text(), equal["judges"][1])  # fmt: skip
     for key, (stage, cfg, *_) in killed.items():
         output = "labels.parquet" if stage == "label" else "reference.parquet"
         stdout, stats = _finish(reruns[key])
@@ -249,6 +258,22 @@ def test_zero3_reference_on_two_processes_equals_unsharded(setting, launches):
     assert stats["processes"] == 2 and stats["zero_stage"] == 3 and stats["weights_held_per_rank"] < 0.6
     _same(table, setting["tables"]["reference"], LOGPS["reference"])
     assert len(table) == len(setting["tables"]["reference"]) > N_PROMPTS  # generated and replayed offline pairs
+
+
+def test_local_judge_on_two_engines_equals_one(setting, launches, llm, tiny_model):
+    """label.engine.data_parallel_size=2: two vLLM engine processes, each judging every other shard of the
+    comparisons, give the preferences and rankings one engine gives (the session's engine, in this process)."""
+    stats, table, prefs, out, cfg = launches["judges"]
+    assert stats["engines"] == 2 and stats["shards"] == 2 * 4 and stats["shards_judged"] == 2 * 4  # 2 groups
+    assert "[engine 0] label round 1 judges" in out and "[engine 1] label round 1 judges" in out
+    one = cfg.model_copy(update={"runs_dir": str(setting["base"] / "one-judge")})
+    _inputs(setting, one, "responses.parquet")
+    plan = rounds.plan(one, 1, "label")
+    stats1 = execute(plan, lambda: label.run(one, plan, engines={str(tiny_model): llm}))["stats"]
+    assert stats1["engines"] == 1 and stats1["comparisons"] == stats["comparisons"] == 2 * N_PROMPTS * K * (K - 1) // 2
+    expected = pd.read_parquet(plan.outputs["preferences"])
+    _same(prefs, expected, ["p_ab", "p_ba", "p"])
+    _same(table, pd.read_parquet(plan.outputs["labels"]), ["reward"])
 
 
 def _redone(stdout: str, what: str) -> list[int]:
