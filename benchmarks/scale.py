@@ -19,8 +19,8 @@ such a round synthetically (no model, no GPU) and runs, each in a fresh process 
 Lengths are UltraFeedback-like: prompts log-normal around 250 characters (σ 0.9, 20-4,000), responses
 log-normal around 1,000 characters (σ 0.85) with a long tail cut at 2,048 tokens (8,192 characters: such
 responses are `finish_reason: length`), texts cut from the shipped data. For each stage it prints the wall time
-of the stage call, the process's peak RSS (`ru_maxrss`), its RSS after imports, the in-memory (Arrow) size of
-the stage's input table, and (peak − imports) / input. Writes `benchmarks/out/scale.json`.
+of the stage call, the process's peak RSS (VmHWM), its RSS after imports, the in-memory (Arrow) size of the
+stage's input table, and (peak − imports) / input. Writes `benchmarks/out/scale.json`.
 """
 
 from __future__ import annotations
@@ -155,10 +155,13 @@ def write_reference_input(conf: Path) -> None:
 # ---------------------------------------------------------------------------------------------- one stage, one process
 
 
-def _rss_now_mb() -> float:
-    """This process's resident set now (VmRSS), MiB."""
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status in MiB: VmRSS (resident now) or VmHWM (the peak of this program).
+
+    Not `ru_maxrss`: Linux keeps the forked parent's resident size in it across exec, so a child of a large
+    parent would report the parent's size; VmHWM belongs to the program's own address space."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the peak so far
 
@@ -178,7 +181,7 @@ def child(stage: str, conf: str) -> None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy)
-    imports_mb = _rss_now_mb()
+    imports_mb = _status_mb("VmRSS")
     started = time.perf_counter()
     extra: dict[str, Any] = {}
     if stage in ("label", "pairs"):
@@ -198,39 +201,31 @@ def child(stage: str, conf: str) -> None:
         examples, dropped = module.load_pairs(rounds.plan(cfg, 1, "train").inputs["reference"], tokenizer, cfg)
         extra = {"pairs": len(examples), **dropped}
     wall = time.perf_counter() - started
-    print("SCALE_RESULT " + json.dumps({"wall_s": wall, "imports_mb": imports_mb, **extra}), flush=True)
+    result = {"wall_s": wall, "imports_mb": imports_mb, "peak_rss_mb": _status_mb("VmHWM"), **extra}
+    print("SCALE_RESULT " + json.dumps(result), flush=True)
 
 
 def run_child(stage: str, conf: Path) -> dict[str, Any]:
-    """The stage's data path in a fresh process; its result and its peak RSS (`ru_maxrss` from os.wait4)."""
-    import tempfile
-
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, __file__, "--child", stage, str(conf)], cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=err, text=True)  # fmt: skip
-        assert proc.stdout is not None
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            err.seek(0)
-            sys.exit(f"{stage} failed:\n{err.read()[-3000:]}")
-    result = json.loads(out.split("SCALE_RESULT ")[1])
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024
-    return result
+    """The stage's data path in a fresh process: its result, with its own peak RSS."""
+    proc = subprocess.run([sys.executable, __file__, "--child", stage, str(conf)], cwd=REPO, capture_output=True,
+                          text=True)  # fmt: skip
+    if proc.returncode != 0:
+        sys.exit(f"{stage} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.split("SCALE_RESULT ")[1])
 
 
 def input_mb(stage: str, conf: Path) -> tuple[float, int]:
-    """The in-memory (Arrow) size of the stage's input table, and its rows."""
-    import pyarrow.parquet as pq
-
+    """The in-memory (Arrow) size of the stage's input table, and its rows (read in a process of its own: this one
+    stays small)."""
+    code = ("import sys, pyarrow.parquet as pq; t = pq.read_table(sys.argv[1]); print(t.nbytes / 2**20, t.num_rows)")
     from pipeline import rounds
     from pipeline.config import load_config
 
     rd = rounds.round_dir(load_config(conf), 1)
     name = {"label": "responses", "pairs": "labels", "reference (data)": "pairs", "train (data)": "reference"}[stage]
-    t = pq.read_table(rd / f"{name}.parquet")
-    return t.nbytes / 2**20, t.num_rows
+    size, rows = subprocess.run([sys.executable, "-c", code, str(rd / f"{name}.parquet")], capture_output=True,
+                                text=True, check=True).stdout.split()  # fmt: skip
+    return float(size), int(rows)
 
 
 def main(argv: list[str] | None = None) -> None:

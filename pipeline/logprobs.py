@@ -40,14 +40,15 @@ def encode(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]
 def collate(
     seqs: Sequence[tuple[list[int], list[int]]], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad (prompt, response) id lists into (input_ids, attention_mask, response_mask), each (B, T)."""
+    """Right-pad (prompt, response) ids (lists or integer arrays) into (input_ids, attention_mask, response_mask),
+    each (B, T)."""
     width = max(len(p) + len(r) for p, r in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(seqs), width), dtype=torch.long)
     response = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, (p, r) in enumerate(seqs):
         n = len(p) + len(r)
-        input_ids[i, :n] = torch.tensor(p + r)
+        input_ids[i, :n] = torch.from_numpy(np.concatenate([np.asarray(p, np.int64), np.asarray(r, np.int64)]))
         attention[i, :n] = 1
         response[i, len(p) : n] = 1
     return input_ids, attention, response

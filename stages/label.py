@@ -143,11 +143,11 @@ def _score_worker(cfg: RunConfig, plan: StagePlan, todo: dict[str, list[int]], d
     if zero3:
         launch.init_distributed()
     rank, world = launch.rank(), launch.world()
-    table = read_parquet(plan.inputs["responses"], schemas.RESPONSES)
-    prompts, responses, ids = (table[c].to_pylist() for c in ("prompt", "response", "prompt_id"))
+    texts = read_parquet(plan.inputs["responses"], schemas.RESPONSES).select(["prompt_id", "prompt", "response"])
+    ids = texts["prompt_id"].to_pylist()
     rows = group_shards(ids, cfg.label.shard_size)
     n_prompts = [len({ids[j] for j in r}) for r in rows]
-    del table, ids
+    del ids  # the texts stay in Arrow; each shard's become Python strings only while it is scored
     held = {}
     for role in _roles(cfg):
         missing = todo[role]
@@ -164,7 +164,8 @@ def _score_worker(cfg: RunConfig, plan: StagePlan, todo: dict[str, list[int]], d
             i = mine[step] if step < len(mine) else None
             idx = rows[i] if i is not None else np.zeros(0, np.int64)
             started, started_at = time.monotonic(), time.time()
-            scores, too_long, tokens = fn([prompts[j] for j in idx], [responses[j] for j in idx])
+            part = texts.take(idx)
+            scores, too_long, tokens = fn(part["prompt"].to_pylist(), part["response"].to_pylist())
             if i is None:
                 continue
             seconds = round(time.monotonic() - started, 3)
@@ -232,6 +233,20 @@ def _scalar_stats(rewards: np.ndarray) -> dict[str, Any]:
         "reward_min": float(scored.min()) if scored.size else None,
         "reward_max": float(scored.max()) if scored.size else None,
     }
+
+
+class _Texts:
+    """A string column that becomes Python strings one slice at a time (`len` and slicing, as `_python_rewards`
+    reads it): the labeller's batches, never the whole column at once."""
+
+    def __init__(self, column: pa.ChunkedArray):
+        self.column = column
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+    def __getitem__(self, part: slice) -> list[str]:
+        return self.column[part].to_pylist()
 
 
 def _python_rewards(cfg: RunConfig, prompts: list[str], responses: list[str]) -> np.ndarray:
@@ -512,7 +527,7 @@ def run(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any] | None = None) 
     elif labeller == "judge":
         rewards, errors, prefs, extra = _judge_labels(cfg, plan, table, engines or {})
     else:
-        rewards = _python_rewards(cfg, table["prompt"].to_pylist(), table["response"].to_pylist())
+        rewards = _python_rewards(cfg, _Texts(table["prompt"]), _Texts(table["response"]))
     for i in np.flatnonzero(~np.isfinite(rewards)):
         errors[i] = errors[i] or "non_finite"
 

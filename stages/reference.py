@@ -38,21 +38,23 @@ SCORES = pa.schema([("row", pa.int64()), ("chosen_tokens", pa.int32()), ("reject
                     ("ref_chosen", pa.float64()), ("ref_rejected", pa.float64()), ("fits", pa.bool_())])  # fmt: skip
 
 
-def _pairs_by_shard(cfg: RunConfig, plan: StagePlan) -> tuple[dict[str, list[str]], list[np.ndarray], list[int]]:
-    """The pairs' texts (prompt, chosen, rejected), the rows of each shard (whole prompts), each shard's prompts."""
+def _pairs_by_shard(cfg: RunConfig, plan: StagePlan) -> tuple[pa.Table, list[np.ndarray], list[int]]:
+    """The pairs' texts (prompt, chosen, rejected; in Arrow), the rows of each shard (whole prompts), and each
+    shard's number of prompts."""
     pairs = read_parquet(plan.inputs["pairs"], schemas.PAIRS).select(["prompt_id", "prompt", "chosen", "rejected"])
     ids = pairs["prompt_id"].to_pylist()
     rows = group_shards(ids, cfg.reference.shard_size)
-    texts = {c: pairs[c].to_pylist() for c in ("prompt", "chosen", "rejected")}
-    return texts, rows, [len({ids[j] for j in r}) for r in rows]
+    return pairs.drop_columns(["prompt_id"]), rows, [len({ids[j] for j in r}) for r in rows]
 
 
-def _encode_pairs(tokenizer, texts: dict[str, list[str]], idx: np.ndarray, max_length: int):
-    """(chosen encodings, rejected encodings, fits mask) of the pairs `idx` (pipeline.logprobs.encode)."""
+def _encode_pairs(tokenizer, texts: pa.Table, idx: np.ndarray, max_length: int):
+    """(chosen encodings, rejected encodings, fits mask) of the pairs `idx` (pipeline.logprobs.encode); only
+    these pairs' texts become Python strings."""
     from pipeline.logprobs import encode
 
-    c = [encode(tokenizer, texts["prompt"][j], texts["chosen"][j]) for j in idx]
-    r = [encode(tokenizer, texts["prompt"][j], texts["rejected"][j]) for j in idx]
+    part = texts.take(idx).to_pydict()
+    c = [encode(tokenizer, x, y) for x, y in zip(part["prompt"], part["chosen"])]
+    r = [encode(tokenizer, x, y) for x, y in zip(part["prompt"], part["rejected"])]
     fits = np.array([max(len(a[0]) + len(a[1]), len(b[0]) + len(b[1])) <= max_length for a, b in zip(c, r)], dtype=bool)
     return c, r, fits
 

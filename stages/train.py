@@ -61,35 +61,44 @@ def load_pairs(path: Path, tokenizer, cfg: RunConfig) -> tuple[list[dict[str, An
     table = read_parquet(path, schemas.REFERENCE)
     if table.num_rows == 0:
         raise ValueError(f"{path}: no pairs to train on")
-    d = table.to_pydict()
     for col in ("ref_chosen_logps", "ref_rejected_logps"):
-        bad = [i for i, v in enumerate(d[col]) if v is None or not math.isfinite(v)]
+        bad = [i for i, v in enumerate(table[col].to_pylist()) if v is None or not math.isfinite(v)]
         if bad:
             raise ValueError(f"{path}: column {col} is not finite in row {bad[0]} ({len(bad)} rows); re-run the reference stage")
     refined = t.loss in (LossType.SR_DPO, LossType.SR_IPO)
+
+    def encoded(prompt: str, response: str) -> tuple[np.ndarray, np.ndarray]:
+        # int32 arrays, 4 bytes a token (a Python list costs ~36): the examples live for the whole training
+        p, y = encode(tokenizer, prompt, response)
+        return np.asarray(p, np.int32), np.asarray(y, np.int32)
+
     examples, identical, too_long = [], 0, 0
-    for i in range(table.num_rows):
-        if d["chosen"][i] == d["rejected"][i]:
-            identical += 1
-            continue
-        c = encode(tokenizer, d["prompt"][i], d["chosen"][i])
-        r = encode(tokenizer, d["prompt"][i], d["rejected"][i])
-        ex: dict[str, Any] = {"chosen": c, "rejected": r}
-        if refined:  # Δ's forward passes see P ⊕ x (METHODS §4)
-            prefixed = f"{SR_QUALITY_PREFIX} {d['prompt'][i]}"
-            ex["chosen_prefixed"] = encode(tokenizer, prefixed, d["chosen"][i])
-            ex["rejected_prefixed"] = encode(tokenizer, prefixed, d["rejected"][i])
-        if max(len(p) + len(y) for p, y in ex.values()) > cfg.model.max_length:
-            too_long += 1
-            continue
-        # reference.parquet stores summed log-probs; the per-token mean divides by the same response tokens
-        ex["ref_chosen"] = d["ref_chosen_logps"][i] / (d["chosen_tokens"][i] if t.reduction == "mean" else 1)
-        ex["ref_rejected"] = d["ref_rejected_logps"][i] / (d["rejected_tokens"][i] if t.reduction == "mean" else 1)
-        n = d["annotators"][i]
-        ex["preference"] = smooth_preference(
-            torch.tensor([d["preference"][i] * n], dtype=torch.float64), n, t.preference_smoothing, t.preference_clip
-        ).item() if t.loss == LossType.IREPO else d["preference"][i]  # fmt: skip
-        examples.append(ex)
+    columns = ["prompt", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps", "chosen_tokens",
+               "rejected_tokens", "annotators", "preference"]  # fmt: skip
+    for batch in table.select(columns).to_batches(max_chunksize=2048):  # the texts become Python strings a batch at a time
+        d = batch.to_pydict()
+        for i in range(batch.num_rows):
+            if d["chosen"][i] == d["rejected"][i]:
+                identical += 1
+                continue
+            c = encoded(d["prompt"][i], d["chosen"][i])
+            r = encoded(d["prompt"][i], d["rejected"][i])
+            ex: dict[str, Any] = {"chosen": c, "rejected": r}
+            if refined:  # Δ's forward passes see P ⊕ x (METHODS §4)
+                prefixed = f"{SR_QUALITY_PREFIX} {d['prompt'][i]}"
+                ex["chosen_prefixed"] = encoded(prefixed, d["chosen"][i])
+                ex["rejected_prefixed"] = encoded(prefixed, d["rejected"][i])
+            if max(len(p) + len(y) for p, y in ex.values()) > cfg.model.max_length:
+                too_long += 1
+                continue
+            # reference.parquet stores summed log-probs; the per-token mean divides by the same response tokens
+            ex["ref_chosen"] = d["ref_chosen_logps"][i] / (d["chosen_tokens"][i] if t.reduction == "mean" else 1)
+            ex["ref_rejected"] = d["ref_rejected_logps"][i] / (d["rejected_tokens"][i] if t.reduction == "mean" else 1)
+            n = d["annotators"][i]
+            ex["preference"] = smooth_preference(
+                torch.tensor([d["preference"][i] * n], dtype=torch.float64), n, t.preference_smoothing, t.preference_clip
+            ).item() if t.loss == LossType.IREPO else d["preference"][i]  # fmt: skip
+            examples.append(ex)
     if not examples:
         raise ValueError(f"{path}: every pair was dropped ({identical} identical, {too_long} too long)")
     return examples, {"dropped_identical": identical, "dropped_too_long": too_long}
