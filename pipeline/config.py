@@ -287,6 +287,23 @@ class LabelConfig(_Section):
         "used when labeller=python. It runs your code: name only modules you trust.",
     )
     batch_size: int = Field(16, gt=0, description="Sequences per forward pass when scoring.")
+    num_processes: int = Field(
+        0,
+        ge=0,
+        description="implicit_reward and reward_model: scoring processes, DeepSpeed ranks each taking every N-th "
+        "shard (one per GPU; train.hostfile for several nodes, N per node); 0: every visible GPU, 1 on CPU.",
+    )
+    zero_stage: Literal[0, 3] = Field(
+        0,
+        description="3: ZeRO-3 partitioned inference, each model's weights sharded across the processes (a model "
+        "larger than one GPU); 0: every process holds the whole model.",
+    )
+    shard_size: int = Field(
+        64,
+        gt=0,
+        description="Prompts per shard (a prompt's K responses are never split): each shard is written as it "
+        "is scored, so a killed stage resumes at the shards not yet written; also the unit handed to processes.",
+    )
     judges: list[JudgeConfig] = Field(
         default_factory=list, description="labeller=judge: the N annotators; p̂ is the mean of their probabilities."
     )
@@ -366,6 +383,23 @@ class PairsConfig(_Section):
 
 class ReferenceConfig(_Section):
     batch_size: int = Field(16, gt=0, description="Sequences per forward pass.")
+    num_processes: int = Field(
+        0,
+        ge=0,
+        description="Scoring processes, DeepSpeed ranks each taking every N-th shard (one per GPU; train.hostfile "
+        "for several nodes, N per node); 0: every visible GPU, 1 on CPU.",
+    )
+    zero_stage: Literal[0, 3] = Field(
+        0,
+        description="3: ZeRO-3 partitioned inference, the reference's weights sharded across the processes (a model "
+        "larger than one GPU); 0: every process holds the whole model.",
+    )
+    shard_size: int = Field(
+        128,
+        gt=0,
+        description="Prompts per shard (a prompt's pairs are never split): each shard is written as it is scored, "
+        "so a killed stage resumes at the shards not yet written; also the unit handed to processes.",
+    )
     packing: bool = Field(
         True,
         description="Score padding-free rows with each prompt once (exact), here and for the label stage's implicit "
@@ -422,7 +456,9 @@ class TrainConfig(_Section):
     offload_optimizer: bool = Field(False, description="ZeRO: keep optimizer states in CPU memory (ZeRO-Offload).")
     offload_params: bool = Field(False, description="ZeRO-3: keep parameters in CPU memory between uses.")
     hostfile: str | None = Field(
-        None, description="DeepSpeed hostfile for several nodes; num_processes is then the GPUs used per node."
+        None,
+        description="DeepSpeed hostfile for several nodes, used by train, label and reference; their num_processes "
+        "is then the GPUs used per node.",
     )
     checkpoint_every: int = Field(
         0, ge=0, description="Save a DeepSpeed checkpoint every N optimizer steps so a killed training resumes (0: off)."

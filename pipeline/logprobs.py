@@ -11,7 +11,6 @@ and the policy log-probs in training are all computed over exactly the same toke
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -46,14 +45,15 @@ def encode(tokenizer, prompt: Prompt, response: str) -> tuple[list[int], list[in
 def collate(
     seqs: Sequence[tuple[list[int], list[int]]], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad (prompt, response) id lists into (input_ids, attention_mask, response_mask), each (B, T)."""
+    """Right-pad (prompt, response) ids (lists or integer arrays) into (input_ids, attention_mask, response_mask),
+    each (B, T)."""
     width = max(len(p) + len(r) for p, r in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(seqs), width), dtype=torch.long)
     response = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, (p, r) in enumerate(seqs):
         n = len(p) + len(r)
-        input_ids[i, :n] = torch.tensor(p + r)
+        input_ids[i, :n] = torch.from_numpy(np.concatenate([np.asarray(p, np.int64), np.asarray(r, np.int64)]))
         attention[i, :n] = 1
         response[i, len(p) : n] = 1
     return input_ids, attention, response
@@ -190,22 +190,48 @@ def require_model(path: str) -> str:
     return local_model(path)
 
 
-def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = False, device: torch.device | None = None):
-    """Load a causal LM and its tokenizer for scoring (eval mode, safetensors only)."""
+def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = False, device: torch.device | None = None,
+                   zero_stage: int = 0):  # fmt: skip
+    """Load a causal LM and its tokenizer for scoring (eval mode, safetensors only).
+
+    zero_stage=3: every weight partitioned across the ranks as it loads (pipeline/zero3.py; the process group must
+    exist); score through `pipeline.zero3.scoring(ResponseScorer(model), model.config)`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = require_model(path)
     device = device or default_device()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code, use_safetensors=True
-        )
+        if zero_stage == 3:
+            from pipeline import zero3
+
+            model = zero3.load(folder, AutoModelForCausalLM, resolve_dtype(dtype, device), trust_remote_code, "model")
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code, use_safetensors=True
+            ).to(device)
     except (OSError, ValueError) as e:
+        if str(e).startswith(f"model {path}:"):
+            raise
         raise ValueError(f"model {path}: could not be loaded ({e})") from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    return model.eval(), tokenizer
+
+
+def _packed_rows(encoded: Sequence[tuple[list[int], list[int]]], batch_size: int) -> list[list[tuple[list[int], list[int]]]]:
+    """Whole prompt groups per packed row, up to `batch_size` sequences: [[(prompt ids, [indices])...], ...]."""
+    rows: list[list[tuple[list[int], list[int]]]] = [[]]
+    size = 0
+    for prompt, idx in group_by_prompt(encoded):
+        for start in range(0, len(idx), batch_size):
+            part = idx[start : start + batch_size]
+            if size and size + len(part) > batch_size:
+                rows.append([])
+                size = 0
+            rows[-1].append((prompt, part))
+            size += len(part)
+    return [row for row in rows if row]
 
 
 @torch.no_grad()
@@ -217,6 +243,9 @@ def score(
     reduction: Reduction = "sum",
     packing: bool = True,
     max_length: int | None = None,
+    *,
+    engine=None,
+    passes=None,
 ) -> np.ndarray:
     """Response log-probs of already-encoded (prompt ids, response ids) pairs. Returns (N,) float64.
 
@@ -224,29 +253,30 @@ def score(
     prompt are scored as one group with the prompt computed once, `batch_size` sequences per padding-free row;
     otherwise padded batches of `batch_size` sequences, grouped by length (little padding). The numbers agree
     to float rounding (tests/test_packing.py). `max_length` (the longest prompt + response) lets sliding-window
-    models whose window no sequence outgrows be packed."""
+    models whose window no sequence outgrows be packed.
+
+    ZeRO-3 partitioned inference (pipeline/zero3.py): `engine` is the DeepSpeed engine around
+    `ResponseScorer(model)`, and every forward pass goes through it; `passes(n)` returns the most forward passes
+    any rank makes in this call, given this rank's n. Parameters are gathered collectively, so every rank must
+    make as many passes: the difference is made up with one-token passes whose results are dropped."""
+    forward = engine if engine is not None else ResponseScorer(model)
     device = next(model.parameters()).device
     out = np.empty(len(encoded), dtype=np.float64)
     if packing and (is_packed(model) or enable_packing(model, max_length) is None):
-        rows: list[list[tuple[list[int], list[int]]]] = [[]]
-        size = 0
-        for prompt, idx in group_by_prompt(encoded):  # whole groups per row, up to batch_size sequences
-            for start in range(0, len(idx), batch_size):
-                part = idx[start : start + batch_size]
-                if size and size + len(part) > batch_size:
-                    rows.append([])
-                    size = 0
-                rows[-1].append((prompt, part))
-                size += len(part)
+        rows = _packed_rows(encoded, batch_size)
         for row in rows:
             batch = pack([(p, [encoded[i][1] for i in idx]) for p, idx in row]).to(device)
             flat = [i for _, idx in row for i in idx]
-            out[flat] = packed_response_logps(model, batch, reduction).double().cpu().numpy()
+            out[flat] = forward(packed=batch, reduction=reduction).double().cpu().numpy()
+        for _ in range((passes(len(rows)) if passes else len(rows)) - len(rows)):
+            forward(packed=pack([([0], [0, 0])]).to(device), reduction=reduction)
         return out
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    for idx in batches:
         input_ids, attention, response = collate([encoded[i] for i in idx], pad_id)
         input_ids, attention, response = input_ids.to(device), attention.to(device), response.to(device)
-        out[idx] = response_logps(model, input_ids, attention, response, reduction).double().cpu().numpy()
+        out[idx] = forward(input_ids, attention, response, reduction).double().cpu().numpy()
+    for _ in range((passes(len(batches)) if passes else len(batches)) - len(batches)):
+        forward(*(x.to(device) for x in collate([([0], [0])], pad_id)), reduction)
     return out

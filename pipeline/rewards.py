@@ -69,21 +69,33 @@ def prompt_coverage(prompts: list[str], responses: list[str]) -> list[float]:
 # whose ids do not fit the model's embedding (the tokenizer does not belong to the model), or more than one output.
 
 
-def load_reward_model(path: str, dtype: str = "auto", trust_remote_code: bool = False):
-    """A sequence-classification reward model and its tokenizer (eval mode, safetensors only)."""
+def load_reward_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, device=None,
+                      zero_stage: int = 0):  # fmt: skip
+    """A sequence-classification reward model and its tokenizer (eval mode, safetensors only).
+
+    zero_stage=3: every weight partitioned across the ranks as it loads (pipeline/zero3.py); score through
+    `pipeline.zero3.scoring(model, model.config)`."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from pipeline.logprobs import default_device, require_model, resolve_dtype
 
     folder = require_model(path)
-    device = default_device()
+    device = device or default_device()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            folder, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code,
-            use_safetensors=True,
-        )
+        if zero_stage == 3:
+            from pipeline import zero3
+
+            model = zero3.load(folder, AutoModelForSequenceClassification, resolve_dtype(dtype, device),
+                               trust_remote_code, "reward model")  # fmt: skip
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                folder, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code,
+                use_safetensors=True,
+            ).to(device)
     except (OSError, ValueError) as e:
+        if str(e).startswith(f"reward model {path}:"):
+            raise
         raise ValueError(f"reward model {path}: could not be loaded ({e})") from e
     if model.config.num_labels != 1:
         raise ValueError(
@@ -95,7 +107,7 @@ def load_reward_model(path: str, dtype: str = "auto", trust_remote_code: bool = 
             raise ValueError(f"reward model {path}: its tokenizer has no pad token and no EOS token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id  # the classifier reads the last non-pad position
-    return model.to(device).eval(), tokenizer
+    return model.eval(), tokenizer
 
 
 def reward_model_ids(tokenizer, prompt: Prompt, response: str, fallback: str | None, model: str = "") -> list[int]:
@@ -134,8 +146,13 @@ def check_format(fallback: str | None) -> None:
         )
 
 
-def score_reward_model(model, tokenizer, encoded: list[list[int]], batch_size: int, name: str = ""):
+def score_reward_model(model, tokenizer, encoded: list[list[int]], batch_size: int, name: str = "", *,
+                       engine=None, passes=None):  # fmt: skip
     """Scores r of already-encoded sequences, batched by length with right padding. Returns (N,) float64.
+
+    ZeRO-3 partitioned inference (pipeline/zero3.py): `engine` is the DeepSpeed engine around `model`, through which
+    every forward pass goes, and `passes(n)` the most forward passes any rank makes; the difference is made up with
+    one-token passes whose results are dropped (as `pipeline.logprobs.score` does).
 
     Raises:
         ValueError: when an id is outside the model's vocabulary (its tokenizer does not belong to it).
@@ -151,18 +168,22 @@ def score_reward_model(model, tokenizer, encoded: list[list[int]], batch_size: i
             "embeddings; "
             "the tokenizer saved with it does not belong to this model"
         )
+    forward = engine if engine is not None else model
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     out = np.empty(len(encoded), dtype=np.float64)
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in batches:
             width = max(len(encoded[i]) for i in idx)
             ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
             attention = torch.zeros((len(idx), width), dtype=torch.long)  # (B, T)
             for row, i in enumerate(idx):
                 ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
                 attention[row, : len(encoded[i])] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits  # (B, 1)
+            logits = forward(input_ids=ids.to(device), attention_mask=attention.to(device)).logits  # (B, 1)
             out[idx] = logits[:, 0].double().cpu().numpy()
+        for _ in range((passes(len(batches)) if passes else len(batches)) - len(batches)):
+            one = torch.ones((1, 1), dtype=torch.long, device=device)  # (1, 1)
+            forward(input_ids=one, attention_mask=one)
     return out

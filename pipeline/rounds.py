@@ -183,11 +183,15 @@ def plan(cfg: RunConfig, k: int, stage: str) -> StagePlan:
                     label_roles[f"judge:{jid}"] = j.model or f"π_{k - 1}"
                 if j.backend != "python":
                     label_inputs[f"template:{jid}"] = Path(j.template)
+        # How the scoring is spread (processes, ZeRO-3 partitioning, judge engines) does not change the labels:
+        # not fingerprinted, so a stage killed on one layout resumes its shards on another.
+        label_cfg = lab.model_dump(mode="json", exclude={"num_processes", "zero_stage"})
+        label_cfg["engine"].pop("data_parallel_size")
         return StagePlan(
             stage, k, rd,
             inputs=label_inputs,
             outputs=_out(cfg, k, stage),
-            config={"label": lab.model_dump(mode="json"), "beta": cfg.train.beta, **scoring},
+            config={"label": label_cfg, "beta": cfg.train.beta, **scoring},
             roles=label_roles,
         )
     if stage == "pairs":
@@ -215,7 +219,7 @@ def plan(cfg: RunConfig, k: int, stage: str) -> StagePlan:
             stage, k, rd,
             inputs={"pairs": rd / OUTPUT_FILES["pairs"]["pairs"], "reference": model_of(cfg, ref_j)},
             outputs=_out(cfg, k, stage),
-            config={"batch_size": cfg.reference.batch_size, **scoring},
+            config={"batch_size": cfg.reference.batch_size, "shard_size": cfg.reference.shard_size, **scoring},
             roles={"reference": f"π_{ref_j}"},
         )
     if stage == EVAL_STAGE:
@@ -287,20 +291,27 @@ def standalone_eval_plan(cfg: RunConfig, model: str, baseline: str, out: Path) -
 
 
 def gpus_used(cfg: RunConfig, stage: str) -> int:
-    """GPUs a stage occupies while it runs (0 for CPU-only stages): what it holds of the `gpu_slots` limit."""
-    return {
-        # each engine: tensor_parallel_size GPUs for vLLM, one GPU for the mixture sampler's two models
-        "generate": (1 if cfg.generate.sampler == "mixture" else cfg.generate.engine.tensor_parallel_size)
-        * cfg.generate.engine.resolved_data_parallel_size(),
-        "label": int(
-            cfg.label.labeller in ("implicit_reward", "reward_model")
-            or any(j.backend == "vllm" for j in cfg.label.judges if cfg.label.labeller == "judge")
-        ),
-        "reference": 1,
-        "train": cfg.train.num_processes,
-        # generation on one engine; local judges and a reward model take one GPU after it
-        EVAL_STAGE: cfg.generate.engine.tensor_parallel_size,
-    }.get(stage, 0)
+    """GPUs a stage occupies on this node while it runs (0 for CPU-only stages): what it holds of the `gpu_slots`
+    limit, one slot per GPU: processes × GPUs per process."""
+    from pipeline.launch import resolve_processes
+
+    if stage == "generate":  # each engine: tensor_parallel_size GPUs for vLLM, one for the mixture's two models
+        g = cfg.generate
+        return (1 if g.sampler == "mixture" else g.engine.tensor_parallel_size) * g.engine.resolved_data_parallel_size()
+    if stage == "label":
+        lab = cfg.label
+        if lab.labeller in ("implicit_reward", "reward_model"):
+            return resolve_processes(lab.num_processes)
+        if lab.labeller == "judge" and any(j.backend == "vllm" for j in lab.judges):
+            return lab.engine.tensor_parallel_size * lab.engine.resolved_data_parallel_size()
+        return 0
+    if stage == "reference":
+        return resolve_processes(cfg.reference.num_processes)
+    if stage == "train":
+        return cfg.train.num_processes
+    if stage == EVAL_STAGE:  # generation on one engine; local judges and a reward model take one GPU after it
+        return cfg.generate.engine.tensor_parallel_size
+    return 0
 
 
 def latest_complete_round(cfg: RunConfig) -> int:

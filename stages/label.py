@@ -25,6 +25,7 @@ import gc
 import itertools
 import math
 import sys
+import time
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -32,35 +33,193 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import schemas
-from pipeline.artifacts import StagePlan, read_parquet, write_parquet
-from pipeline.chat import Prompt, prompts_of
+from pipeline.artifacts import StagePlan, plan_digest, read_parquet, write_parquet
+from pipeline.chat import prompts_of
 from pipeline.config import RunConfig
 from pipeline.rewards import implicit_reward, load_reward_fn
+from pipeline.shards import Progress, Shards, assign, group_shards
 
 
-def _logps_under(model_path: str, cfg: RunConfig, prompts: list[Prompt], responses: list[str], vocab_of: Any = None):
-    """Summed response log-probs under one model (loaded, used, freed). Returns (logps, too_long mask, tokenizer)."""
-    from pipeline.logprobs import encode, load_causal_lm, score
+# ---------------------------------------------------------------------------------------------- scoring, sharded
+# implicit_reward and reward_model score every response under a model. The responses are cut into shards of
+# `label.shard_size` whole prompts (a prompt's K responses together, so packing computes the prompt once), and
+# `label.num_processes` DeepSpeed ranks (pipeline.launch) each score every N-th missing shard, writing each as it
+# finishes (pipeline.shards); this process then reads the shards back in row order. The implicit reward scores
+# every shard under π_{k-1}, then every shard under π_{k-2}: one model in memory at a time, two shard sets
+# (`label-policy`, `label-reference`), so a kill during the second model's pass keeps the first's.
 
-    model, tokenizer = load_causal_lm(model_path, cfg.model.dtype, cfg.model.trust_remote_code)
-    if vocab_of is not None and tokenizer.get_vocab() != vocab_of.get_vocab():
-        raise ValueError(
-            f"model {model_path}: its tokenizer differs from the policy's; implicit rewards need both "
-            "models to share one tokenizer"
-        )
-    encoded = [encode(tokenizer, p, r) for p, r in zip(prompts, responses)]
-    too_long = np.array([len(p) + len(r) > cfg.model.max_length for p, r in encoded])
-    logps = np.full(len(encoded), np.nan)
-    ok = np.flatnonzero(~too_long)
-    if len(ok):
+SCORES = pa.schema([("row", pa.int64()), ("value", pa.float64()), ("too_long", pa.bool_())])  # a shard's rows
+
+
+def _roles(cfg: RunConfig) -> list[str]:
+    """The models every response is scored under, in order: each one's scores are one set of shards."""
+    return ["policy", "reference"] if cfg.label.labeller == "implicit_reward" else ["reward_model"]
+
+
+def _preflight(cfg: RunConfig, plan: StagePlan) -> None:
+    """Fail before any process starts or any shard is scored: missing models, tokenizers that cannot serve, a model
+    ZeRO-3 cannot shard."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pipeline import zero3
+    from pipeline.logprobs import require_model
+    from pipeline.rewards import check_format, reward_model_ids
+
+    lab = cfg.label
+    paths = {role: str(plan.inputs[role]) for role in _roles(cfg)}
+    for role, path in paths.items():
+        require_model(path)
+        if lab.zero_stage == 3 and (reason := zero3.unsupported(path)):
+            raise ValueError(f"label.zero_stage=3: {role} model {path}: ZeRO-3 cannot shard it: {reason}")
+    if lab.labeller == "implicit_reward":
+        vocabs = {}
+        for role, path in paths.items():
+            try:
+                vocabs[role] = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).get_vocab()
+            except (OSError, ValueError) as e:
+                raise ValueError(f"model {path}: its tokenizer could not be loaded ({e})") from e
+        if vocabs["policy"] != vocabs["reference"]:
+            raise ValueError(f"model {paths['reference']}: its tokenizer differs from the policy's; implicit rewards "
+                             "need both models to share one tokenizer")  # fmt: skip
+        return
+    path = paths["reward_model"]
+    check_format(lab.reward_model_format)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=lab.trust_remote_code)
+        labels = AutoConfig.from_pretrained(path, trust_remote_code=lab.trust_remote_code).num_labels
+    except (OSError, ValueError) as e:
+        raise ValueError(f"reward model {path}: could not be loaded ({e})") from e
+    if labels != 1:
+        raise ValueError(f"reward model {path}: it has {labels} outputs; dice needs a single-score model (num_labels=1)")
+    reward_model_ids(tokenizer, "question", "answer", lab.reward_model_format, path)  # no template, no fallback: error
+
+
+def _scorer(cfg: RunConfig, plan: StagePlan, role: str):
+    """This rank's scorer under one model, fn(prompts, responses) -> (scores, too_long mask, scored tokens), and the
+    share of the model's weights this rank holds.
+
+    The model is loaded whole on this rank's device, or (label.zero_stage 3) partitioned across the ranks; then every
+    call is a collective and each rank must make the same calls (the worker pads with empty ones)."""
+    from pipeline import launch, zero3
+    from pipeline.logprobs import ResponseScorer, encode, load_causal_lm, score
+    from pipeline.rewards import load_reward_model, reward_model_ids, score_reward_model
+
+    lab, path, device = cfg.label, str(plan.inputs[role]), launch.device()
+    if role == "reward_model":
+        model, tokenizer = load_reward_model(path, cfg.model.dtype, lab.trust_remote_code, device, lab.zero_stage)
+        zero = zero3.scoring(model, model.config) if lab.zero_stage == 3 else {}
+        context = getattr(model.config, "max_position_embeddings", None) or cfg.model.max_length
+        limit = min(cfg.model.max_length, context)
+
+        def reward(prompts: list[str], responses: list[str]):
+            encoded = [reward_model_ids(tokenizer, p, r, lab.reward_model_format, path) for p, r in zip(prompts, responses)]
+            too_long = np.array([len(x) > limit for x in encoded], dtype=bool)
+            ok = np.flatnonzero(~too_long)
+            scores = np.full(len(encoded), np.nan)
+            scores[ok] = score_reward_model(model, tokenizer, [encoded[i] for i in ok], lab.batch_size, path, **zero)
+            return scores, too_long, sum(len(encoded[i]) for i in ok)
+
+        return reward, zero3.share_held(model)
+    model, tokenizer = load_causal_lm(path, cfg.model.dtype, cfg.model.trust_remote_code, device, lab.zero_stage)
+    zero = zero3.scoring(ResponseScorer(model), model.config) if lab.zero_stage == 3 else {}
+
+    def logps(prompts: list[str], responses: list[str]):
+        encoded = [encode(tokenizer, p, r) for p, r in zip(prompts, responses)]
+        too_long = np.array([len(p) + len(r) > cfg.model.max_length for p, r in encoded], dtype=bool)
+        ok = np.flatnonzero(~too_long)
+        scores = np.full(len(encoded), np.nan)
         # packed: the K responses of a prompt in one padding-free group, the prompt computed once (exact)
-        logps[ok] = score(
-            model, [encoded[i] for i in ok], tokenizer.pad_token_id, cfg.label.batch_size,
-            packing=cfg.reference.packing, max_length=cfg.model.max_length,
-        )  # fmt: skip
-    del model
-    gc.collect()
-    return logps, too_long, tokenizer
+        scores[ok] = score(model, [encoded[i] for i in ok], tokenizer.pad_token_id, lab.batch_size,
+                           packing=cfg.reference.packing, max_length=cfg.model.max_length, **zero)  # fmt: skip
+        return scores, too_long, sum(len(encoded[i][0]) + len(encoded[i][1]) for i in ok)
+
+    return logps, zero3.share_held(model)
+
+
+def _score_worker(cfg: RunConfig, plan: StagePlan, todo: dict[str, list[int]], digest: str) -> dict[str, Any]:
+    """One rank: its share (every N-th) of the missing shards under each model in turn, each shard written as it ends."""
+    from pipeline import launch
+
+    zero3 = cfg.label.zero_stage == 3
+    if zero3:
+        launch.init_distributed()
+    rank, world = launch.rank(), launch.world()
+    texts = read_parquet(plan.inputs["responses"], schemas.RESPONSES).select(
+        ["prompt_id", "prompt", "prompt_messages", "response"]
+    )
+    ids = texts["prompt_id"].to_pylist()
+    rows = group_shards(ids, cfg.label.shard_size)
+    n_prompts = [len({ids[j] for j in r}) for r in rows]
+    del ids  # the texts stay in Arrow; each shard's become Python strings only while it is scored
+    held = {}
+    for role in _roles(cfg):
+        missing = todo[role]
+        mine = assign(missing, rank, world)
+        if not mine and not zero3 or not missing:
+            continue
+        shards = Shards(plan, f"label-{role}", len(rows), digest)
+        who = f" (rank {rank} of {world})" if world > 1 else ""
+        fn, held[role] = _scorer(cfg, plan, role)
+        progress = Progress(f"label round {plan.round} {role}{who}", len(mine), sum(n_prompts[i] for i in mine),
+                            "prompts", bar=world == 1)  # fmt: skip
+        # ZeRO-3: every rank runs as many shard steps as the busiest one; its extra steps score nothing
+        for step in range(-(-len(missing) // world) if zero3 else len(mine)):
+            i = mine[step] if step < len(mine) else None
+            idx = rows[i] if i is not None else np.zeros(0, np.int64)
+            started, started_at = time.monotonic(), time.time()
+            part = texts.take(idx)
+            # what the models see: the conversation where there is one
+            scores, too_long, tokens = fn(prompts_of(part), part["response"].to_pylist())
+            if i is None:
+                continue
+            seconds = round(time.monotonic() - started, 3)
+            shards.write(i, pa.table({"row": idx, "value": pa.array(scores, mask=~np.isfinite(scores)),
+                                      "too_long": too_long}, schema=SCORES),
+                         SCORES, sequences=len(idx), tokens=tokens, seconds=seconds, started_at=started_at)  # fmt: skip
+            progress.shard_done(i, n_prompts[i], len(idx), tokens, seconds)
+        progress.close()
+        del fn
+        gc.collect()
+    return {"weights_held_per_rank": held}  # rank 0's share of each model's weights
+
+
+def _sharded_scores(cfg: RunConfig, plan: StagePlan, table: pa.Table) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
+    """Every response's score under each model of `_roles` (NaN where unscored), the too-long mask, and stats."""
+    from pipeline import launch
+
+    lab = cfg.label
+    n = launch.resolve_processes(lab.num_processes)
+    launch.check(n, cfg.train.hostfile, "label.num_processes")
+    _preflight(cfg, plan)
+    rows = group_shards(table["prompt_id"].to_pylist(), lab.shard_size)
+    digest = plan_digest(plan)
+    stores = {role: Shards(plan, f"label-{role}", len(rows), digest) for role in _roles(cfg)}
+    todo = {role: s.missing() for role, s in stores.items()}
+    for role, s in stores.items():
+        if len(todo[role]) < s.count:
+            print(f"label round {plan.round} {role}: {s.count - len(todo[role])} of {s.count} shards already "
+                  f"written, scoring {len(todo[role])}", flush=True)  # fmt: skip
+    started, ranks = time.monotonic(), {}
+    if any(todo.values()):
+        ranks = launch.run("label", cfg, plan, n, _score_worker, {"todo": todo, "digest": digest},
+                           hostfile=cfg.train.hostfile, what="labelling")  # fmt: skip
+    scoring_s = time.monotonic() - started
+    scores, too_long = {}, np.zeros(table.num_rows, dtype=bool)
+    tokens, span = 0, 0.0
+    for role, s in stores.items():
+        got = s.read(SCORES)
+        row = got["row"].to_numpy()
+        scores[role] = np.full(table.num_rows, np.nan)
+        scores[role][row] = got["value"].to_numpy(zero_copy_only=False)
+        too_long[row] |= got["too_long"].to_numpy(zero_copy_only=False)
+        if fresh := [s.record(i) for i in todo[role]]:  # first shard's start to last shard's end, per model
+            tokens += sum(r["tokens"] for r in fresh)
+            span += max(r["ended_at"] for r in fresh) - min(r["started_at"] for r in fresh)
+    stats = {"processes": n, "zero_stage": lab.zero_stage, "shards": len(rows) * len(stores),
+             "shards_reused": sum(s.count - len(todo[r]) for r, s in stores.items()),
+             "shards_scored": sum(len(t) for t in todo.values()), "scoring_s": round(scoring_s, 3),
+             "scored_tokens": tokens, "tokens_per_s": tokens / span if span else None, **ranks}  # fmt: skip
+    return scores, too_long, stats
 
 
 def _nullable(a: np.ndarray) -> pa.Array:
@@ -78,6 +237,20 @@ def _scalar_stats(rewards: np.ndarray) -> dict[str, Any]:
         "reward_min": float(scored.min()) if scored.size else None,
         "reward_max": float(scored.max()) if scored.size else None,
     }
+
+
+class _Texts:
+    """A string column that becomes Python strings one slice at a time (`len` and slicing, as `_python_rewards`
+    reads it): the labeller's batches, never the whole column at once."""
+
+    def __init__(self, column: pa.ChunkedArray):
+        self.column = column
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+    def __getitem__(self, part: slice) -> list[str]:
+        return self.column[part].to_pylist()
 
 
 def _python_rewards(cfg: RunConfig, prompts: list[str], responses: list[str]) -> np.ndarray:
@@ -100,28 +273,6 @@ def _python_rewards(cfg: RunConfig, prompts: list[str], responses: list[str]) ->
             )
         rewards[start:stop] = [math.nan if x is None else float(x) for x in out]
     return rewards
-
-
-def _reward_model_rewards(cfg: RunConfig, plan: StagePlan, prompts: list[Prompt], responses: list[str]):
-    """Scores of the reward model on its own encoding (tokenizer, chat template). Returns (r, too_long)."""
-    from pipeline.rewards import check_format, load_reward_model, reward_model_ids, score_reward_model
-
-    lab = cfg.label
-    check_format(lab.reward_model_format)
-    path = str(plan.inputs["reward_model"])
-    model, tokenizer = load_reward_model(path, cfg.model.dtype, lab.trust_remote_code)
-    fallback = lab.reward_model_format
-    encoded = [reward_model_ids(tokenizer, p, r, fallback, path) for p, r in zip(prompts, responses)]
-    context = getattr(model.config, "max_position_embeddings", None) or cfg.model.max_length
-    limit = min(cfg.model.max_length, context)
-    too_long = np.array([len(x) > limit for x in encoded], dtype=bool)
-    rewards = np.full(len(encoded), np.nan)
-    ok = np.flatnonzero(~too_long)
-    if len(ok):
-        rewards[ok] = score_reward_model(model, tokenizer, [encoded[i] for i in ok], lab.batch_size, path)
-    del model
-    gc.collect()
-    return rewards, too_long
 
 
 def _make_judges(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any]) -> list[tuple[str | None, Any]]:
@@ -154,47 +305,131 @@ def _make_judges(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any]) -> li
     return made
 
 
+# ---------------------------------------------------------------------------------------------- judges, sharded
+# Judges compare every pair of a prompt's uncut responses. The prompts are cut into shards of `label.shard_size`
+# (pipeline.shards) and the annotators grouped by the engine they need: one group per local vLLM judge model, one
+# for python and http judges (no engine). Each group writes its own set of shards (`label-judges-<g>`: the group's
+# verdicts on the shard's comparisons). A vLLM group runs on `label.engine.data_parallel_size` engine processes
+# (pipeline.launch.engine_workers, each on its own tensor_parallel_size GPUs, as generate does), engine w taking
+# missing shards w, w+N, ...; with one engine, and for the other group, the shards are judged in this process.
+
+VERDICTS = pa.schema([("comparison", pa.int64()), ("annotator", pa.int32()), ("p_ab", pa.float64()),
+                      ("p_ba", pa.float64()), ("p", pa.float64()), ("error", pa.string()), ("error_detail", pa.string()),
+                      ("attempts", pa.int32())])  # fmt: skip
+JUDGE_SHARDS = "--judge-shards"  # an engine process's argument: GROUP:SHARD,SHARD,...
+
+
+def _comparisons(table: pa.Table, shard_size: int):
+    """The judges' work: (the table's columns, label errors so far, judged rows per prompt, every unordered pair
+    (a, b) of a prompt's judged responses with a before b in sample order, the comparisons of each shard)."""
+    d = table.select(["prompt_id", "prompt", "response", "sample_idx", "finish_reason"]).to_pydict()
+    errors: list[str | None] = [None] * table.num_rows
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, reason in enumerate(d["finish_reason"]):
+        if reason == "length":
+            errors[i] = "cut"  # never a pair (pairs drops cut responses): not worth a judge's time
+        else:
+            groups[d["prompt_id"][i]].append(i)
+    comps: list[tuple[int, int]] = []
+    shards: list[range] = []
+    for rows in group_shards(d["prompt_id"], shard_size):  # whole prompts, in first-seen order
+        start = len(comps)
+        for pid in dict.fromkeys(d["prompt_id"][r] for r in rows):
+            comps += itertools.combinations(sorted(groups.get(pid, []), key=lambda r: d["sample_idx"][r]), 2)
+        shards.append(range(start, len(comps)))
+    return d, errors, groups, comps, shards
+
+
+def _judge_groups(factories: list[tuple[str | None, Any]]) -> list[tuple[str | None, list[int]]]:
+    """(vLLM judge model, or None for python/http judges; the annotators it serves), in config order."""
+    return [(m, [i for i, (mm, _) in enumerate(factories) if mm == m]) for m in dict.fromkeys(m for m, _ in factories)]
+
+
+def _judge_shards(cfg: RunConfig, plan: StagePlan, g: int, shard_ids: list[int], llm: Any, digest: str,
+                  work: tuple | None = None, factories: list | None = None, who: str = "") -> None:  # fmt: skip
+    """Judge group g's annotators on the given shards' comparisons, each shard written as it ends.
+
+    llm: the group's engine (None for python/http judges). work / factories: `_comparisons` and `_make_judges` of
+    the caller, when it has them (an engine process computes its own)."""
+    from pipeline.judges import compare
+
+    if work is None:
+        work = _comparisons(read_parquet(plan.inputs["responses"], schemas.RESPONSES), cfg.label.shard_size)
+    d, _, _, comps, shards = work
+    factories = factories or _make_judges(cfg, plan, {})
+    model, members = _judge_groups(factories)[g]
+    judges = [factories[i][1](llm) for i in members]
+    store = Shards(plan, f"label-judges-{g}", len(shards), digest)
+    n_prompts = [len({d["prompt_id"][a] for a, _ in (comps[c] for c in cs)}) for cs in shards]
+    progress = Progress(f"label round {plan.round} judges {model or 'python/http'}{who}", len(shard_ids),
+                        sum(n_prompts[s] for s in shard_ids), "prompts", bar=not who)  # fmt: skip
+    for s in shard_ids:
+        started, started_at = time.monotonic(), time.time()
+        cs = list(shards[s])
+        questions = [(d["prompt"][a], d["response"][a], d["response"][b]) for a, b in (comps[c] for c in cs)]
+        cols: dict[str, list] = {name: [] for name in VERDICTS.names}
+        for i, judge in zip(members, judges):
+            for c, r in zip(cs, compare(judge, questions) if questions else []):
+                for name, value in (("comparison", c), ("annotator", i), ("p_ab", r.p_ab), ("p_ba", r.p_ba), ("p", r.p),
+                                    ("error", r.error), ("error_detail", r.detail), ("attempts", r.attempts)):  # fmt: skip
+                    cols[name].append(value)
+        seconds = round(time.monotonic() - started, 3)
+        requests = 2 * len(cs) * len(members)
+        store.write(s, pa.table(cols, schema=VERDICTS), VERDICTS, comparisons=len(cs), requests=requests,
+                    seconds=seconds, started_at=started_at)  # fmt: skip
+        progress.shard_done(s, n_prompts[s], requests, None, seconds)
+    progress.close()
+
+
 def _judge_labels(cfg: RunConfig, plan: StagePlan, table: pa.Table, engines: dict[str, Any]):
-    """Every judge on every pair of a prompt's uncut responses, both orders.
+    """Every judge on every pair of a prompt's uncut responses, both orders, shard by shard.
 
     Returns:
         (rewards, label errors, the PREFERENCES table, stats).
     """
+    from pipeline import launch
+    from pipeline.config import save_config
     from pipeline.engine import make_llm
-    from pipeline.judges import bradley_terry, compare, copeland
+    from pipeline.judges import Comparison, bradley_terry, copeland
 
     lab, k = cfg.label, plan.round
-    d = table.to_pydict()
+    work = _comparisons(table, lab.shard_size)
+    d, errors, groups, comps, shards = work
     n = table.num_rows
-    errors: list[str | None] = [None] * n
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i in range(n):
-        if d["finish_reason"][i] == "length":
-            errors[i] = "cut"  # never a pair (pairs drops cut responses): not worth a judge's time
-        else:
-            groups[d["prompt_id"][i]].append(i)
-    comps = [  # every unordered pair of a prompt's judged responses, a before b in sample order
-        (a, b)
-        for rows in groups.values()
-        for a, b in itertools.combinations(sorted(rows, key=lambda r: d["sample_idx"][r]), 2)
-    ]
-    questions = [(d["prompt"][a], d["response"][a], d["response"][b]) for a, b in comps]
-
-    factories = _make_judges(cfg, plan, engines)
-    results: dict[int, list[Any]] = {}
-    for model in dict.fromkeys(m for m, _ in factories):  # one engine per judge model, freed before the next
-        members = [i for i, (m, _) in enumerate(factories) if m == model]
+    factories = _make_judges(cfg, plan, engines)  # templates, URLs and keys checked before anything runs
+    digest = plan_digest(plan)
+    n_engines = 1 if engines else lab.engine.resolved_data_parallel_size()
+    stores = [Shards(plan, f"label-judges-{g}", len(shards), digest) for g in range(len(_judge_groups(factories)))]
+    reused = judged = 0
+    for g, (model, _) in enumerate(_judge_groups(factories)):
+        missing = stores[g].missing()
+        reused, judged = reused + stores[g].count - len(missing), judged + len(missing)
+        if len(missing) < stores[g].count:
+            print(f"label round {k} judges {model or 'python/http'}: {stores[g].count - len(missing)} of "
+                  f"{stores[g].count} shards already written, judging {len(missing)}", flush=True)  # fmt: skip
+        if not missing:
+            continue
+        if model is not None and n_engines > 1 and len(missing) > 1:
+            conf = stores[g].dir / "config.yaml"
+            save_config(cfg, conf)  # the exact config of this process (overrides included), for the engines
+            cmds = [[sys.executable, "-m", "stages.label", str(conf), "--round", str(k), JUDGE_SHARDS,
+                     f"{g}:{','.join(map(str, mine))}"] for w in range(n_engines) if (mine := assign(missing, w, n_engines))]  # fmt: skip
+            launch.engine_workers(cmds, lab.engine.tensor_parallel_size,
+                                  lambda w, line: line and print(f"[engine {w}] {line}", flush=True), "label judges")  # fmt: skip
+            continue
         llm = None
-        if model is not None:
-            llm = engines.get(model) or make_llm(
-                model, lab.engine, dtype=cfg.model.dtype, seed=cfg.seed,
-                trust_remote_code=lab.trust_remote_code,
-            )  # fmt: skip
-        for i in members:
-            results[i] = compare(factories[i][1](llm), questions) if questions else []
+        if model is not None:  # one engine per judge model, freed before the next
+            llm = engines.get(model) or make_llm(model, lab.engine, dtype=cfg.model.dtype, seed=cfg.seed,
+                                                 trust_remote_code=lab.trust_remote_code)  # fmt: skip
+        _judge_shards(cfg, plan, g, missing, llm, digest, work, factories)
         if model is not None and model not in engines:
             del llm
             gc.collect()
+    results: dict[int, list[Any]] = {i: [None] * len(comps) for i in range(len(factories))}
+    for store in stores:
+        for v in store.read(VERDICTS).to_pylist():
+            results[v["annotator"]][v["comparison"]] = Comparison(v["p_ab"], v["p_ba"], v["p"], v["error"],
+                                                                  v["error_detail"], v["attempts"])  # fmt: skip
 
     ids = lab.judge_ids()
     cols: dict[str, list] = {name: [] for name in schemas.PREFERENCES.names}
@@ -230,6 +465,8 @@ def _judge_labels(cfg: RunConfig, plan: StagePlan, table: pa.Table, engines: dic
     n_cmp = len(comps) * len(ids)
     n_failed = sum(by_reason.values())
     if n_cmp and n_failed == n_cmp:
+        for store in stores:  # a configuration error (wrong URL, model, key, server down): nothing worth resuming
+            store.remove()
         reason = by_reason.most_common(1)[0][0]
         detail = next(x for x, e in zip(cols["error_detail"], cols["error"]) if e == reason)
         raise ValueError(
@@ -272,6 +509,10 @@ def _judge_labels(cfg: RunConfig, plan: StagePlan, table: pa.Table, engines: dic
         "pairs_below_min_annotators": int((~counted).sum()),
         "not_judged_cut": errors.count("cut"),
         "ranking": lab.ranking,
+        "shards": sum(st.count for st in stores),
+        "shards_reused": reused,
+        "shards_judged": judged,
+        "engines": n_engines,
     }
     return rewards, errors, prefs, stats
 
@@ -279,8 +520,6 @@ def _judge_labels(cfg: RunConfig, plan: StagePlan, table: pa.Table, engines: dic
 def run(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any] | None = None) -> dict[str, Any]:
     """Label round k's responses. `engines`: started vLLM engines by judge model path (tests, notebooks)."""
     table = read_parquet(plan.inputs["responses"], schemas.RESPONSES)
-    prompts, responses = table["prompt"].to_pylist(), table["response"].to_pylist()  # prompts as text
-    conversations = prompts_of(table)  # what the models see: the conversation where there is one
     n = table.num_rows
     errors: list[str | None] = [None] * n
     policy_logps = ref_logps = np.full(n, np.nan)
@@ -288,20 +527,19 @@ def run(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any] | None = None) 
     extra: dict[str, Any] = {}
 
     labeller = cfg.label.labeller
-    if labeller == "implicit_reward":
-        policy_logps, too_long, tokenizer = _logps_under(str(plan.inputs["policy"]), cfg, conversations, responses)
-        ref_logps, _, _ = _logps_under(str(plan.inputs["reference"]), cfg, conversations, responses, vocab_of=tokenizer)
-        rewards = implicit_reward(policy_logps, ref_logps, cfg.train.beta)
-        for i in np.flatnonzero(too_long):
-            errors[i] = "too_long"
-    elif labeller == "reward_model":
-        rewards, too_long = _reward_model_rewards(cfg, plan, conversations, responses)
+    if labeller in ("implicit_reward", "reward_model"):
+        scores, too_long, extra = _sharded_scores(cfg, plan, table)
+        if labeller == "implicit_reward":
+            policy_logps, ref_logps = scores["policy"], scores["reference"]
+            rewards = implicit_reward(policy_logps, ref_logps, cfg.train.beta)
+        else:
+            rewards = scores["reward_model"]
         for i in np.flatnonzero(too_long):
             errors[i] = "too_long"
     elif labeller == "judge":
         rewards, errors, prefs, extra = _judge_labels(cfg, plan, table, engines or {})
     else:
-        rewards = _python_rewards(cfg, prompts, responses)
+        rewards = _python_rewards(cfg, _Texts(table["prompt"]), _Texts(table["response"]))
     for i in np.flatnonzero(~np.isfinite(rewards)):
         errors[i] = errors[i] or "non_finite"
 
@@ -312,10 +550,52 @@ def run(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any] | None = None) 
     labelled = labelled.append_column("label_error", pa.array(errors, pa.string()))
     write_parquet(labelled, plan.outputs["labels"], schemas.LABELS)
     write_parquet(prefs, plan.outputs["preferences"], schemas.PREFERENCES)
+    shard_sets = [f"label-{role}" for role in _roles(cfg)] + [f"label-judges-{g}" for g in range(len(cfg.label.judges))]
+    for name in shard_sets:  # labels.parquet and preferences.parquet now hold every shard
+        Shards(plan, name, 0, digest="").remove()
     return {**_scalar_stats(rewards), **extra}
 
 
-if __name__ == "__main__":
-    from stages.common import main
+def _judge_engine_main(argv: list[str]) -> None:
+    """An engine process of a judge group: `python -m stages.label CONF --round K --judge-shards G:I,J,...`."""
+    import argparse
+    import os
 
-    main("label", run)
+    from pipeline import rounds
+    from pipeline.artifacts import ArtifactError
+    from pipeline.config import ConfigError, load_config
+    from pipeline.engine import make_llm
+
+    ap = argparse.ArgumentParser(prog="python -m stages.label", description="Judge some shards of one round.")
+    ap.add_argument("config")
+    ap.add_argument("--round", type=int, required=True, dest="round_")
+    ap.add_argument(JUDGE_SHARDS, required=True, dest="shards", help="GROUP:SHARD,SHARD,...")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        plan = rounds.plan(cfg, args.round_, "label")
+        g, _, ids = args.shards.partition(":")
+        factories = _make_judges(cfg, plan, {})
+        model = _judge_groups(factories)[int(g)][0]
+        llm = make_llm(str(model), cfg.label.engine, dtype=cfg.model.dtype, seed=cfg.seed,
+                       trust_remote_code=cfg.label.trust_remote_code)  # fmt: skip
+        _judge_shards(cfg, plan, int(g), [int(i) for i in ids.split(",")], llm, plan_digest(plan),
+                      factories=factories, who=f" (engine pid {os.getpid()})")  # fmt: skip
+    except (ConfigError, ArtifactError, ValueError, RuntimeError) as e:
+        if os.environ.get("DICE_DEBUG"):
+            raise
+        print(f"dice label: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:  # one rank of the scoring (pipeline.launch)
+        from pipeline import launch
+
+        launch.worker_main("label", _score_worker)
+    elif any(a == JUDGE_SHARDS or a.startswith(JUDGE_SHARDS + "=") for a in sys.argv):  # a judge engine process
+        _judge_engine_main(sys.argv[1:])
+    else:
+        from stages.common import main
+
+        main("label", run)

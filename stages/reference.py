@@ -6,6 +6,12 @@ in memory. Chosen and rejected are scored as one group per prompt (`reference.pa
 the prompt computed once, no padding; the same numbers as padded batches). Pairs whose prompt+response
 exceeds `model.max_length` tokens, or whose log-prob is not finite, are dropped and counted.
 
+Processes and resume: the pairs are cut into shards of `reference.shard_size` whole prompts (a prompt's pairs
+are never split), and `reference.num_processes` DeepSpeed ranks (pipeline.launch; 0: every visible GPU) each score
+every N-th missing shard, writing each as it finishes to `.dice/reference-shards/` (pipeline.shards). A killed
+stage run again scores only the missing shards, on any number of processes. `reference.zero_stage: 3` partitions
+the model's weights across the ranks (ZeRO-3 inference, pipeline/zero3.py) for a model larger than one GPU.
+
 Writes `reference.parquet` (REFERENCE = PAIRS + token counts + `ref_chosen_logps`/`ref_rejected_logps`,
 TRL's column names: the file is a DPO dataset with precomputed reference log-probs for other trainers too).
 
@@ -14,61 +20,170 @@ TRL's column names: the file is a DPO dataset with precomputed reference log-pro
 
 from __future__ import annotations
 
+import gc
+import sys
+import time
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline import schemas
-from pipeline.artifacts import StagePlan, read_parquet, write_parquet
+from pipeline import launch, schemas
+from pipeline.artifacts import StagePlan, plan_digest, read_parquet, write_parquet
 from pipeline.chat import prompts_of
 from pipeline.config import RunConfig
+from pipeline.shards import Progress, Shards, assign, group_shards
+
+# A shard's rows: the pair's row in pairs.parquet, its response token counts, reference log-probs and whether it fits.
+SCORES = pa.schema([("row", pa.int64()), ("chosen_tokens", pa.int32()), ("rejected_tokens", pa.int32()),
+                    ("ref_chosen", pa.float64()), ("ref_rejected", pa.float64()), ("fits", pa.bool_())])  # fmt: skip
+
+
+def _pairs_by_shard(cfg: RunConfig, plan: StagePlan) -> tuple[pa.Table, list[np.ndarray], list[int]]:
+    """The pairs' texts (prompt, chosen, rejected; in Arrow), the rows of each shard (whole prompts), and each
+    shard's number of prompts."""
+    pairs = read_parquet(plan.inputs["pairs"], schemas.PAIRS).select(
+        ["prompt_id", "prompt", "prompt_messages", "chosen", "rejected"]
+    )
+    ids = pairs["prompt_id"].to_pylist()
+    rows = group_shards(ids, cfg.reference.shard_size)
+    return pairs.drop_columns(["prompt_id"]), rows, [len({ids[j] for j in r}) for r in rows]
+
+
+def _encode_pairs(tokenizer, texts: pa.Table, idx: np.ndarray, max_length: int):
+    """(chosen encodings, rejected encodings, fits mask) of the pairs `idx` (pipeline.logprobs.encode); only
+    these pairs' texts become Python strings."""
+    from pipeline.logprobs import encode
+
+    taken = texts.take(idx)
+    part, prompts = taken.to_pydict(), prompts_of(taken)  # the conversation where the pair has one
+    c = [encode(tokenizer, x, y) for x, y in zip(prompts, part["chosen"])]
+    r = [encode(tokenizer, x, y) for x, y in zip(prompts, part["rejected"])]
+    fits = np.array([max(len(a[0]) + len(a[1]), len(b[0]) + len(b[1])) <= max_length for a, b in zip(c, r)], dtype=bool)
+    return c, r, fits
+
+
+def _score_worker(cfg: RunConfig, plan: StagePlan, todo: list[int], digest: str) -> dict[str, Any]:
+    """One rank: its share (every N-th) of the missing shards, each shard written as it ends."""
+    from pipeline import zero3
+    from pipeline.logprobs import ResponseScorer, load_causal_lm, score
+
+    ref = cfg.reference
+    if ref.zero_stage == 3:
+        launch.init_distributed()
+    rank, world = launch.rank(), launch.world()
+    texts, rows, n_prompts = _pairs_by_shard(cfg, plan)
+    mine = assign(todo, rank, world)
+    if not mine and ref.zero_stage != 3:
+        return {}
+    path = str(plan.inputs["reference"])
+    model, tokenizer = load_causal_lm(path, cfg.model.dtype, cfg.model.trust_remote_code, launch.device(), ref.zero_stage)
+    zero = zero3.scoring(ResponseScorer(model), model.config) if ref.zero_stage == 3 else {}
+    shards = Shards(plan, "reference", len(rows), digest)
+    who = f" (rank {rank} of {world})" if world > 1 else ""
+    progress = Progress(f"reference round {plan.round}{who}", len(mine), sum(n_prompts[i] for i in mine), "prompts",
+                        bar=world == 1)  # fmt: skip
+    # ZeRO-3: every rank runs as many shard steps as the busiest one (gathers are collective); extra steps score nothing
+    for step in range(-(-len(todo) // world) if ref.zero_stage == 3 else len(mine)):
+        i = mine[step] if step < len(mine) else None
+        idx = rows[i] if i is not None else np.zeros(0, np.int64)
+        started, started_at = time.monotonic(), time.time()
+        c, r, fits = _encode_pairs(tokenizer, texts, idx, cfg.model.max_length)
+        ok = np.flatnonzero(fits)
+        # packed (reference.packing): each pair's prompt once, chosen and rejected after it, no padding (exact)
+        logps = score(model, [c[j] for j in ok] + [r[j] for j in ok], tokenizer.pad_token_id, ref.batch_size,
+                      packing=ref.packing, max_length=cfg.model.max_length, **zero)  # fmt: skip
+        if i is None:
+            continue
+        ref_c, ref_r = np.full(len(idx), np.nan), np.full(len(idx), np.nan)
+        ref_c[ok], ref_r[ok] = logps[: len(ok)], logps[len(ok) :]
+        tokens = sum(len(c[j][0]) + len(c[j][1]) + len(r[j][0]) + len(r[j][1]) for j in ok)
+        seconds = round(time.monotonic() - started, 3)
+        table = pa.table({"row": idx, "chosen_tokens": [len(x[1]) for x in c], "rejected_tokens": [len(x[1]) for x in r],
+                          "ref_chosen": pa.array(ref_c, mask=np.isnan(ref_c)),
+                          "ref_rejected": pa.array(ref_r, mask=np.isnan(ref_r)), "fits": fits}, schema=SCORES)  # fmt: skip
+        shards.write(i, table, SCORES, sequences=2 * len(idx), tokens=tokens, seconds=seconds, started_at=started_at)
+        progress.shard_done(i, n_prompts[i], 2 * len(idx), tokens, seconds)
+    progress.close()
+    held = zero3.share_held(model)
+    del model, zero
+    gc.collect()
+    return {"weights_held_per_rank": held}  # rank 0's share of the model's weights
+
+
+def _preflight(cfg: RunConfig, plan: StagePlan) -> None:
+    """Fail before any process starts: a missing model, or one ZeRO-3 cannot shard."""
+    from pipeline import zero3
+    from pipeline.logprobs import require_model
+
+    path = str(plan.inputs["reference"])
+    require_model(path)
+    if cfg.reference.zero_stage == 3 and (reason := zero3.unsupported(path)):
+        raise ValueError(f"reference.zero_stage=3: model {path}: ZeRO-3 cannot shard it: {reason}")
 
 
 def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
-    from pipeline.logprobs import encode, load_causal_lm, score
-
+    ref = cfg.reference
     pairs = read_parquet(plan.inputs["pairs"], schemas.PAIRS)
-    model, tokenizer = load_causal_lm(str(plan.inputs["reference"]), cfg.model.dtype, cfg.model.trust_remote_code)
-    prompts = prompts_of(pairs)  # the conversation where the pair has one
-    chosen = [encode(tokenizer, p, y) for p, y in zip(prompts, pairs["chosen"].to_pylist())]
-    rejected = [encode(tokenizer, p, y) for p, y in zip(prompts, pairs["rejected"].to_pylist())]
-    fits = np.array(
-        [max(len(c[0]) + len(c[1]), len(r[0]) + len(r[1])) <= cfg.model.max_length for c, r in zip(chosen, rejected)],
-        dtype=bool,
-    )
-    ok = np.flatnonzero(fits)
-    both = [chosen[i] for i in ok] + [rejected[i] for i in ok]
-    # packed (reference.packing): each pair's prompt once, chosen and rejected after it, no padding (exact)
-    logps = (
-        score(model, both, tokenizer.pad_token_id, cfg.reference.batch_size, packing=cfg.reference.packing,
-              max_length=cfg.model.max_length)
-        if len(ok) else np.empty(0)
-    )  # fmt: skip
-    ref_c, ref_r = logps[: len(ok)], logps[len(ok) :]
-    finite = np.isfinite(ref_c) & np.isfinite(ref_r)
-    keep = ok[finite]
+    n = launch.resolve_processes(ref.num_processes)
+    launch.check(n, cfg.train.hostfile, "reference.num_processes")
+    _preflight(cfg, plan)
+    digest = plan_digest(plan)
+    shards = Shards(plan, "reference", len(group_shards(pairs["prompt_id"].to_pylist(), ref.shard_size)), digest)
+    todo = shards.missing()
+    if len(todo) < shards.count:
+        print(f"reference round {plan.round}: {shards.count - len(todo)} of {shards.count} shards already written, "
+              f"scoring {len(todo)}", flush=True)  # fmt: skip
+    started, ranks = time.monotonic(), {}
+    if todo:
+        ranks = launch.run("reference", cfg, plan, n, _score_worker, {"todo": todo, "digest": digest},
+                           hostfile=cfg.train.hostfile, what="reference scoring")  # fmt: skip
+    scoring_s = time.monotonic() - started
+
+    got = shards.read(SCORES).sort_by("row")  # one row per pair, in pairs.parquet's order
+    fits = got["fits"].to_numpy(zero_copy_only=False)
+    ref_c = got["ref_chosen"].to_numpy(zero_copy_only=False)
+    ref_r = got["ref_rejected"].to_numpy(zero_copy_only=False)
+    finite = fits & np.isfinite(ref_c) & np.isfinite(ref_r)
+    keep = np.flatnonzero(finite)
     out = pairs.take(pa.array(keep, pa.int64()))
-    out = out.append_column("chosen_tokens", pa.array([len(chosen[i][1]) for i in keep], pa.int32()))
-    out = out.append_column("rejected_tokens", pa.array([len(rejected[i][1]) for i in keep], pa.int32()))
-    out = out.append_column("ref_chosen_logps", pa.array(ref_c[finite], pa.float64()))
-    out = out.append_column("ref_rejected_logps", pa.array(ref_r[finite], pa.float64()))
+    out = out.append_column("chosen_tokens", got["chosen_tokens"].take(keep))
+    out = out.append_column("rejected_tokens", got["rejected_tokens"].take(keep))
+    out = out.append_column("ref_chosen_logps", pa.array(ref_c[keep], pa.float64()))
+    out = out.append_column("ref_rejected_logps", pa.array(ref_r[keep], pa.float64()))
+    n_long, n_nonfinite = int((~fits).sum()), int((fits & ~finite).sum())
     if out.num_rows == 0:
         raise ValueError(
-            f"{plan.inputs['pairs']}: no pair left after reference scoring ({int((~fits).sum())} longer than "
-            f"model.max_length={cfg.model.max_length}, {int((~finite).sum())} with non-finite log-probs)"
+            f"{plan.inputs['pairs']}: no pair left after reference scoring ({n_long} longer than "
+            f"model.max_length={cfg.model.max_length}, {n_nonfinite} with non-finite log-probs)"
         )
     rows = write_parquet(out, plan.outputs["reference"], schemas.REFERENCE)
+    fresh = [shards.record(i) for i in todo]
+    shards.remove()  # reference.parquet now holds every shard
+    tokens = sum(r["tokens"] for r in fresh)
+    span = max(r["ended_at"] for r in fresh) - min(r["started_at"] for r in fresh) if fresh else 0.0
     return {
         "pairs": rows,
-        "dropped_too_long": int((~fits).sum()),
-        "dropped_non_finite": int((~finite).sum()),
-        "mean_ref_chosen_logps": float(ref_c[finite].mean()),
-        "mean_ref_rejected_logps": float(ref_r[finite].mean()),
+        "dropped_too_long": n_long,
+        "dropped_non_finite": n_nonfinite,
+        "mean_ref_chosen_logps": float(ref_c[keep].mean()),
+        "mean_ref_rejected_logps": float(ref_r[keep].mean()),
+        "processes": n,
+        "zero_stage": ref.zero_stage,
+        "shards": shards.count,
+        "shards_reused": shards.count - len(todo),
+        "shards_scored": len(todo),
+        "scoring_s": round(scoring_s, 3),
+        "scored_tokens": tokens,
+        "tokens_per_s": tokens / span if span else None,
+        **ranks,
     }
 
 
 if __name__ == "__main__":
-    from stages.common import main
+    if "--worker" in sys.argv:  # one rank of the scoring (pipeline.launch)
+        launch.worker_main("reference", _score_worker)
+    else:
+        from stages.common import main
 
-    main("reference", run)
+        main("reference", run)

@@ -14,9 +14,9 @@ is a seeded permutation; a global batch is split evenly across processes and mic
 processes see the same global batches. A global batch that runs short at the end is filled by wrapping
 around to the start, so every pair is trained on.
 
-Processes: `train.num_processes = 1` trains in this process; N > 1 re-launches this module under the
-`deepspeed` launcher (gloo on CPU, NCCL on GPU) with a free master port, and every rank's output appears
-in this process's output.
+Processes: `train.num_processes = 1` trains in this process; N > 1 runs N ranks of this module under the
+DeepSpeed launcher (pipeline.launch, shared with the scoring stages: gloo on CPU, NCCL on GPU, a free master
+port, `train.hostfile` for several nodes), and every rank's output appears in this process's output.
 
     python -m stages.train conf/tiny.yaml --round 1
 """
@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,15 +35,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import schemas
+from pipeline import launch, schemas
 from pipeline.artifacts import StagePlan, plan_digest, read_parquet, replace_dir, write_json_atomic, write_parquet
 from pipeline.config import LossType, RunConfig
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -64,43 +55,51 @@ def load_pairs(path: Path, tokenizer, cfg: RunConfig) -> tuple[list[dict[str, An
     import torch
 
     from pipeline.logprobs import encode
-    from pipeline.chat import prompts_of, with_prefix
+    from pipeline.chat import Prompt, prompts_of, with_prefix
     from pipeline.losses import SR_QUALITY_PREFIX, smooth_preference
 
     t = cfg.train
     table = read_parquet(path, schemas.REFERENCE)
     if table.num_rows == 0:
         raise ValueError(f"{path}: no pairs to train on")
-    d = table.to_pydict()
     for col in ("ref_chosen_logps", "ref_rejected_logps"):
-        bad = [i for i, v in enumerate(d[col]) if v is None or not math.isfinite(v)]
+        bad = [i for i, v in enumerate(table[col].to_pylist()) if v is None or not math.isfinite(v)]
         if bad:
             raise ValueError(f"{path}: column {col} is not finite in row {bad[0]} ({len(bad)} rows); re-run the reference stage")
     refined = t.loss in (LossType.SR_DPO, LossType.SR_IPO)
-    prompts = prompts_of(table)  # the conversation where the pair has one
+
+    def encoded(prompt: Prompt, response: str) -> tuple[np.ndarray, np.ndarray]:
+        # int32 arrays, 4 bytes a token (a Python list costs ~36): the examples live for the whole training
+        p, y = encode(tokenizer, prompt, response)
+        return np.asarray(p, np.int32), np.asarray(y, np.int32)
+
     examples, identical, too_long = [], 0, 0
-    for i in range(table.num_rows):
-        if d["chosen"][i] == d["rejected"][i]:
-            identical += 1
-            continue
-        c = encode(tokenizer, prompts[i], d["chosen"][i])
-        r = encode(tokenizer, prompts[i], d["rejected"][i])
-        ex: dict[str, Any] = {"chosen": c, "rejected": r}
-        if refined:  # Δ's forward passes see P ⊕ x (METHODS §4)
-            prefixed = with_prefix(prompts[i], SR_QUALITY_PREFIX)  # before the last user turn's text
-            ex["chosen_prefixed"] = encode(tokenizer, prefixed, d["chosen"][i])
-            ex["rejected_prefixed"] = encode(tokenizer, prefixed, d["rejected"][i])
-        if max(len(p) + len(y) for p, y in ex.values()) > cfg.model.max_length:
-            too_long += 1
-            continue
-        # reference.parquet stores summed log-probs; the per-token mean divides by the same response tokens
-        ex["ref_chosen"] = d["ref_chosen_logps"][i] / (d["chosen_tokens"][i] if t.reduction == "mean" else 1)
-        ex["ref_rejected"] = d["ref_rejected_logps"][i] / (d["rejected_tokens"][i] if t.reduction == "mean" else 1)
-        n = d["annotators"][i]
-        ex["preference"] = smooth_preference(
-            torch.tensor([d["preference"][i] * n], dtype=torch.float64), n, t.preference_smoothing, t.preference_clip
-        ).item() if t.loss == LossType.IREPO else d["preference"][i]  # fmt: skip
-        examples.append(ex)
+    columns = ["prompt", "prompt_messages", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps", "chosen_tokens",
+               "rejected_tokens", "annotators", "preference"]  # fmt: skip
+    for batch in table.select(columns).to_batches(max_chunksize=2048):  # the texts become Python strings a batch at a time
+        d, prompts = batch.to_pydict(), prompts_of(batch)  # the conversation where the pair has one
+        for i in range(batch.num_rows):
+            if d["chosen"][i] == d["rejected"][i]:
+                identical += 1
+                continue
+            c = encoded(prompts[i], d["chosen"][i])
+            r = encoded(prompts[i], d["rejected"][i])
+            ex: dict[str, Any] = {"chosen": c, "rejected": r}
+            if refined:  # Δ's forward passes see P ⊕ x (METHODS §4)
+                prefixed = with_prefix(prompts[i], SR_QUALITY_PREFIX)  # before the last user turn's text
+                ex["chosen_prefixed"] = encoded(prefixed, d["chosen"][i])
+                ex["rejected_prefixed"] = encoded(prefixed, d["rejected"][i])
+            if max(len(p) + len(y) for p, y in ex.values()) > cfg.model.max_length:
+                too_long += 1
+                continue
+            # reference.parquet stores summed log-probs; the per-token mean divides by the same response tokens
+            ex["ref_chosen"] = d["ref_chosen_logps"][i] / (d["chosen_tokens"][i] if t.reduction == "mean" else 1)
+            ex["ref_rejected"] = d["ref_rejected_logps"][i] / (d["rejected_tokens"][i] if t.reduction == "mean" else 1)
+            n = d["annotators"][i]
+            ex["preference"] = smooth_preference(
+                torch.tensor([d["preference"][i] * n], dtype=torch.float64), n, t.preference_smoothing, t.preference_clip
+            ).item() if t.loss == LossType.IREPO else d["preference"][i]  # fmt: skip
+            examples.append(ex)
     if not examples:
         raise ValueError(f"{path}: every pair was dropped ({identical} identical, {too_long} too long)")
     return examples, {"dropped_identical": identical, "dropped_too_long": too_long}
@@ -259,17 +258,6 @@ class TrainState:
 # ---------------------------------------------------------------------------------------------- worker
 
 
-def _init_distributed(on_gpu: bool) -> None:
-    import importlib
-
-    import deepspeed
-
-    if not on_gpu:
-        # The shared-memory all-reduce op is JIT-compiled on first use (~1 min); gloo alone is enough here.
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-
-
 def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     """One rank's training. Rank 0 writes the outputs. Returns stats (rank 0)."""
     import deepspeed
@@ -283,10 +271,8 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     from pipeline.packing import enable_packing, pack
 
     on_gpu = torch.cuda.is_available()
-    _init_distributed(on_gpu)
+    launch.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    if on_gpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     t = cfg.train
     torch.manual_seed(cfg.seed)
     init = str(plan.inputs["init"])
@@ -459,71 +445,15 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
 
 
 def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
-    """Train in this process (1 process) or under the deepspeed launcher (N processes)."""
-    n = cfg.train.num_processes
-    if n == 1:
-        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        return train_worker(cfg, plan)
-    import torch
-
-    stats_file = plan.round_dir / ".dice" / "train.stats.json"
-    stats_file.unlink(missing_ok=True)
-    for stale in plan.round_dir.glob(".dice/train.rank*.error"):
-        stale.unlink()
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        # gloo ranks on one CPU machine: split the cores, or each rank's threads fight the others' (25x slower)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    config_file = plan.round_dir / ".dice" / "train.config.yaml"
-    from pipeline.config import save_config
-
-    save_config(cfg, config_file)
-    hosts = ["--hostfile", cfg.train.hostfile] if cfg.train.hostfile else []
-    cmd = [
-        sys.executable, "-m", "deepspeed.launcher.runner", *hosts,
-        "--num_gpus", str(n), "--master_port", str(free_port()), "--no_local_rank", "--module",
-        "stages.train", str(config_file), "--round", str(plan.round), "--worker", "--stats-file", str(stats_file),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode != 0:
-        errors = sorted(plan.round_dir.glob(".dice/train.rank*.error"))
-        detail = f"{errors[0].stem.split('.')[-1]} failed:\n{errors[0].read_text()}" if errors else "see the rank output above"
-        raise RuntimeError(f"round {plan.round}: training failed (deepspeed exited with {proc.returncode}); {detail}")
-    return json.loads(stats_file.read_text())
-
-
-def _worker_main(argv: list[str]) -> None:
-    import argparse
-
-    from pipeline import rounds
-    from pipeline.config import load_config
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("config")
-    ap.add_argument("--round", type=int, required=True, dest="round_")
-    ap.add_argument("--worker", action="store_true")
-    ap.add_argument("--stats-file", required=True)
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config)
-    plan = rounds.plan(cfg, args.round_, "train")
-    try:
-        stats = train_worker(cfg, plan)
-    except BaseException:  # record this rank's error for the launcher's message, then fail as usual
-        import traceback
-
-        rank = os.environ.get("RANK", "0")
-        (plan.round_dir / ".dice" / f"train.rank{rank}.error").write_text(traceback.format_exc()[-4000:])
-        raise
-    if int(os.environ.get("RANK", "0")) == 0:
-        Path(args.stats_file).write_text(json.dumps(stats))
+    """Train in this process (1 process) or on N DeepSpeed ranks (pipeline.launch)."""
+    n, hostfile = cfg.train.num_processes, cfg.train.hostfile
+    launch.check(n, hostfile, "train.num_processes")
+    return launch.run("train", cfg, plan, n, train_worker, hostfile=hostfile, what="training")
 
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
-        _worker_main(sys.argv[1:])
+        launch.worker_main("train", train_worker)
     else:
         from stages.common import main
 

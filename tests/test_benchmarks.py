@@ -24,10 +24,10 @@ def _bench(tmp_path, script: str, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
-def test_label_benchmark_scores_the_same_log_probs_three_ways(tmp_path):
+def test_label_benchmark_scores_the_same_log_probs_four_ways(tmp_path):
     r = _bench(tmp_path, "label_throughput", "--prompts", "6", "--k", "3", "--repeats", "1")
-    assert r["responses"] > 6 and set(r["tokens_per_s"]) == {"dice", "dice (padded)", "naive"}
-    assert max(r["max_abs_logp_diff_vs_naive"].values()) < 1e-3
+    assert r["responses"] > 6 and set(r["tokens_per_s"]) == {"dice", "dice (padded)", "batched", "naive"}
+    assert max(r["max_abs_logp_diff_vs_naive"].values()) < 1e-3  # the batched baseline too
     # dice's packed scorer runs fewer linear-layer FLOPs than the naive loop (prompt once, head at responses only)
     assert 0 < r["linear_flops"]["dice"] < r["linear_flops"]["naive"]
     assert r["gemm_peak_flops_per_s"] > 0 and r["ratio_bound_at_gemm_peak"] > 0
@@ -52,3 +52,21 @@ def test_train_benchmark_runs_dice_and_trl_on_every_pair(tmp_path):
     runs = [a / b for a, b in zip(dice["tokens_per_s_runs"], trl["tokens_per_s_runs"])]
     assert q["tokens_per_s_runs"] == runs and len(runs) == 2
     assert math.isclose(q["tokens_per_s"], sum(runs) / 2)
+
+
+def test_scale_benchmark_measures_every_stage(tmp_path):
+    """benchmarks/scale.py on a small synthetic round: every stage ran on the whole round, in its own process."""
+    out = tmp_path / "scale.json"
+    env = {**os.environ, "DICE_BENCH_OUT": str(tmp_path / "bench")}
+    proc = subprocess.run([str(BIN / "python"), "benchmarks/scale.py", "--sizes", "200x16", "--offline", "400",
+                           "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = {x["stage"]: x for x in json.loads(out.read_text())["results"]}
+    assert list(r) == ["label", "pairs", "reference (data)", "train (data)"]
+    assert r["label"]["input_rows"] == r["label"]["responses"] == 200 * 16
+    assert r["pairs"]["pairs_generated"] > 100 and r["pairs"]["pairs_offline"] > 0  # min_valid 8 of 16, replay γ=0.5
+    # the reference and train data paths read every pair the pairs stage wrote, and tokenized them
+    assert r["reference (data)"]["pairs"] == r["pairs"]["pairs"] == r["train (data)"]["input_rows"]
+    assert r["reference (data)"]["tokens"] > 0 and r["train (data)"]["pairs"] > 0
+    assert all(x["wall_s"] > 0 and x["peak_rss_mb"] >= x["imports_mb"] > 0 and x["input_mb"] > 0 for x in r.values())
