@@ -116,6 +116,7 @@ def build_round(root: Path, n_prompts: int, k: int, seed: int, n_offline: int) -
                 "response": texts, "num_tokens": tokens.astype(np.int32), "num_chars": chars.astype(np.int32),
                 "finish_reason": np.where(cut, "length", "stop").tolist(), "cumulative_logprob": -1.5 * tokens,
                 "seed": np.repeat(idx, k).astype(np.int64), "model": ["synthetic"] * n, "round": np.ones(n, np.int32),
+                "prompt_messages": pa.nulls(n, schemas.MESSAGES),  # single user turns
             }, schema=schemas.RESPONSES))  # fmt: skip
     offline_len = np.clip(rng.lognormal(math.log(250), 0.9, n_offline), 20, 4000).astype(int)
     offline_prompt = [f"Offline {i}: {t}" for i, t in enumerate(_texts(rng, corpus, offline_len))]

@@ -211,7 +211,9 @@ def _judges(cfg: RunConfig, plan: StagePlan) -> list[tuple[str, str | None, Any]
         def local(llm: Any, jid: str = jid, j: Any = j, template: Any = template, model: str = model) -> Any:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=cfg.eval.trust_remote_code)
+            from pipeline.models import local_model
+
+            tokenizer = AutoTokenizer.from_pretrained(local_model(model), trust_remote_code=cfg.eval.trust_remote_code)
             return VllmJudge(jid, j, template, llm, tokenizer, model)
 
         made.append((jid, model, local))

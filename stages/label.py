@@ -66,9 +66,8 @@ def _preflight(cfg: RunConfig, plan: StagePlan) -> None:
     from pipeline.rewards import check_format, reward_model_ids
 
     lab = cfg.label
-    paths = {role: str(plan.inputs[role]) for role in _roles(cfg)}
+    paths = {role: require_model(str(plan.inputs[role])) for role in _roles(cfg)}  # local folders (Hub: snapshots)
     for role, path in paths.items():
-        require_model(path)
         if lab.zero_stage == 3 and (reason := zero3.unsupported(path)):
             raise ValueError(f"label.zero_stage=3: {role} model {path}: ZeRO-3 cannot shard it: {reason}")
     if lab.labeller == "implicit_reward":
