@@ -42,6 +42,24 @@ def encode(tokenizer, prompt: Prompt, response: str) -> tuple[list[int], list[in
     return prompt_ids(tokenizer, prompt), response_ids + [tokenizer.eos_token_id]
 
 
+def encode_many(tokenizer, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+    """`encode` for many pairs at once, with the same ids: each distinct prompt is rendered and tokenised once, and
+    the texts go to the tokenizer in batches (its Rust side, not one Python call per text)."""
+    keys = [p if isinstance(p, str) else repr(as_messages(p)) for p in prompts]
+    distinct = dict.fromkeys(keys)
+    first = {k: i for i, k in reversed(list(enumerate(keys)))}
+    if tokenizer.chat_template:
+        texts = [tokenizer.apply_chat_template(as_messages(prompts[first[k]]), add_generation_prompt=True, tokenize=False)
+                 for k in distinct]  # fmt: skip
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    else:
+        ids = [prompt_ids(tokenizer, prompts[first[k]]) for k in distinct]
+    by_prompt = dict(zip(distinct, ids))
+    eos = tokenizer.eos_token_id
+    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"] if len(responses) else []
+    return [(by_prompt[k], r + [eos]) for k, r in zip(keys, response_ids)]
+
+
 def collate(
     seqs: Sequence[tuple[list[int], list[int]]], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -100,7 +100,7 @@ def _scorer(cfg: RunConfig, plan: StagePlan, role: str):
     The model is loaded whole on this rank's device, or (label.zero_stage 3) partitioned across the ranks; then every
     call is a collective and each rank must make the same calls (the worker pads with empty ones)."""
     from pipeline import launch, zero3
-    from pipeline.logprobs import ResponseScorer, encode, load_causal_lm, score
+    from pipeline.logprobs import ResponseScorer, encode_many, load_causal_lm, score
     from pipeline.rewards import load_reward_model, reward_model_ids, score_reward_model
 
     lab, path, device = cfg.label, str(plan.inputs[role]), launch.device()
@@ -123,7 +123,7 @@ def _scorer(cfg: RunConfig, plan: StagePlan, role: str):
     zero = zero3.scoring(ResponseScorer(model), model.config) if lab.zero_stage == 3 else {}
 
     def logps(prompts: list[str], responses: list[str]):
-        encoded = [encode(tokenizer, p, r) for p, r in zip(prompts, responses)]
+        encoded = encode_many(tokenizer, prompts, responses)
         too_long = np.array([len(p) + len(r) > cfg.model.max_length for p, r in encoded], dtype=bool)
         ok = np.flatnonzero(~too_long)
         scores = np.full(len(encoded), np.nan)

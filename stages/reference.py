@@ -53,12 +53,12 @@ def _pairs_by_shard(cfg: RunConfig, plan: StagePlan) -> tuple[pa.Table, list[np.
 def _encode_pairs(tokenizer, texts: pa.Table, idx: np.ndarray, max_length: int):
     """(chosen encodings, rejected encodings, fits mask) of the pairs `idx` (pipeline.logprobs.encode); only
     these pairs' texts become Python strings."""
-    from pipeline.logprobs import encode
+    from pipeline.logprobs import encode_many
 
     taken = texts.take(idx)
     part, prompts = taken.to_pydict(), prompts_of(taken)  # the conversation where the pair has one
-    c = [encode(tokenizer, x, y) for x, y in zip(prompts, part["chosen"])]
-    r = [encode(tokenizer, x, y) for x, y in zip(prompts, part["rejected"])]
+    c = encode_many(tokenizer, prompts, part["chosen"])
+    r = encode_many(tokenizer, prompts, part["rejected"])
     fits = np.array([max(len(a[0]) + len(a[1]), len(b[0]) + len(b[1])) <= max_length for a, b in zip(c, r)], dtype=bool)
     return c, r, fits
 

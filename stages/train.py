@@ -54,8 +54,8 @@ def load_pairs(path: Path, tokenizer, cfg: RunConfig) -> tuple[list[dict[str, An
     """
     import torch
 
-    from pipeline.logprobs import encode
-    from pipeline.chat import Prompt, prompts_of, with_prefix
+    from pipeline.chat import prompts_of, with_prefix
+    from pipeline.logprobs import encode_many
     from pipeline.losses import SR_QUALITY_PREFIX, smooth_preference
 
     t = cfg.train
@@ -68,27 +68,26 @@ def load_pairs(path: Path, tokenizer, cfg: RunConfig) -> tuple[list[dict[str, An
             raise ValueError(f"{path}: column {col} is not finite in row {bad[0]} ({len(bad)} rows); re-run the reference stage")
     refined = t.loss in (LossType.SR_DPO, LossType.SR_IPO)
 
-    def encoded(prompt: Prompt, response: str) -> tuple[np.ndarray, np.ndarray]:
+    def encoded(prompts: list, responses: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         # int32 arrays, 4 bytes a token (a Python list costs ~36): the examples live for the whole training
-        p, y = encode(tokenizer, prompt, response)
-        return np.asarray(p, np.int32), np.asarray(y, np.int32)
+        return [(np.asarray(p, np.int32), np.asarray(y, np.int32)) for p, y in encode_many(tokenizer, prompts, responses)]
 
     examples, identical, too_long = [], 0, 0
     columns = ["prompt", "prompt_messages", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps", "chosen_tokens",
                "rejected_tokens", "annotators", "preference"]  # fmt: skip
     for batch in table.select(columns).to_batches(max_chunksize=2048):  # the texts become Python strings a batch at a time
         d, prompts = batch.to_pydict(), prompts_of(batch)  # the conversation where the pair has one
+        chosen, rejected = encoded(prompts, d["chosen"]), encoded(prompts, d["rejected"])
+        if refined:  # Δ's forward passes see P ⊕ x (METHODS §4), before the last user turn's text
+            prefixed = [with_prefix(p, SR_QUALITY_PREFIX) for p in prompts]
+            chosen_p, rejected_p = encoded(prefixed, d["chosen"]), encoded(prefixed, d["rejected"])
         for i in range(batch.num_rows):
             if d["chosen"][i] == d["rejected"][i]:
                 identical += 1
                 continue
-            c = encoded(prompts[i], d["chosen"][i])
-            r = encoded(prompts[i], d["rejected"][i])
-            ex: dict[str, Any] = {"chosen": c, "rejected": r}
-            if refined:  # Δ's forward passes see P ⊕ x (METHODS §4)
-                prefixed = with_prefix(prompts[i], SR_QUALITY_PREFIX)  # before the last user turn's text
-                ex["chosen_prefixed"] = encoded(prefixed, d["chosen"][i])
-                ex["rejected_prefixed"] = encoded(prefixed, d["rejected"][i])
+            ex: dict[str, Any] = {"chosen": chosen[i], "rejected": rejected[i]}
+            if refined:
+                ex["chosen_prefixed"], ex["rejected_prefixed"] = chosen_p[i], rejected_p[i]
             if max(len(p) + len(y) for p, y in ex.values()) > cfg.model.max_length:
                 too_long += 1
                 continue

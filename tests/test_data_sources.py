@@ -262,3 +262,19 @@ def test_a_hub_dataset_not_in_the_cache_is_a_clear_error(offline_hub):
 
     with pytest.raises(ValueError, match=r"dice-test/absent: not in the local Hugging Face cache and the Hub cannot be reached"):
         read_prompts(DataSource(path="dice-test/absent", split="train"))
+
+
+def test_encode_many_is_encode(tiny_model):
+    """The batched encoding the scoring and training stages use gives exactly `encode`'s ids, conversations
+    included (each distinct prompt rendered once)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.logprobs import encode, encode_many
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = _shipped("offline_prefs.jsonl")[:40]
+    prompts = [r["prompt"] for r in rows] + [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": r["prompt"]}]
+                                             for r in rows[:10]]  # fmt: skip
+    responses = [r["chosen"] for r in rows] + [r["rejected"] for r in rows[:10]]
+    assert encode_many(tok, prompts, responses) == [encode(tok, p, y) for p, y in zip(prompts, responses)]
+    assert encode_many(tok, [], []) == []
