@@ -43,6 +43,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -244,16 +245,16 @@ def vllm_worker(args: argparse.Namespace, model: str, inp: str, out: str) -> Non
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
     prompts = [TokensPrompt(prompt_token_ids=p + r) for p, r in encoded]
     llm.generate(prompts[:16], params, use_tqdm=False)  # warm-up
-    best = float("inf")
+    times = []
     for _ in range(args.repeats):
         t = time.perf_counter()
         results = llm.generate(prompts, params, use_tqdm=False)
-        best = min(best, time.perf_counter() - t)
+        times.append(time.perf_counter() - t)
     logps = []
     for (p, r), res in zip(encoded, results):
         seq = p + r  # position t's entry is log P(token t | tokens < t); the response starts at len(p)
         logps.append(sum(res.prompt_logprobs[t][seq[t]].logprob for t in range(len(p), len(seq))))
-    Path(out).write_text(json.dumps({"logps": logps, "seconds": best}))
+    Path(out).write_text(json.dumps({"logps": logps, "seconds": statistics.median(times), "seconds_runs": times}))
 
 
 def vllm_scorer(args, model: Path, encoded, dice_logps, dice_model, tok, tokens: int) -> dict[str, Any]:
@@ -293,11 +294,11 @@ def vllm_scorer(args, model: Path, encoded, dice_logps, dice_model, tok, tokens:
            "max_abs_dreward": float(np.abs((vllm["policy"] - vllm["reference"]) - (dice["policy"] - dice["reference"])).max()),
            "pairs_changed": int(changed), "prompts": len(groups), "tokens_per_s": rate,
            "seconds": got["policy"]["seconds"], "dtype": args.dtype}  # fmt: skip
-    print(f"\nvLLM prompt_logprobs as the scorer ({args.dtype}; engine start excluded, best of {args.repeats}):")
+    print(f"\nvLLM prompt_logprobs as the scorer ({args.dtype}; engine start excluded, median of {args.repeats} runs):")
     print(f"  |Δ logp| per sequence vs dice: max {out['max_abs_dlogp']:.2e}, mean {out['mean_abs_dlogp']:.2e}; "
           f"|Δ r| max {out['max_abs_dreward']:.2e}")  # fmt: skip
     print(f"  best-vs-worst pairs changed: {changed} of {len(groups)} prompts")
-    print(f"  {rate:.0f} tokens/s (dice's scorer above: the 'dice' row)")
+    print(f"  {rate:.0f} tokens/s, median (dice's scorer above: the 'dice' row, median of its runs, which ran earlier)")
     return out
 
 
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--k", type=int, default=8, help="responses per prompt (>= 2; DICE's paper: 16)")
     ap.add_argument("--batch-size", type=int, default=16, help="dice's sequences per forward (label.batch_size)")
     ap.add_argument("--max-len", type=int, default=512, help="drop prompt+response longer than this (model.max_length)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each scorer, alternating; the fastest is kept")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each scorer, alternating; every run's ratios and their median are reported")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                     help="before each timed run, wait up to S seconds for other processes to leave the CPUs")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: the cores)")
@@ -379,25 +380,33 @@ def main(argv: list[str] | None = None) -> None:
             runs[name].append(time.perf_counter() - t)
             print(f"  run {rep + 1}/{args.repeats} {name}: {tokens / runs[name][-1]:.0f} tokens/s", flush=True)
 
-    best = {k: min(v) for k, v in runs.items()}
+    # repeat i of every scorer ran back to back, so ratios are taken within a repeat; the table shows each scorer's
+    # median time and the median of the per-repeat ratios, and every repeat's ratio is printed
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    per_rep = {
+        base: {k: [runs[base][i] / runs[k][i] for i in range(args.repeats)] for k in scorers}
+        for base in ("naive", "batched")
+    }
+    ratio = {base: {k: statistics.median(v) for k, v in r.items()} for base, r in per_rep.items()}
     diffs = {k: float(np.max(np.abs(logps[k] - logps["naive"]))) for k in scorers if k != "naive"}
     flops = linear_flops(model, encoded, args.batch_size)
     peak = gemm_peak(model.config.hidden_size, model.config.intermediate_size, device)
     print()
-    print(f"{'scorer':<14} {'tokens/s':>9} {'best s':>7} {'vs naive':>9} {'vs batched':>10} {'max |Δ logp| vs naive':>22} "
+    print(f"{'scorer':<14} {'tokens/s':>9} {'median s':>8} {'vs naive':>9} {'vs batched':>10} {'max |Δ logp| vs naive':>22} "
           f"{'linear GFLOP/s':>15} {'of GEMM peak':>13}   tokens/s of every run")  # fmt: skip
     for k in scorers:
-        ratio = best["naive"] / best[k]
         d = f"{diffs[k]:.2e}" if k in diffs else "-"
-        rate = f"{flops[k] / best[k] / 1e9:.1f}" if k in flops else "-"
-        share = f"{100 * flops[k] / best[k] / peak:.0f}%" if k in flops else "-"
+        rate = f"{flops[k] / med[k] / 1e9:.1f}" if k in flops else "-"
+        share = f"{100 * flops[k] / med[k] / peak:.0f}%" if k in flops else "-"
         every = ", ".join(f"{tokens / s:.0f}" for s in runs[k])
-        print(f"{k:<14} {tokens / best[k]:>9.0f} {best[k]:>7.2f} {ratio:>8.2f}x {best['batched'] / best[k]:>9.2f}x {d:>22} "
-              f"{rate:>15} {share:>13}   {every}")  # fmt: skip
-    print(f"dice / naive: x{best['naive'] / best['dice']:.2f} (bar: x5); dice / batched: x{best['batched'] / best['dice']:.2f}; "
+        print(f"{k:<14} {tokens / med[k]:>9.0f} {med[k]:>8.2f} {ratio['naive'][k]:>8.2f}x {ratio['batched'][k]:>9.2f}x "
+              f"{d:>22} {rate:>15} {share:>13}   {every}")  # fmt: skip
+    shown_runs = lambda xs: ", ".join(f"x{x:.2f}" for x in xs)  # noqa: E731
+    print(f"dice / batched per repeat: {shown_runs(per_rep['batched']['dice'])}; median x{ratio['batched']['dice']:.2f}")
+    print(f"dice / naive per repeat: {shown_runs(per_rep['naive']['dice'])}; median x{ratio['naive']['dice']:.2f} (bar: x5); "
           f"the same log-probs: max |Δ| {diffs['dice']:.2e}")  # fmt: skip
     # the roofline: with dice's linear-layer FLOPs, the naive time / x at the GEMM peak bounds any ratio here
-    bound = best["naive"] / (flops["dice"] / peak)
+    bound = med["naive"] / (flops["dice"] / peak)
     print(f"GEMM peak of this machine (float32, {model.config.hidden_size}x{model.config.intermediate_size} MLP shape): "
           f"{peak / 1e9:.1f} GFLOP/s; dice's linear layers do {flops['dice'] / flops['naive']:.2f}x the naive FLOPs, "
           f"so no scorer of these FLOPs can exceed x{bound:.2f} over this naive run on this device")  # fmt: skip
@@ -413,8 +422,9 @@ def main(argv: list[str] | None = None) -> None:
         "scored_tokens": tokens,
         "lengths": lengths,
         "seconds_runs": runs,
-        "tokens_per_s": {k: tokens / s for k, s in best.items()},
-        "ratio_vs_naive": {k: best["naive"] / s for k, s in best.items()},
+        "tokens_per_s_median": {k: tokens / s for k, s in med.items()},
+        "ratio_per_repeat": per_rep,
+        "ratio_median": ratio,
         "max_abs_logp_diff_vs_naive": diffs,
         "linear_flops": flops,
         "gemm_peak_flops_per_s": peak,
