@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/scale.py                          # 20,000 × 16, then 62,500 × 16 (1M responses)
     .venv/bin/python benchmarks/scale.py --sizes 2000x16          # a quick run (seconds)
+    .venv/bin/python benchmarks/scale.py --stages pairs           # label and pairs only
 
 `conf/recipes/gpu/dice.yaml` labels 20,000 prompts × 16 responses of up to 2,048 tokens per round. This builds
 such a round synthetically (no model, no GPU) and runs, each in a fresh process so its peak RSS is its own:
@@ -236,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="offline pairs for replay (0: max(61,000, 2 × prompts): UltraFeedback's binarized set has "
                     "~61k, and γ = 0.5 then keeps every generated pair)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stages", default=",".join(STAGES),
+                    help=f"comma-separated, a subset of: {', '.join(STAGES)} (label, and pairs before the data paths, run "
+                    "anyway: they write what the later stages read)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic rounds under benchmarks/out/scale/")
     ap.add_argument("--out", default=str(OUT / "scale.json"))
     ap.add_argument("--child", nargs=2, metavar=("STAGE", "CONFIG"), help=argparse.SUPPRESS)
@@ -245,6 +249,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     import shutil
 
+    chosen = [x.strip() for x in args.stages.split(",") if x.strip()]
+    unknown = [x for x in chosen if x not in STAGES]
+    if unknown:
+        ap.error(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}")
+    if set(chosen) & {"reference (data)", "train (data)"}:
+        chosen.append("pairs")
     report = []
     for size in args.sizes.split(","):
         n_prompts, k = (int(x) for x in size.lower().split("x"))
@@ -257,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'stage':<17} {'input rows':>10} {'input MiB':>9} {'wall s':>7} {'s per 1M responses':>18} "
               f"{'peak RSS MiB':>12} {'after imports':>13} {'(peak-imports)/input':>20}")  # fmt: skip
         for stage in STAGES:
+            if stage not in chosen and stage != "label":  # label writes what every other stage reads
+                continue
             if stage == "train (data)":
                 write_reference_input(conf)
             size_mb, rows = input_mb(stage, conf)
