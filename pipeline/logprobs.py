@@ -46,14 +46,15 @@ def encode_many(tokenizer, prompts: Sequence[Prompt], responses: Sequence[str]) 
     """`encode` for many pairs at once, with the same ids: each distinct prompt is rendered and tokenised once, and
     the texts go to the tokenizer in batches (its Rust side, not one Python call per text)."""
     keys = [p if isinstance(p, str) else repr(as_messages(p)) for p in prompts]
-    distinct = dict.fromkeys(keys)
-    first = {k: i for i, k in reversed(list(enumerate(keys)))}
+    distinct: dict[str, Prompt] = {}  # key -> the prompt, in first-seen order
+    for k, p in zip(keys, prompts):
+        distinct.setdefault(k, p)
     if tokenizer.chat_template:
-        texts = [tokenizer.apply_chat_template(as_messages(prompts[first[k]]), add_generation_prompt=True, tokenize=False)
-                 for k in distinct]  # fmt: skip
+        texts = [tokenizer.apply_chat_template(as_messages(p), add_generation_prompt=True, tokenize=False)
+                 for p in distinct.values()]  # fmt: skip
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     else:
-        ids = [prompt_ids(tokenizer, prompts[first[k]]) for k in distinct]
+        ids = [prompt_ids(tokenizer, p) for p in distinct.values()]
     by_prompt = dict(zip(distinct, ids))
     eos = tokenizer.eos_token_id
     response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"] if len(responses) else []

@@ -57,8 +57,8 @@ def _encode_pairs(tokenizer, texts: pa.Table, idx: np.ndarray, max_length: int):
 
     taken = texts.take(idx)
     part, prompts = taken.to_pydict(), prompts_of(taken)  # the conversation where the pair has one
-    c = encode_many(tokenizer, prompts, part["chosen"])
-    r = encode_many(tokenizer, prompts, part["rejected"])
+    both = encode_many(tokenizer, prompts * 2, part["chosen"] + part["rejected"])  # each prompt rendered once
+    c, r = both[: len(prompts)], both[len(prompts) :]
     fits = np.array([max(len(a[0]) + len(a[1]), len(b[0]) + len(b[1])) <= max_length for a, b in zip(c, r)], dtype=bool)
     return c, r, fits
 

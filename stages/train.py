@@ -68,19 +68,22 @@ def load_pairs(path: Path, tokenizer, cfg: RunConfig) -> tuple[list[dict[str, An
             raise ValueError(f"{path}: column {col} is not finite in row {bad[0]} ({len(bad)} rows); re-run the reference stage")
     refined = t.loss in (LossType.SR_DPO, LossType.SR_IPO)
 
-    def encoded(prompts: list, responses: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        # int32 arrays, 4 bytes a token (a Python list costs ~36): the examples live for the whole training
-        return [(np.asarray(p, np.int32), np.asarray(y, np.int32)) for p, y in encode_many(tokenizer, prompts, responses)]
+    def encoded(prompts: list, chosen: list[str], rejected: list[str]) -> tuple[list, list]:
+        # (chosen, rejected) encodings, each prompt rendered once; int32 arrays, 4 bytes a token (a Python list
+        # costs ~36): the examples live for the whole training
+        both = [(np.asarray(p, np.int32), np.asarray(y, np.int32))
+                for p, y in encode_many(tokenizer, prompts * 2, chosen + rejected)]  # fmt: skip
+        return both[: len(prompts)], both[len(prompts) :]
 
     examples, identical, too_long = [], 0, 0
     columns = ["prompt", "prompt_messages", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps", "chosen_tokens",
                "rejected_tokens", "annotators", "preference"]  # fmt: skip
     for batch in table.select(columns).to_batches(max_chunksize=2048):  # the texts become Python strings a batch at a time
         d, prompts = batch.to_pydict(), prompts_of(batch)  # the conversation where the pair has one
-        chosen, rejected = encoded(prompts, d["chosen"]), encoded(prompts, d["rejected"])
+        chosen, rejected = encoded(prompts, d["chosen"], d["rejected"])
         if refined:  # Δ's forward passes see P ⊕ x (METHODS §4), before the last user turn's text
             prefixed = [with_prefix(p, SR_QUALITY_PREFIX) for p in prompts]
-            chosen_p, rejected_p = encoded(prefixed, d["chosen"]), encoded(prefixed, d["rejected"])
+            chosen_p, rejected_p = encoded(prefixed, d["chosen"], d["rejected"])
         for i in range(batch.num_rows):
             if d["chosen"][i] == d["rejected"][i]:
                 identical += 1
