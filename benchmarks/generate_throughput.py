@@ -5,21 +5,21 @@ mixture sampler against a naive two-model loop, all in the same run on the same 
 
 What it does (benchmarks/README.md has the settings and a measured run):
 
-1. Builds a tiny Llama (`pipeline.tiny.TinySpec(hidden=512, intermediate=1376, layers=8, heads=8, kv_heads=4)`,
+1. Builds a tiny Llama (`pipeline.run.tiny.TinySpec(hidden=512, intermediate=1376, layers=8, heads=8, kv_heads=4)`,
    ~25M parameters, a short supervised pass so that it ends answers with EOS) once into
    `benchmarks/out/models/<shape>/` and reuses it; a perturbed copy of it is the mixture's reference.
 2. Runs each contender in its own subprocess, one after the other (`--repeats` alternating rounds):
    - dice: `python -m stages.generate CONF --round 1`, as users run it (the config's engine settings, shards,
      per-prompt seeds, Parquet writes); its tokens/s is the stage's own `tokens_per_s` (generated tokens over the
      wall time from the first shard's start to the last shard's end: engine start-up is excluded);
-   - vllm: `vllm.LLM` with the same engine arguments (`pipeline.engine.make_llm`), the same chat-templated
+   - vllm: `vllm.LLM` with the same engine arguments (`pipeline.compute.engine.make_llm`), the same chat-templated
      token ids and the same `SamplingParams` (per-prompt seeds), one `LLM.generate` call over all prompts, timed;
    - transformers: `model.generate` on batches of `--hf-batch` sequences (prompts × K `num_return_sequences`),
      left padding, sampling at the same temperature / top-p with top-k and the repetition penalty off (as vLLM's
      SamplingParams), stopping at EOS; generated tokens counted up to and including each sequence's EOS. By
      default three batch sizes are measured — all the sequences at once (vLLM's batch), half and a quarter — and
      the fastest of each repeat is the baseline.
-   - mixture: `pipeline.mixture.MixtureSampler` (β = 0.5, KV cache for both models, batched) against
+   - mixture: `pipeline.method.mixture.MixtureSampler` (β = 0.5, KV cache for both models, batched) against
      `naive_mixture_generate` (one sequence at a time, both models over the whole prefix at every token) on a
      small subset (`--mix-prompts`, `--mix-max-tokens`): the naive loop is quadratic.
 3. Prints every run's tokens/s, each repeat's ratios (contenders run back to back) and their median, and writes
@@ -60,7 +60,7 @@ def build_models(args: argparse.Namespace) -> tuple[Path, Path, float]:
     """(the model, its perturbed copy, seconds spent building); both reused when on disk."""
     import torch
 
-    from pipeline.tiny import TinySpec, build_tiny_model
+    from pipeline.run.tiny import TinySpec, build_tiny_model
 
     path, ref = model_dir(args), model_dir(args).with_name(model_dir(args).name + "-perturbed")
     started = time.perf_counter()
@@ -101,8 +101,8 @@ def prompt_batch(cfg) -> tuple[list[list[int]], list[int]]:
     """Round 1's chat-templated prompt ids and per-prompt seeds, exactly as the stage computes them."""
     from transformers import AutoTokenizer
 
-    from pipeline.datasets import read_prompts
-    from pipeline.logprobs import prompt_ids
+    from pipeline.compute.logprobs import prompt_ids
+    from pipeline.data.datasets import read_prompts
     from stages.generate import prompt_seed, select_prompts
 
     tok = AutoTokenizer.from_pretrained(cfg.model.policy)
@@ -116,8 +116,8 @@ def prompt_batch(cfg) -> tuple[list[list[int]], list[int]]:
 
 
 def worker_vllm(conf: str) -> dict[str, Any]:
+    from pipeline.compute.engine import make_llm
     from pipeline.config import load_config
-    from pipeline.engine import make_llm
 
     cfg = load_config(conf)
     g = cfg.generate
@@ -170,9 +170,9 @@ def worker_hf(conf: str, batch: int) -> dict[str, Any]:
 def worker_mixture(conf: str, ref: str, mode: str, n_prompts: int, max_tokens: int) -> dict[str, Any]:
     import torch
 
+    from pipeline.compute.logprobs import load_causal_lm
     from pipeline.config import load_config
-    from pipeline.logprobs import load_causal_lm
-    from pipeline.mixture import MixtureSampler, naive_mixture_generate
+    from pipeline.method.mixture import MixtureSampler, naive_mixture_generate
 
     cfg = load_config(conf)
     g = cfg.generate

@@ -8,7 +8,7 @@
 The label stage's implicit reward r = β·[logp(π, x, y) − logp(π_ref, x, y)] is two log-prob passes over the
 K responses of every prompt; this measures one such pass, on the same model and the same responses for all:
 
-- dice: `pipeline.logprobs.score`, as the label stage's ranks call it (`label.batch_size` 16 sequences per
+- dice: `pipeline.compute.logprobs.score`, as the label stage's ranks call it (`label.batch_size` 16 sequences per
   forward, `reference.packing` on): the K responses of a prompt packed behind ONE copy of the prompt, no
   padding, the LM head only where a response token is predicted.
 - dice (padded): the same scorer with `packing=False` (length-sorted padded batches).
@@ -59,7 +59,7 @@ from benchmarks.train_throughput import DATA, OUT, add_model_args, build_model, 
 
 def build_groups(tokenizer, args: argparse.Namespace) -> list[tuple[str, str]]:
     """(prompt, response) rows, K per prompt, a prompt's responses adjacent as the generate stage writes them."""
-    from pipeline.logprobs import encode
+    from pipeline.compute.logprobs import encode
 
     rows = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
     pool = [r[side] for r in rows for side in ("chosen", "rejected")]
@@ -129,7 +129,7 @@ def linear_flops(model, encoded: list[tuple[list[int], list[int]]], batch_size: 
     the decoder, the head only where a response token is predicted."""
     import torch
 
-    from pipeline.packing import group_by_prompt
+    from pipeline.compute.packing import group_by_prompt
 
     decoder = sum(m.weight.numel() for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear))
     head = model.get_output_embeddings().weight.numel()
@@ -168,9 +168,10 @@ def stage_processes(args: argparse.Namespace, model: Path, rows: list[tuple[str,
     """The label stage (implicit reward, π = π_ref = the model) on 1 and `--processes` processes, the same shards."""
     import pyarrow as pa
 
-    from pipeline import rounds, schemas
-    from pipeline.artifacts import write_parquet
     from pipeline.config import load_config, save_config
+    from pipeline.data import schemas
+    from pipeline.data.artifacts import write_parquet
+    from pipeline.run import rounds
 
     root = OUT / "label-processes"
     out: dict[str, Any] = {}
@@ -234,8 +235,8 @@ def perturbed(model: Path) -> Path:
 
 def vllm_worker(args: argparse.Namespace, model: str, inp: str, out: str) -> None:
     """In its own process: log-probs of the given token ids under `model` with vLLM's prompt_logprobs."""
+    from pipeline.compute.engine import make_llm
     from pipeline.config import EngineConfig
-    from pipeline.engine import make_llm
 
     encoded = json.loads(Path(inp).read_text())
     llm = make_llm(model, EngineConfig(max_model_len=max(len(p) + len(r) for p, r in encoded) + 8),
@@ -261,7 +262,7 @@ def vllm_scorer(args, model: Path, encoded, dice_logps, dice_model, tok, tokens:
     """vLLM's prompt_logprobs against dice's scorer: |Δ logp|, best-vs-worst pairs changed, throughput."""
     import numpy as np
 
-    from pipeline.logprobs import load_causal_lm, score
+    from pipeline.compute.logprobs import load_causal_lm, score
 
     ref = perturbed(model)
     ref_model, _ = load_causal_lm(str(ref), "float32", device=dice_model.device)
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
     import torch
 
-    from pipeline.logprobs import encode, load_causal_lm, score
+    from pipeline.compute.logprobs import encode, load_causal_lm, score
 
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)

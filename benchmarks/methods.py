@@ -8,7 +8,7 @@ as the true reward does?
     .venv/bin/python benchmarks/methods.py --update-readme      # also rewrite the README's table from the results
 
 What it does, for each seed s (`--seeds N`: s = seed, seed+1, …):
-1. Builds the toy model (pipeline/toy.py: the toy corpus, `pipeline.tiny.build_tiny_model`) once, for all seeds.
+1. Builds the toy model (pipeline/run/toy.py: the toy corpus, `pipeline.run.tiny.build_tiny_model`) once, for all seeds.
 2. Trains ONE π_0 per seed for everybody: `dice run conf/recipes/dice.yaml rounds=0 seed=s` (offline DPO on the toy
    preference set). Every recipe then starts from that π_0 (`round0.mode=skip`, `model.reference` = the SFT model),
    so the rounds are the only difference: same seeds, same prompts per round, same training batch, same number of
@@ -59,7 +59,7 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 def _judges(n: int, noise: float, temperature: float = 0.25) -> str:
     """A `label.judges=[...]` override: N simulated annotators of the given reward noise (flow-style YAML)."""
     items = [
-        f"{{id: sim-{i}, backend: python, function: 'pipeline.toy:simulated_preference', "
+        f"{{id: sim-{i}, backend: python, function: 'pipeline.run.toy:simulated_preference', "
         f"options: {{noise: {noise}, temperature: {temperature}, seed: {i}}}}}"
         for i in range(n)
     ]
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(OUT / "runs", ignore_errors=True)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-    from pipeline.tiny import TinySpec, build_tiny_model
+    from pipeline.run.tiny import TinySpec, build_tiny_model
 
     sft = OUT / "models" / "toy-sft"
     if not (sft / "model.safetensors").is_file():

@@ -79,14 +79,14 @@ def build_round(root: Path, n_prompts: int, k: int, seed: int, n_offline: int) -
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline import schemas
     from pipeline.config import load_config, save_config
+    from pipeline.data import schemas
 
     rng = np.random.default_rng(seed)
     corpus = _corpus(40 << 20)
     tok_dir = OUT / "scale-tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():  # the tiny model's tokenizer (byte-level BPE, chat template)
-        from pipeline.tiny import build_tokenizer
+        from pipeline.run.tiny import build_tokenizer
 
         build_tokenizer(corpus[: 4 << 20].split(". "), 2048).save_pretrained(tok_dir)
     cfg = load_config(REPO / "conf/tiny.yaml", [
@@ -137,9 +137,10 @@ def write_reference_input(conf: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline import rounds, schemas
-    from pipeline.artifacts import write_parquet
     from pipeline.config import load_config
+    from pipeline.data import schemas
+    from pipeline.data.artifacts import write_parquet
+    from pipeline.run import rounds
 
     cfg = load_config(conf)
     rd = rounds.round_dir(cfg, 1)
@@ -173,9 +174,9 @@ def child(stage: str, conf: str) -> None:
     import importlib
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from pipeline import rounds
-    from pipeline.artifacts import execute
     from pipeline.config import load_config
+    from pipeline.data.artifacts import execute
+    from pipeline.run import rounds
 
     cfg = load_config(conf)
     module = importlib.import_module("stages." + stage.split()[0])  # only the stage measured
@@ -220,8 +221,8 @@ def input_mb(stage: str, conf: Path) -> tuple[float, int]:
     """The in-memory (Arrow) size of the stage's input table, and its rows (read in a process of its own: this one
     stays small)."""
     code = ("import sys, pyarrow.parquet as pq; t = pq.read_table(sys.argv[1]); print(t.nbytes / 2**20, t.num_rows)")
-    from pipeline import rounds
     from pipeline.config import load_config
+    from pipeline.run import rounds
 
     rd = rounds.round_dir(load_config(conf), 1)
     name = {"label": "responses", "pairs": "labels", "reference (data)": "pairs", "train (data)": "reference"}[stage]

@@ -4,11 +4,11 @@
 
 What it does (benchmarks/README.md has the settings and a measured run):
 
-1. Builds a tiny Llama with `pipeline.tiny.build_tiny_model` once into `benchmarks/out/models/<shape>/` and
+1. Builds a tiny Llama with `pipeline.run.tiny.build_tiny_model` once into `benchmarks/out/models/<shape>/` and
    reuses it.
 2. Builds N preference pairs from `data/offline_prefs.jsonl` (240 pairs, replicated; a share of them get
    other pairs' responses appended, for a long tail of lengths) and prints the token-length distribution.
-3. Scores the reference log-probs ONCE (`pipeline.logprobs.score`, the initial model, fp32) and hands the
+3. Scores the reference log-probs ONCE (`pipeline.compute.logprobs.score`, the initial model, fp32) and hands the
    same numbers to both trainers: dice reads them from `round-0/reference.parquet` (REFERENCE schema),
    TRL from the dataset columns `ref_chosen_logps`/`ref_rejected_logps` with `precompute_ref_log_probs=True`
    (its own precomputation pass is skipped, so it trains on exactly these numbers).
@@ -74,7 +74,7 @@ def model_dir(args: argparse.Namespace) -> Path:
 
 def build_model(args: argparse.Namespace) -> tuple[Path, float]:
     """Build the tiny model once (reused when the folder exists). Returns (path, seconds spent building)."""
-    from pipeline.tiny import TinySpec, build_tiny_model
+    from pipeline.run.tiny import TinySpec, build_tiny_model
 
     path = model_dir(args)
     if (path / "model.safetensors").is_file():
@@ -91,7 +91,7 @@ def build_model(args: argparse.Namespace) -> tuple[Path, float]:
 def build_pairs(tokenizer, args: argparse.Namespace) -> list[dict[str, Any]]:
     """N pairs from the offline set: replicated, and a share (`--long-frac`) made long by appending other pairs'
     responses of the same side, as long as prompt+response stays within `--max-len` tokens."""
-    from pipeline.logprobs import encode
+    from pipeline.compute.logprobs import encode
 
     rows = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
     rng = random.Random(args.seed)
@@ -141,7 +141,7 @@ def score_reference(model_path: Path, pairs: list[dict[str, Any]]) -> float:
     """Reference log-probs of every pair under the initial model, in place. Returns seconds."""
     import torch
 
-    from pipeline.logprobs import load_causal_lm, score
+    from pipeline.compute.logprobs import load_causal_lm, score
 
     started = time.perf_counter()
     model, tok = load_causal_lm(str(model_path), "float32", device=torch.device("cpu"))
@@ -159,8 +159,8 @@ def write_reference(pairs: list[dict[str, Any]], path: Path) -> None:
     Columns are filled by name from the schema in force, so added nullable columns stay empty."""
     import pyarrow as pa
 
-    from pipeline import schemas
-    from pipeline.artifacts import write_parquet
+    from pipeline.data import schemas
+    from pipeline.data.artifacts import write_parquet
 
     n = len(pairs)
     known: dict[str, list[Any]] = {
@@ -226,7 +226,7 @@ def dice_config(args: argparse.Namespace, model: Path, zero_stage: int, name: st
 def dice_computed_tokens(pairs: list[dict[str, Any]], args: argparse.Namespace, packing: bool) -> list[int]:
     """Positions dice's forward passes run per optimizer step, its batching replayed with its own functions:
     packed (`train.packing`, the default), each pair's row [prompt | chosen | rejected] with the prompt once and
-    each response's last token only a target (pipeline.packing); padded, rows × width per micro-batch."""
+    each response's last token only a target (pipeline.compute.packing); padded, rows × width per micro-batch."""
     from stages.train import global_batches
 
     lengths = [len(p["enc_c"][0]) + max(len(p["enc_c"][1]), len(p["enc_r"][1])) for p in pairs]
@@ -356,8 +356,8 @@ def _foreign_share(step_cpu: list[tuple[int, int]], warmup: int, wall: float) ->
 def run_dice(args, model: Path, pairs, zero_stage: int, rep: int = 0) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
-    from pipeline import rounds
     from pipeline.config import save_config
+    from pipeline.run import rounds
 
     name = f"bench-zero{zero_stage}"
     cfg = dice_config(args, model, zero_stage, name)
@@ -408,7 +408,7 @@ def trl_worker(spec: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from pipeline.logprobs import prompt_ids
+    from pipeline.compute.logprobs import prompt_ids
 
     class PrecomputedRefDPOTrainer(DPOTrainer):
         """DPOTrainer that trains on the dataset's own `ref_chosen_logps`/`ref_rejected_logps`.
@@ -513,11 +513,11 @@ def dice_profile_worker(spec: dict[str, Any]) -> None:
     import torch
     from deepspeed.runtime.engine import DeepSpeedEngine
 
-    import pipeline.logprobs as lp
+    import pipeline.compute.logprobs as lp
     import stages.train as st
-    from pipeline import rounds
-    from pipeline.artifacts import execute
     from pipeline.config import load_config
+    from pipeline.data.artifacts import execute
+    from pipeline.run import rounds
 
     timers: dict[str, list[float]] = {}
 
@@ -558,8 +558,8 @@ def dice_profile_worker(spec: dict[str, Any]) -> None:
 
 
 def run_profile(args, model: Path, pairs) -> dict[str, Any]:
-    from pipeline import rounds
     from pipeline.config import save_config
+    from pipeline.run import rounds
 
     n = min(len(pairs), args.profile_pairs)
     cfg = dice_config(args, model, args.profile_zero_stage, "bench-profile")
@@ -681,7 +681,7 @@ def main(argv: list[str] | None = None) -> None:
     for k, v in lengths.items():
         print(f"  {k:<46} " + "  ".join(f"{q} {x:g}" for q, x in v.items()))
     ref_s = score_reference(model, pairs)
-    print(f"reference log-probs scored once in {ref_s:.1f} s (pipeline.logprobs.score, fp32)", flush=True)
+    print(f"reference log-probs scored once in {ref_s:.1f} s (pipeline.compute.logprobs.score, fp32)", flush=True)
 
     runs: dict[str, list[dict[str, Any]]] = {}
     stages = [x.strip() if x.strip() == "auto" else int(x) for x in args.dice_zero_stages.split(",") if x.strip()]

@@ -47,7 +47,7 @@ def run(
 ) -> None:
     """Run the `dice` flow in this process (Prefect starts a temporary local server unless PREFECT_API_URL is set)."""
     cfg = _load(config, overrides)
-    from pipeline.rounds import check_initial_models
+    from pipeline.run.rounds import check_initial_models
 
     try:  # before Prefect starts and before the run folder exists (the flow checks again, for deployments)
         check_initial_models(cfg)
@@ -56,7 +56,7 @@ def run(
         raise typer.Exit(2) from None
     _prefect_env()
     from flows.dice import dice
-    from pipeline.artifacts import RunLocked
+    from pipeline.data.artifacts import RunLocked
 
     try:
         dice(config=cfg)
@@ -160,7 +160,7 @@ def _fmt(v: Any, width: int = 60) -> str:
 
 
 def _print_summary(run_dir: Path) -> None:
-    from pipeline.report import run_summary
+    from pipeline.run.report import run_summary
 
     rows = run_summary(run_dir)
     if not rows:
@@ -183,7 +183,7 @@ def _print_summary(run_dir: Path) -> None:
 def _best_round(run_dir: Path, rows: list[dict[str, Any]]) -> str | None:
     """One line naming the best round by LC win rate (the flow's stopping rule, with the run's saved config)."""
     from pipeline.config import ConfigError, load_config
-    from pipeline.evaluation import progress
+    from pipeline.method.evaluation import progress
 
     lcs = [(r["round"], r["lc_win_rate"]) for r in rows if r.get("lc_win_rate") is not None]
     conf = run_dir / "config.yaml"
@@ -205,7 +205,7 @@ def _best_round(run_dir: Path, rows: list[dict[str, Any]]) -> str | None:
 def _print_rows(run_dir: Path, k: int, stage: str, head: int) -> None:
     import pyarrow.parquet as pq
 
-    from pipeline.rounds import OUTPUT_FILES
+    from pipeline.run.rounds import OUTPUT_FILES
 
     if stage not in OUTPUT_FILES:
         err.print(f"[red]error:[/red] --stage must be one of {', '.join(OUTPUT_FILES)}")
@@ -232,7 +232,7 @@ def _duckdb(run_dir: Path):
     """A duckdb connection with one view per stage output: the union over rounds, with a `round` column."""
     import duckdb
 
-    from pipeline.rounds import OUTPUT_FILES
+    from pipeline.run.rounds import OUTPUT_FILES
 
     con = duckdb.connect()
     for files in OUTPUT_FILES.values():
@@ -297,9 +297,9 @@ def eval_(
     `dice eval --model A --baseline B --config CONF` evaluates any two models (or a model and a file of reference
     outputs) with CONF's eval settings, writing DIR/eval.parquet.
     """
-    from pipeline import rounds
-    from pipeline.artifacts import ArtifactError, RunLocked, execute, run_lock
     from pipeline.config import ConfigError, load_config
+    from pipeline.data.artifacts import ArtifactError, RunLocked, execute, run_lock
+    from pipeline.run import rounds
     from stages import evaluate
 
     args = list(args or [])
@@ -384,7 +384,7 @@ def report(
     out: Optional[Path] = typer.Option(None, help="Output HTML (default: RUN_DIR/report.html)."),
 ) -> None:
     """Write a self-contained HTML page of plots per round: rewards, lengths, α, agreement, training curves."""
-    from pipeline.html_report import write_report
+    from pipeline.run.html_report import write_report
 
     if not run_dir.is_dir():
         err.print(f"[red]error:[/red] {run_dir}: no such run folder")
@@ -400,7 +400,7 @@ def diff(
     examples: int = typer.Option(2, help="Example prompts to show with one response from each round."),
 ) -> None:
     """Compare two rounds: counts, lengths, rewards, α, training results, and how responses changed."""
-    from pipeline.html_report import round_diff
+    from pipeline.run.html_report import round_diff
 
     for k in (a, b):
         if not (run_dir / f"round-{k}").is_dir():
@@ -442,8 +442,8 @@ def export(
     out: Path = typer.Option(..., help="Output file (trl, jsonl) or folder (hf)."),
 ) -> None:
     """Export a round's pairs so another trainer sees exactly the tokens dice scored (README, Exporting rounds)."""
-    from pipeline.artifacts import ArtifactError
-    from pipeline.export import export_round
+    from pipeline.data.artifacts import ArtifactError
+    from pipeline.run.export import export_round
 
     if fmt not in ("trl", "jsonl", "hf"):
         err.print(f"[red]error:[/red] --format {fmt!r}: choose trl, jsonl or hf")
@@ -468,8 +468,8 @@ def data_check(
 ) -> None:
     """What dice will read before a long run: rows per dataset, what would be dropped and why, token lengths under
     the policy's chat template, prompts over model.max_prompt_tokens, duplicates."""
-    from pipeline.artifacts import ArtifactError
-    from pipeline.datacheck import check_data
+    from pipeline.data.artifacts import ArtifactError
+    from pipeline.run.datacheck import check_data
 
     cfg = _load(config, overrides)
     try:
@@ -502,7 +502,7 @@ def tiny_model(
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
     """Build a small offline Llama-architecture chat model and tokenizer (safetensors) at PATH."""
-    from pipeline.tiny import TinySpec, build_tiny_model
+    from pipeline.run.tiny import TinySpec, build_tiny_model
 
     if hidden % heads or hidden // heads < 32:
         err.print(f"[red]error:[/red] hidden/heads = {hidden}/{heads} must be an integer >= 32 (vLLM CPU attention)")

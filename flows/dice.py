@@ -21,19 +21,18 @@ from collections import deque
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-from pydantic import Field
-
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.concurrency.sync import concurrency
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import Field
 
-from pipeline import rounds
-from pipeline.artifacts import is_done, read_manifest, run_lock, write_json_atomic
-from pipeline.evaluation import Progress, progress
 from pipeline.config import RunConfig, save_config
-from pipeline.html_report import round_markdown, write_report
-from pipeline.report import round_summary, stage_manifests
+from pipeline.data.artifacts import is_done, read_manifest, run_lock, write_json_atomic
+from pipeline.method.evaluation import Progress, progress
+from pipeline.run import rounds
+from pipeline.run.html_report import round_markdown, write_report
+from pipeline.run.report import round_summary, stage_manifests
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -237,7 +236,7 @@ def dice(
 
 
 def eval_progress(cfg: RunConfig, summaries: list[dict[str, Any]]) -> Progress | None:
-    """The stopping rule on the rounds published so far (pipeline.evaluation.progress); None without evaluation."""
+    """The stopping rule on the rounds published so far (pipeline.method.evaluation.progress); None without evaluation."""
     lcs = [(s["round"], s["lc_win_rate"]) for s in summaries if s.get("lc_win_rate") is not None]
     if not cfg.eval.enabled or not lcs:
         return None

@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 
 class LossType(str, Enum):
-    """Preference losses (../shared/METHODS.md §2-5), implemented in pipeline/losses.py. DICE trains `dpo`."""
+    """Preference losses (../shared/METHODS.md §2-5), implemented in pipeline/method/losses.py. DICE trains `dpo`."""
 
     DPO = "dpo"  # sigmoid DPO; conservative DPO with label_smoothing > 0 (§1, §5)
     IPO = "ipo"  # offline IPO on per-token-averaged log-probs (§5)
@@ -166,7 +166,7 @@ class GenerateConfig(_Section):
     sampler: Literal["vllm", "mixture"] = Field(
         "vllm",
         description="vllm: sample π_{k-1} with vLLM; mixture: IPO-MD's geometric mixture π_{k-1}^(1-β_m)·π_0^(β_m), "
-        "token by token with transformers (pipeline/mixture.py).",
+        "token by token with transformers (pipeline/method/mixture.py).",
     )
     mixture_beta: float = Field(
         0.0, ge=0, le=1, description="β_m of sampler=mixture: weight of the reference π_0's logits (0: the policy)."
@@ -499,9 +499,9 @@ class EvalConfig(_Section):
     max_tokens: int = Field(160, gt=0, description="Response token limit of both sides (cut responses are kept and counted).")
     judges: list[JudgeConfig] = Field(
         # the tiny preset's annotator: a rule-based Python judge, no extra model (set `judges: []` to drop it)
-        default_factory=lambda: [JudgeConfig(id="overlap", backend="python", function="pipeline.judges:overlap_judge")],
+        default_factory=lambda: [JudgeConfig(id="overlap", backend="python", function="pipeline.method.judges:overlap_judge")],
         description="AI annotators, as label.judges (empty vllm model: π_0, the same judge every round); each "
-        "compares policy and baseline in both orders. Default: pipeline.judges:overlap_judge.",
+        "compares policy and baseline in both orders. Default: pipeline.method.judges:overlap_judge.",
     )
     reward_model: str | None = Field(
         None, description="An annotator: a sequence-classification reward model; p = σ(r_policy − r_baseline)."
@@ -512,14 +512,14 @@ class EvalConfig(_Section):
     python_metric: str | None = Field(
         None,
         description="An annotator: 'module:function'(prompts, responses) -> list[float] scoring each response "
-        "(e.g. pipeline.toy:true_rewards); p = 1, ½ or 0 as the policy's score is above, equal or below. Runs your code.",
+        "(e.g. pipeline.run.toy:true_rewards); p = 1, ½ or 0 as the policy's score is above, equal or below. Runs your code.",
     )
     min_annotators: int = Field(1, ge=1, description="A row counts only when this many annotators answered it without failure.")
     length_unit: Literal["chars", "tokens"] = Field(
         "chars", description="Length in the LC fit: characters (as AlpacaEval) or tokens of the policy's tokenizer."
     )
     lc_l2: float = Field(
-        0.01, gt=0, description="λ: L2 weight on (θ, φ) in the LC fit; keeps separable preferences finite (pipeline/evaluation.py)."
+        0.01, gt=0, description="λ: L2 weight on (θ, φ) in the LC fit; keeps separable preferences finite (pipeline/method/evaluation.py)."
     )
     bootstrap: int = Field(1000, ge=0, description="Bootstrap replicates over prompts for the 95% intervals (0: none).")
     batch_size: int = Field(16, gt=0, description="Sequences per forward pass of the reward model and calls of the Python metric.")

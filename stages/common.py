@@ -6,14 +6,17 @@ import argparse
 import json
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from pipeline import rounds
-from pipeline.artifacts import ArtifactError, StagePlan, execute
+from pipeline.compute import launch
 from pipeline.config import ConfigError, RunConfig, load_config
-from pipeline.models import check_model
+from pipeline.data.artifacts import MANIFEST_DIR, ArtifactError, StagePlan, execute
+from pipeline.data.models import check_model
+from pipeline.run import rounds
 
 StageFn = Callable[[RunConfig, StagePlan], dict[str, Any]]
 
@@ -47,3 +50,22 @@ def main(stage: str, fn: StageFn, argv: list[str] | None = None) -> None:
     status = "skipped (already done)" if manifest["skipped"] else f"done in {manifest['duration_s']:.1f}s"
     print(f"dice {stage} round {args.round_}: {status}")
     print("DICE_STAGE_RESULT " + json.dumps({"stage": stage, "round": args.round_, "stats": manifest["stats"]}))
+
+
+def worker_main(stage: str, worker: launch.Worker, argv: list[str] | None = None) -> None:
+    """The entry point of one rank: `python -m stages.<stage> CONF --round K --worker JOB` (started by `run`)."""
+    ap = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=f"One rank of the {stage} stage.")
+    ap.add_argument("config")
+    ap.add_argument("--round", type=int, required=True, dest="round_")
+    ap.add_argument("--worker", required=True, metavar="JOB", help="the job file written by pipeline.compute.launch.run")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config)
+    plan = rounds.plan(cfg, args.round_, stage)
+    spec = json.loads(Path(args.worker).read_text())
+    try:
+        stats = worker(cfg, plan, **spec["job"])
+    except BaseException:  # record this rank's error for the launcher's message, then fail as usual
+        (plan.round_dir / MANIFEST_DIR / f"{stage}.rank{launch.rank()}.error").write_text(traceback.format_exc()[-4000:])
+        raise
+    if launch.rank() == 0:
+        Path(spec["stats_file"]).write_text(json.dumps(stats))

@@ -1,16 +1,16 @@
 """Stage `evaluate`: did the round help? π_k against a baseline on held-out prompts, judged, with a win rate and a
-length-controlled win rate (../shared/METHODS.md §8; the metrics are pipeline/evaluation.py).
+length-controlled win rate (../shared/METHODS.md §8; the metrics are pipeline/method/evaluation.py).
 
 Reads π_k (the model round k trained; round 0: π_0), the baseline — π_0 (`eval.baseline: initial`, the default),
 π_{k-1} (`previous`) or a file of reference outputs — the held-out prompts `eval.prompts`, and `data.prompts` and
-`data.offline` to refuse overlap. Writes `eval.parquet` (EVAL + per-annotator columns, pipeline/schemas.py) and
+`data.offline` to refuse overlap. Writes `eval.parquet` (EVAL + per-annotator columns, pipeline/data/schemas.py) and
 returns the metrics, which go into the round's manifest, `dice inspect`, the report and the flow's stopping rule.
 
 1. Prompts. The held-out file (its first `eval.max_prompts`), less every prompt whose text (whitespace collapsed)
    also appears in `data.prompts` or `data.offline`: those are refused and counted (`prompts_overlap`); none left
    is an error naming the files.
 2. Responses. `eval.num_samples` per prompt from each model with vLLM (`eval.temperature`, `top_p`, `max_tokens`;
-   temperature 0 is greedy), prompts rendered by `pipeline.logprobs.prompt_ids`. Prompt j's seed is
+   temperature 0 is greedy), prompts rendered by `pipeline.compute.logprobs.prompt_ids`. Prompt j's seed is
    `prompt_seed(run seed, EVAL_SEED_SLOT, prompt_id)` for every model and every round, so sample i of a prompt is
    compared with the baseline's sample i drawn with the same seed, and the baseline's responses are the same in
    every round. Each model's responses are cached in `<run>/eval-cache/<digest>.parquet` (`dice eval --out DIR`:
@@ -21,7 +21,7 @@ returns the metrics, which go into the round's manifest, `dice inspect`, the rep
    (else an error naming the file and the first prompt missing); each of the policy's samples is compared with it.
 3. Annotators, each giving P(policy ≻ baseline) per row: the judges of `eval.judges` (the backends of
    `label.judges`: a local model on vLLM, an OpenAI-compatible server, a Python function), asked in both orders with
-   the position bias cancelled (pipeline.judges.compare); the reward model (σ(r_policy − r_baseline)); the Python
+   the position bias cancelled (pipeline.method.judges.compare); the reward model (σ(r_policy − r_baseline)); the Python
    metric (1, ½ or 0 by comparing the two scores). A failed comparison is recorded per annotator (`error_<id>`),
    excluded and counted; an annotator that fails every comparison is an error naming it (never a silent ½).
    p̂ = the mean over the annotators that answered; rows with fewer than `eval.min_annotators` are excluded.
@@ -48,11 +48,18 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import evaluation, schemas
-from pipeline.artifacts import ArtifactError, StagePlan, fingerprint, read_parquet, write_parquet
 from pipeline.config import RunConfig
-from pipeline.chat import messages_column, prompts_of
-from pipeline.datasets import is_hub_dataset, prompt_texts, read_prompts, read_reference_outputs, text_key
+from pipeline.data import schemas
+from pipeline.data.artifacts import ArtifactError, StagePlan, fingerprint, read_parquet, write_parquet
+from pipeline.data.chat import messages_column, prompts_of
+from pipeline.data.datasets import (
+    is_hub_dataset,
+    prompt_texts,
+    read_prompts,
+    read_reference_outputs,
+    text_key,
+)
+from pipeline.method import evaluation
 
 # The "round" slot of stages.generate.prompt_seed for evaluation: no generate round is negative, so evaluation
 # seeds never coincide with a training round's, and they are the same in every round and for every model.
@@ -134,8 +141,8 @@ def model_responses(
             print(f"evaluate: cache {path} unreadable ({e}); generating again", file=sys.stderr)
     from vllm import SamplingParams, TokensPrompt
 
-    from pipeline.engine import make_llm
-    from pipeline.logprobs import prompt_ids
+    from pipeline.compute.engine import make_llm
+    from pipeline.compute.logprobs import prompt_ids
 
     ev, g = cfg.eval, cfg.generate
     tokenizer = _tokenizer(cfg, model)
@@ -192,8 +199,8 @@ def _by_prompt(table: pa.Table) -> dict[str, dict[int, dict[str, Any]]]:
 
 def _judges(cfg: RunConfig, plan: StagePlan) -> list[tuple[str, str | None, Any]]:
     """(id, vLLM model or None, factory(llm) -> judge) per judge, templates checked up front (label's twin)."""
-    from pipeline.judges import HttpJudge, PythonJudge, VllmJudge, load_template
-    from pipeline.rewards import load_callable
+    from pipeline.method.judges import HttpJudge, PythonJudge, VllmJudge, load_template
+    from pipeline.method.rewards import load_callable
 
     made: list[tuple[str, str | None, Any]] = []
     for i, (jid, j) in enumerate(zip(cfg.eval.annotator_ids(), cfg.eval.judges)):
@@ -211,7 +218,7 @@ def _judges(cfg: RunConfig, plan: StagePlan) -> list[tuple[str, str | None, Any]
         def local(llm: Any, jid: str = jid, j: Any = j, template: Any = template, model: str = model) -> Any:
             from transformers import AutoTokenizer
 
-            from pipeline.models import local_model
+            from pipeline.data.models import local_model
 
             tokenizer = AutoTokenizer.from_pretrained(local_model(model), trust_remote_code=cfg.eval.trust_remote_code)
             return VllmJudge(jid, j, template, llm, tokenizer, model)
@@ -221,7 +228,7 @@ def _judges(cfg: RunConfig, plan: StagePlan) -> list[tuple[str, str | None, Any]
 
 
 def _python_scores(cfg: RunConfig, prompts: list[str], responses: list[str]) -> np.ndarray:
-    from pipeline.rewards import load_callable
+    from pipeline.method.rewards import load_callable
 
     spec = str(cfg.eval.python_metric)
     fn = load_callable(spec, "eval.python_metric")
@@ -241,7 +248,7 @@ def _python_scores(cfg: RunConfig, prompts: list[str], responses: list[str]) -> 
 
 def _reward_scores(cfg: RunConfig, plan: StagePlan, prompts: list[str], texts: list[str]) -> np.ndarray:
     """The reward model's score of each (prompt, text) on its own encoding; NaN where the text is too long."""
-    from pipeline.rewards import check_format, load_reward_model, reward_model_ids, score_reward_model
+    from pipeline.method.rewards import check_format, load_reward_model, reward_model_ids, score_reward_model
 
     ev = cfg.eval
     check_format(ev.reward_model_format)
@@ -270,8 +277,8 @@ def annotate(
     Raises:
         ValueError: naming the annotator, when one fails on every row.
     """
-    from pipeline.engine import make_llm
-    from pipeline.judges import compare
+    from pipeline.compute.engine import make_llm
+    from pipeline.method.judges import compare
 
     ev, engines = cfg.eval, engines or {}
     ids = ev.annotator_ids()

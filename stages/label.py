@@ -1,11 +1,11 @@
 """Stage `label`: score every response.
 
 labeller = implicit_reward (DICE, ../shared/METHODS.md §1.2): r = β·[logp(π_{k-1}, x, y) − logp(π_{k-2}, x, y)],
-the current policy against its own reference, both scored over the same tokens (pipeline.logprobs.encode).
+the current policy against its own reference, both scored over the same tokens (pipeline.compute.logprobs.encode).
 labeller = python: the function named in `label.python_reward`, called on batches of (prompts, responses).
 labeller = reward_model: a sequence-classification model's score r, each text re-encoded with the reward
-model's own tokenizer and chat template (pipeline/rewards.py); pairs take p = σ(r_1 − r_2).
-labeller = judge (METHODS.md §6, pipeline/judges.py): every annotator in `label.judges` compares every pair of a
+model's own tokenizer and chat template (pipeline/method/rewards.py); pairs take p = σ(r_1 − r_2).
+labeller = judge (METHODS.md §6, pipeline/method/judges.py): every annotator in `label.judges` compares every pair of a
 prompt's responses that were not cut at the token limit, in both orders; p = ½(p_AB + 1 − p_BA) per annotator,
 p̂ = their mean, and the response's `reward` is its ranking score from p̂ (`label.ranking`). A failed comparison
 (timeout, HTTP error, unparseable output, missing log-probs, answer token absent) is retried where retryable,
@@ -32,19 +32,18 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import schemas
-from pipeline.artifacts import StagePlan, plan_digest, read_parquet, write_parquet
-from pipeline.chat import prompts_of
 from pipeline.config import RunConfig
-from pipeline.rewards import implicit_reward, load_reward_fn
-from pipeline.shards import Progress, Shards, assign, group_shards
-
+from pipeline.data import schemas
+from pipeline.data.artifacts import StagePlan, plan_digest, read_parquet, write_parquet
+from pipeline.data.chat import prompts_of
+from pipeline.data.shards import Progress, Shards, assign, group_shards
+from pipeline.method.rewards import implicit_reward, load_reward_fn
 
 # ---------------------------------------------------------------------------------------------- scoring, sharded
 # implicit_reward and reward_model score every response under a model. The responses are cut into shards of
 # `label.shard_size` whole prompts (a prompt's K responses together, so packing computes the prompt once), and
-# `label.num_processes` DeepSpeed ranks (pipeline.launch) each score every N-th missing shard, writing each as it
-# finishes (pipeline.shards); this process then reads the shards back in row order. The implicit reward scores
+# `label.num_processes` DeepSpeed ranks (pipeline.compute.launch) each score every N-th missing shard, writing each as it
+# finishes (pipeline.data.shards); this process then reads the shards back in row order. The implicit reward scores
 # every shard under π_{k-1}, then every shard under π_{k-2}: one model in memory at a time, two shard sets
 # (`label-policy`, `label-reference`), so a kill during the second model's pass keeps the first's.
 
@@ -61,9 +60,9 @@ def _preflight(cfg: RunConfig, plan: StagePlan) -> None:
     ZeRO-3 cannot shard."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from pipeline import zero3
-    from pipeline.logprobs import require_model
-    from pipeline.rewards import check_format, reward_model_ids
+    from pipeline.compute import zero3
+    from pipeline.compute.logprobs import require_model
+    from pipeline.method.rewards import check_format, reward_model_ids
 
     lab = cfg.label
     paths = {role: require_model(str(plan.inputs[role])) for role in _roles(cfg)}  # local folders (Hub: snapshots)
@@ -99,9 +98,9 @@ def _scorer(cfg: RunConfig, plan: StagePlan, role: str):
 
     The model is loaded whole on this rank's device, or (label.zero_stage 3) partitioned across the ranks; then every
     call is a collective and each rank must make the same calls (the worker pads with empty ones)."""
-    from pipeline import launch, zero3
-    from pipeline.logprobs import ResponseScorer, encode_many, load_causal_lm, score
-    from pipeline.rewards import load_reward_model, reward_model_ids, score_reward_model
+    from pipeline.compute import launch, zero3
+    from pipeline.compute.logprobs import ResponseScorer, encode_many, load_causal_lm, score
+    from pipeline.method.rewards import load_reward_model, reward_model_ids, score_reward_model
 
     lab, path, device = cfg.label, str(plan.inputs[role]), launch.device()
     if role == "reward_model":
@@ -137,7 +136,7 @@ def _scorer(cfg: RunConfig, plan: StagePlan, role: str):
 
 def _score_worker(cfg: RunConfig, plan: StagePlan, todo: dict[str, list[int]], digest: str) -> dict[str, Any]:
     """One rank: its share (every N-th) of the missing shards under each model in turn, each shard written as it ends."""
-    from pipeline import launch
+    from pipeline.compute import launch
 
     zero3 = cfg.label.zero_stage == 3
     if zero3:
@@ -184,7 +183,7 @@ def _score_worker(cfg: RunConfig, plan: StagePlan, todo: dict[str, list[int]], d
 
 def _sharded_scores(cfg: RunConfig, plan: StagePlan, table: pa.Table) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
     """Every response's score under each model of `_roles` (NaN where unscored), the too-long mask, and stats."""
-    from pipeline import launch
+    from pipeline.compute import launch
 
     lab = cfg.label
     n = launch.resolve_processes(lab.num_processes)
@@ -276,8 +275,8 @@ def _python_rewards(cfg: RunConfig, prompts: list[str], responses: list[str]) ->
 
 def _make_judges(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any]) -> list[tuple[str | None, Any]]:
     """(vLLM model or None, factory(llm) -> judge) per annotator, in config order; templates checked up front."""
-    from pipeline.judges import HttpJudge, PythonJudge, VllmJudge, load_template
-    from pipeline.rewards import load_callable
+    from pipeline.method.judges import HttpJudge, PythonJudge, VllmJudge, load_template
+    from pipeline.method.rewards import load_callable
 
     made: list[tuple[str | None, Any]] = []
     for i, (jid, j) in enumerate(zip(cfg.label.judge_ids(), cfg.label.judges)):
@@ -295,7 +294,7 @@ def _make_judges(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any]) -> li
         def local(llm: Any, jid: str = jid, j: Any = j, template: Any = template, model: str = model) -> Any:
             from transformers import AutoTokenizer
 
-            from pipeline.models import local_model
+            from pipeline.data.models import local_model
 
             tokenizer = AutoTokenizer.from_pretrained(local_model(model), trust_remote_code=cfg.label.trust_remote_code)
             return VllmJudge(jid, j, template, llm, tokenizer, model)
@@ -306,10 +305,10 @@ def _make_judges(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any]) -> li
 
 # ---------------------------------------------------------------------------------------------- judges, sharded
 # Judges compare every pair of a prompt's uncut responses. The prompts are cut into shards of `label.shard_size`
-# (pipeline.shards) and the annotators grouped by the engine they need: one group per local vLLM judge model, one
+# (pipeline.data.shards) and the annotators grouped by the engine they need: one group per local vLLM judge model, one
 # for python and http judges (no engine). Each group writes its own set of shards (`label-judges-<g>`: the group's
 # verdicts on the shard's comparisons). A vLLM group runs on `label.engine.data_parallel_size` engine processes
-# (pipeline.launch.engine_workers, each on its own tensor_parallel_size GPUs, as generate does), engine w taking
+# (pipeline.compute.launch.engine_workers, each on its own tensor_parallel_size GPUs, as generate does), engine w taking
 # missing shards w, w+N, ...; with one engine, and for the other group, the shards are judged in this process.
 
 VERDICTS = pa.schema([("comparison", pa.int64()), ("annotator", pa.int32()), ("p_ab", pa.float64()),
@@ -350,7 +349,7 @@ def _judge_shards(cfg: RunConfig, plan: StagePlan, g: int, shard_ids: list[int],
 
     llm: the group's engine (None for python/http judges). work / factories: `_comparisons` and `_make_judges` of
     the caller, when it has them (an engine process computes its own)."""
-    from pipeline.judges import compare
+    from pipeline.method.judges import compare
 
     if work is None:
         work = _comparisons(read_parquet(plan.inputs["responses"], schemas.RESPONSES), cfg.label.shard_size)
@@ -386,10 +385,10 @@ def _judge_labels(cfg: RunConfig, plan: StagePlan, table: pa.Table, engines: dic
     Returns:
         (rewards, label errors, the PREFERENCES table, stats).
     """
-    from pipeline import launch
+    from pipeline.compute import launch
+    from pipeline.compute.engine import make_llm
     from pipeline.config import save_config
-    from pipeline.engine import make_llm
-    from pipeline.judges import Comparison, bradley_terry, copeland
+    from pipeline.method.judges import Comparison, bradley_terry, copeland
 
     lab, k = cfg.label, plan.round
     work = _comparisons(table, lab.shard_size)
@@ -560,10 +559,10 @@ def _judge_engine_main(argv: list[str]) -> None:
     import argparse
     import os
 
-    from pipeline import rounds
-    from pipeline.artifacts import ArtifactError
+    from pipeline.compute.engine import make_llm
     from pipeline.config import ConfigError, load_config
-    from pipeline.engine import make_llm
+    from pipeline.data.artifacts import ArtifactError
+    from pipeline.run import rounds
 
     ap = argparse.ArgumentParser(prog="python -m stages.label", description="Judge some shards of one round.")
     ap.add_argument("config")
@@ -588,10 +587,10 @@ def _judge_engine_main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv:  # one rank of the scoring (pipeline.launch)
-        from pipeline import launch
+    if "--worker" in sys.argv:  # one rank of the scoring (pipeline.compute.launch)
+        from stages.common import worker_main
 
-        launch.worker_main("label", _score_worker)
+        worker_main("label", _score_worker)
     elif any(a == JUDGE_SHARDS or a.startswith(JUDGE_SHARDS + "=") for a in sys.argv):  # a judge engine process
         _judge_engine_main(sys.argv[1:])
     else:

@@ -7,7 +7,7 @@ Round k ≥ 1 (../shared/METHODS.md §1.3-1.5, §7), from `labels.parquet` (and,
   2. `pairs.strategy`:
      - best_worst (DICE): one pair per prompt, chosen = argmax, rejected = argmin of the score. Scalar rewards
        (implicit reward, reward model, python): s = r − α·len, α chosen so the mean chosen−rejected length gap
-       is ≈ 0 (pipeline/length.py: exactly on the gap(α) curve, or on the reference's grid with
+       is ≈ 0 (pipeline/method/length.py: exactly on the gap(α) curve, or on the reference's grid with
        `pairs.alpha_search: grid`). Judges: s = the ranking score (label.ranking), no α, and the pair's
        preference = p̂ of that comparison (as measured, so it can be below ½ where the direct comparison
        disagrees with the ranking);
@@ -38,11 +38,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import schemas
-from pipeline.artifacts import StagePlan, read_parquet, write_parquet
 from pipeline.config import RunConfig
-from pipeline.datasets import read_offline
-from pipeline.length import best_worst, replay_counts, search_alpha, search_alpha_exact
+from pipeline.data import schemas
+from pipeline.data.artifacts import StagePlan, read_parquet, write_parquet
+from pipeline.data.datasets import read_offline
+from pipeline.method.length import best_worst, replay_counts, search_alpha, search_alpha_exact
 
 # The LABELS columns pairs reads (the log-prob and bookkeeping columns are not needed).
 LABEL_COLUMNS = ["prompt_id", "prompt", "prompt_messages", "sample_idx", "response", "num_tokens", "num_chars", "finish_reason",

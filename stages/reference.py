@@ -2,15 +2,15 @@
 
 The reference of round k's training is π_{k-1}, the model training starts from (DICE §1.6; round 0: the
 initial policy). Training reads these numbers from `reference.parquet` instead of holding a second model
-in memory. Chosen and rejected are scored as one group per prompt (`reference.packing`, pipeline.packing:
+in memory. Chosen and rejected are scored as one group per prompt (`reference.packing`, pipeline.compute.packing:
 the prompt computed once, no padding; the same numbers as padded batches). Pairs whose prompt+response
 exceeds `model.max_length` tokens, or whose log-prob is not finite, are dropped and counted.
 
 Processes and resume: the pairs are cut into shards of `reference.shard_size` whole prompts (a prompt's pairs
-are never split), and `reference.num_processes` DeepSpeed ranks (pipeline.launch; 0: every visible GPU) each score
-every N-th missing shard, writing each as it finishes to `.dice/reference-shards/` (pipeline.shards). A killed
+are never split), and `reference.num_processes` DeepSpeed ranks (pipeline.compute.launch; 0: every visible GPU) each score
+every N-th missing shard, writing each as it finishes to `.dice/reference-shards/` (pipeline.data.shards). A killed
 stage run again scores only the missing shards, on any number of processes. `reference.zero_stage: 3` partitions
-the model's weights across the ranks (ZeRO-3 inference, pipeline/zero3.py) for a model larger than one GPU.
+the model's weights across the ranks (ZeRO-3 inference, pipeline/compute/zero3.py) for a model larger than one GPU.
 
 Writes `reference.parquet` (REFERENCE = PAIRS + token counts + `ref_chosen_logps`/`ref_rejected_logps`,
 TRL's column names: the file is a DPO dataset with precomputed reference log-probs for other trainers too).
@@ -28,11 +28,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import launch, schemas
-from pipeline.artifacts import StagePlan, plan_digest, read_parquet, write_parquet
-from pipeline.chat import prompts_of
+from pipeline.compute import launch
 from pipeline.config import RunConfig
-from pipeline.shards import Progress, Shards, assign, group_shards
+from pipeline.data import schemas
+from pipeline.data.artifacts import StagePlan, plan_digest, read_parquet, write_parquet
+from pipeline.data.chat import prompts_of
+from pipeline.data.shards import Progress, Shards, assign, group_shards
 
 # A shard's rows: the pair's row in pairs.parquet, its response token counts, reference log-probs and whether it fits.
 SCORES = pa.schema([("row", pa.int64()), ("chosen_tokens", pa.int32()), ("rejected_tokens", pa.int32()),
@@ -51,9 +52,9 @@ def _pairs_by_shard(cfg: RunConfig, plan: StagePlan) -> tuple[pa.Table, list[np.
 
 
 def _encode_pairs(tokenizer, texts: pa.Table, idx: np.ndarray, max_length: int):
-    """(chosen encodings, rejected encodings, fits mask) of the pairs `idx` (pipeline.logprobs.encode); only
+    """(chosen encodings, rejected encodings, fits mask) of the pairs `idx` (pipeline.compute.logprobs.encode); only
     these pairs' texts become Python strings."""
-    from pipeline.logprobs import encode_many
+    from pipeline.compute.logprobs import encode_many
 
     taken = texts.take(idx)
     part, prompts = taken.to_pydict(), prompts_of(taken)  # the conversation where the pair has one
@@ -65,8 +66,8 @@ def _encode_pairs(tokenizer, texts: pa.Table, idx: np.ndarray, max_length: int):
 
 def _score_worker(cfg: RunConfig, plan: StagePlan, todo: list[int], digest: str) -> dict[str, Any]:
     """One rank: its share (every N-th) of the missing shards, each shard written as it ends."""
-    from pipeline import zero3
-    from pipeline.logprobs import ResponseScorer, load_causal_lm, score
+    from pipeline.compute import zero3
+    from pipeline.compute.logprobs import ResponseScorer, load_causal_lm, score
 
     ref = cfg.reference
     if ref.zero_stage == 3:
@@ -113,8 +114,8 @@ def _score_worker(cfg: RunConfig, plan: StagePlan, todo: list[int], digest: str)
 
 def _preflight(cfg: RunConfig, plan: StagePlan) -> None:
     """Fail before any process starts: a missing model, or one ZeRO-3 cannot shard."""
-    from pipeline import zero3
-    from pipeline.logprobs import require_model
+    from pipeline.compute import zero3
+    from pipeline.compute.logprobs import require_model
 
     path = str(plan.inputs["reference"])
     require_model(path)
@@ -181,8 +182,10 @@ def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv:  # one rank of the scoring (pipeline.launch)
-        launch.worker_main("reference", _score_worker)
+    if "--worker" in sys.argv:  # one rank of the scoring (pipeline.compute.launch)
+        from stages.common import worker_main
+
+        worker_main("reference", _score_worker)
     else:
         from stages.common import main
 

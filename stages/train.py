@@ -7,7 +7,7 @@ per-step metrics (`train_metrics.parquet`, TRAIN_METRICS).
 Chosen and rejected responses of a micro-batch go through the model in one forward pass. By default
 (`train.packing`) that pass is one padding-free row in which each pair is [prompt | chosen | rejected]: the
 prompt is computed once, rejected attends to the prompt and to itself only, and the LM head runs only where a
-response token is predicted (pipeline.packing; exact, the same numbers as the padded pass). Models packing
+response token is predicted (pipeline.compute.packing; exact, the same numbers as the padded pass). Models packing
 cannot handle take padded micro-batches. Batches are length-grouped (pairs of similar length share a
 micro-batch), which also keeps the padded path's padding low. The data order
 is a seeded permutation; a global batch is split evenly across processes and micro-batches, so 1 and N
@@ -15,7 +15,7 @@ processes see the same global batches. A global batch that runs short at the end
 around to the start, so every pair is trained on.
 
 Processes: `train.num_processes = 1` trains in this process; N > 1 runs N ranks of this module under the
-DeepSpeed launcher (pipeline.launch, shared with the scoring stages: gloo on CPU, NCCL on GPU, a free master
+DeepSpeed launcher (pipeline.compute.launch, shared with the scoring stages: gloo on CPU, NCCL on GPU, a free master
 port, `train.hostfile` for several nodes), and every rank's output appears in this process's output.
 
     python -m stages.train conf/tiny.yaml --round 1
@@ -35,10 +35,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import launch, schemas
-from pipeline.artifacts import StagePlan, plan_digest, read_parquet, replace_dir, write_json_atomic, write_parquet
+from pipeline.compute import launch
 from pipeline.config import LossType, RunConfig
-
+from pipeline.data import schemas
+from pipeline.data.artifacts import (
+    StagePlan,
+    plan_digest,
+    read_parquet,
+    replace_dir,
+    write_json_atomic,
+    write_parquet,
+)
 
 # ---------------------------------------------------------------------------------------------- data
 
@@ -54,9 +61,9 @@ def load_pairs(path: Path, tokenizer, cfg: RunConfig) -> tuple[list[dict[str, An
     """
     import torch
 
-    from pipeline.chat import prompts_of, with_prefix
-    from pipeline.logprobs import encode_many
-    from pipeline.losses import SR_QUALITY_PREFIX, smooth_preference
+    from pipeline.compute.logprobs import encode_many
+    from pipeline.data.chat import prompts_of, with_prefix
+    from pipeline.method.losses import SR_QUALITY_PREFIX, smooth_preference
 
     t = cfg.train
     table = read_parquet(path, schemas.REFERENCE)
@@ -268,9 +275,9 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
-    from pipeline.logprobs import ResponseScorer, collate, require_model
-    from pipeline.losses import preference_loss, refinement_delta
-    from pipeline.packing import enable_packing, pack
+    from pipeline.compute.logprobs import ResponseScorer, collate, require_model
+    from pipeline.compute.packing import enable_packing, pack
+    from pipeline.method.losses import preference_loss, refinement_delta
 
     on_gpu = torch.cuda.is_available()
     launch.init_distributed()
@@ -294,7 +301,7 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
         trust_remote_code=cfg.model.trust_remote_code,
         use_safetensors=True,
     )
-    # Packed micro-batches (pipeline.packing): one padding-free row, each pair as [prompt | chosen | rejected].
+    # Packed micro-batches (pipeline.compute.packing): one padding-free row, each pair as [prompt | chosen | rejected].
     unpackable = enable_packing(model, cfg.model.max_length) if t.packing else "train.packing is off"
     if rank == 0 and t.packing and unpackable:
         print(f"train round {plan.round}: padded micro-batches ({unpackable})", flush=True)
@@ -447,7 +454,7 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
 
 
 def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
-    """Train in this process (1 process) or on N DeepSpeed ranks (pipeline.launch)."""
+    """Train in this process (1 process) or on N DeepSpeed ranks (pipeline.compute.launch)."""
     n, hostfile = cfg.train.num_processes, cfg.train.hostfile
     launch.check(n, hostfile, "train.num_processes")
     return launch.run("train", cfg, plan, n, train_worker, hostfile=hostfile, what="training")
@@ -455,7 +462,9 @@ def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
-        launch.worker_main("train", train_worker)
+        from stages.common import worker_main
+
+        worker_main("train", train_worker)
     else:
         from stages.common import main
 

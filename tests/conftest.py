@@ -33,7 +33,7 @@ def repo() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """The tiny chat model, built from the shipped data (shorter supervised pass than the preset's)."""
-    from pipeline.tiny import TinySpec, build_tiny_model
+    from pipeline.run.tiny import TinySpec, build_tiny_model
 
     data, spec = [REPO / "data/prompts.jsonl", REPO / "data/offline_prefs.jsonl"], TinySpec(sft_steps=150)
     cache = os.environ.get("DICE_TEST_MODEL_CACHE")  # developers' loop: reuse a model built from the same inputs
@@ -41,7 +41,7 @@ def tiny_model(tmp_path_factory) -> Path:
         import hashlib
         import shutil
 
-        h = hashlib.sha256((REPO / "pipeline/tiny.py").read_bytes() + repr(spec).encode())
+        h = hashlib.sha256((REPO / "pipeline/run/tiny.py").read_bytes() + repr(spec).encode())
         for f in data:
             h.update(f.read_bytes())
         path = Path(cache) / h.hexdigest()[:16] / "tiny"
@@ -85,8 +85,8 @@ def make_config(tmp_path, tiny_model):
 @pytest.fixture(scope="session")
 def llm(tiny_model):
     """One in-process vLLM engine on the tiny model for the whole session."""
+    from pipeline.compute.engine import make_llm
     from pipeline.config import EngineConfig
-    from pipeline.engine import make_llm
 
     engine = make_llm(str(tiny_model), EngineConfig(), dtype="float32", seed=0, trust_remote_code=False)
     yield engine
@@ -190,7 +190,7 @@ def offline_hub(tmp_path, monkeypatch):
     """A local Hugging Face cache with the Hub unreachable (HF_HUB_OFFLINE), for this process and its children."""
     import huggingface_hub.constants as hf
 
-    import pipeline.models
+    import pipeline.data.models
 
     cache = tmp_path / "hf-hub"
     cache.mkdir()
@@ -198,5 +198,5 @@ def offline_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(pipeline.models, "_resolved", {})
+    monkeypatch.setattr(pipeline.data.models, "_resolved", {})
     return cache

@@ -1,4 +1,4 @@
-"""pipeline/artifacts.py: atomic Parquet I/O, fingerprints, manifest-last stage execution, the run lock."""
+"""pipeline/data/artifacts.py: atomic Parquet I/O, fingerprints, manifest-last stage execution, the run lock."""
 
 import json
 import os
@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline.artifacts as artifacts
-from pipeline.artifacts import (
+import pipeline.data.artifacts as artifacts
+from pipeline.data.artifacts import (
     ArtifactError,
     RunLocked,
     StagePlan,
@@ -345,9 +345,9 @@ def test_a_hub_input_is_fingerprinted_by_its_commit(tmp_path, monkeypatch, offli
     assert m["inputs"]["model"] == {"path": "org/tiny", "fingerprint": f"hub:{first}", "revision": first}
     assert execute(plan, fn)["skipped"] is True
     moved = hub_repo(offline_hub, "org/tiny", tiny_model, commit="2" * 40)  # main now points elsewhere
-    import pipeline.models
+    import pipeline.data.models
 
-    pipeline.models._resolved.clear()  # a new process would resolve again
+    pipeline.data.models._resolved.clear()  # a new process would resolve again
     m = execute(plan, fn)
     assert m["skipped"] is False and m["inputs"]["model"]["revision"] == moved and fn.calls == 2
     pinned = make_plan(tmp_path, inputs={"src": src, "model": f"org/tiny@{first}"})  # model.revision pins it
@@ -381,7 +381,7 @@ def test_failing_rerun_removes_the_stale_manifest(tmp_path):
 
 TRY_LOCK = """
 import sys
-from pipeline.artifacts import run_lock, RunLocked
+from pipeline.data.artifacts import run_lock, RunLocked
 try:
     with run_lock(sys.argv[1]):
         print("ACQUIRED")

@@ -224,8 +224,8 @@ def test_python_labeller_needs_python_reward(tmp_path):
         load_config(p)
     msg = str(e.value)
     assert str(p) in msg and "label.python_reward" in msg
-    cfg = load_config(p, ["label.python_reward=pipeline.rewards:prompt_coverage"])
-    assert cfg.label.python_reward == "pipeline.rewards:prompt_coverage"
+    cfg = load_config(p, ["label.python_reward=pipeline.method.rewards:prompt_coverage"])
+    assert cfg.label.python_reward == "pipeline.method.rewards:prompt_coverage"
 
 
 def test_closed_choices_are_checked(tmp_path):

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import rounds
-from pipeline.artifacts import ArtifactError, execute, read_manifest
 from pipeline.config import DataSource, load_config
+from pipeline.data.artifacts import ArtifactError, execute, read_manifest
+from pipeline.run import rounds
 from tests.conftest import BIN, REPO, hub_repo
 
 SYSTEM = "You are a concise assistant. Answer in one paragraph."
@@ -102,8 +102,8 @@ def conversational_round(tmp_path_factory, tiny_model, perturbed_model, ufb_fold
 def test_multi_turn_prompts_reach_every_model(conversational_round, tiny_model):
     """The whole conversation, system message included, under the chat template: in generation (the engine's
     prompt), in the implicit reward's scoring and in the reference log-probs."""
-    from pipeline.chat import prompts_of
-    from pipeline.logprobs import encode, load_causal_lm, score
+    from pipeline.compute.logprobs import encode, load_causal_lm, score
+    from pipeline.data.chat import prompts_of
 
     cfg, rd = conversational_round
     labels = pq.read_table(rd / "labels.parquet")
@@ -228,7 +228,7 @@ B = {"role": "assistant", "content": "No idea."}
     ],
 )
 def test_bad_conversations_name_the_row(tmp_path, row, message):
-    from pipeline.datasets import read_offline
+    from pipeline.data.datasets import read_offline
 
     with pytest.raises(ArtifactError, match=message.replace("(", r"\(").replace(")", r"\)")):
         read_offline(_offline_file(tmp_path, [row]))
@@ -237,7 +237,7 @@ def test_bad_conversations_name_the_row(tmp_path, row, message):
 def test_bad_sources_name_the_split_and_columns(ufb_folder, tmp_path):
     from datasets import Dataset, DatasetDict
 
-    from pipeline.datasets import read_offline, read_prompts
+    from pipeline.data.datasets import read_offline, read_prompts
 
     with pytest.raises(ArtifactError, match=r"no split 'train'; the splits are test_prefs, train_prefs"):
         read_offline(DataSource(path=str(ufb_folder), split="train"))
@@ -258,7 +258,7 @@ def test_bad_sources_name_the_split_and_columns(ufb_folder, tmp_path):
 
 
 def test_a_hub_dataset_not_in_the_cache_is_a_clear_error(offline_hub):
-    from pipeline.datasets import read_prompts
+    from pipeline.data.datasets import read_prompts
 
     with pytest.raises(ValueError, match=r"dice-test/absent: not in the local Hugging Face cache and the Hub cannot be reached"):
         read_prompts(DataSource(path="dice-test/absent", split="train"))
@@ -269,7 +269,7 @@ def test_encode_many_is_encode(tiny_model):
     included (each distinct prompt rendered once)."""
     from transformers import AutoTokenizer
 
-    from pipeline.logprobs import encode, encode_many
+    from pipeline.compute.logprobs import encode, encode_many
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     rows = _shipped("offline_prefs.jsonl")[:40]

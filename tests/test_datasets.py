@@ -1,4 +1,4 @@
-"""pipeline/datasets.py: the user's prompts and offline preferences, JSONL or Parquet, with file- and line-level errors."""
+"""pipeline/data/datasets.py: the user's prompts and offline preferences, JSONL or Parquet, with file- and line-level errors."""
 
 import json
 
@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import schemas
-from pipeline.artifacts import ArtifactError
-from pipeline.datasets import read_offline, read_prompts
+from pipeline.data import schemas
+from pipeline.data.artifacts import ArtifactError
+from pipeline.data.datasets import read_offline, read_prompts
 
 
 def jsonl(tmp_path, lines, name="data.jsonl"):

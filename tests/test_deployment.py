@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from pipeline import rounds
 from pipeline.config import save_config
+from pipeline.run import rounds
 from tests.conftest import BIN, REPO, stop, tiny_config, wait_for
 
 

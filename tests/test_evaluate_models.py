@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import rounds
 from pipeline.config import RunConfig
+from pipeline.run import rounds
 from stages import evaluate
 from tests.conftest import REPO
 
@@ -31,7 +31,7 @@ def _dice_eval(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def test_dice_eval_two_model_folders_then_a_reference_file(tmp_path, tiny_model, perturbed_model):
     out = tmp_path / "out"
     common = ["--model", str(perturbed_model), "--out", str(out), "eval.max_prompts=8",
-              "eval.python_metric=pipeline.rewards:prompt_coverage"]  # fmt: skip
+              "eval.python_metric=pipeline.method.rewards:prompt_coverage"]  # fmt: skip
     done = _dice_eval(tmp_path, *common, "--baseline", str(tiny_model))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ev = pd.read_parquet(out / "eval.parquet")
@@ -79,7 +79,7 @@ def test_dice_eval_bad_input_is_one_line_naming_the_file(tmp_path, tiny_model):
 def test_a_local_vllm_judge_annotates_rows_in_both_orders(llm, tiny_model, tmp_path):
     """eval.judges with backend vllm: an empty model is π_0 (here the tiny model, round0.mode=skip), served by the
     engine passed in; p is the symmetrised answer, so swapping policy and baseline gives 1 − p."""
-    from pipeline.judges import VllmJudge, compare, load_template
+    from pipeline.method.judges import VllmJudge, compare, load_template
 
     cfg = RunConfig.model_validate({"runs_dir": str(tmp_path), "round0": {"mode": "skip"},
                                     "model": {"policy": str(tiny_model)},

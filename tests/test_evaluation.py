@@ -1,4 +1,4 @@
-"""Layers 1-3 for evaluation (pipeline/evaluation.py, EvalConfig, the evaluate plan, the annotators of
+"""Layers 1-3 for evaluation (pipeline/method/evaluation.py, EvalConfig, the evaluate plan, the annotators of
 stages/evaluate.py on given responses): hand-checked win rates and intervals, the length-controlled win rate's
 defining properties on synthetic judges, agreement, the stopping rule, and bad input. No engine is started here:
 tests/test_flow_e2e.py runs the stage in the real flow and `dice eval` on two real models."""
@@ -11,10 +11,11 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import evaluation, rounds
-from pipeline.artifacts import ArtifactError
 from pipeline.config import ConfigError, RunConfig, load_config
-from pipeline.datasets import prompt_texts, read_reference_outputs, text_key
+from pipeline.data.artifacts import ArtifactError
+from pipeline.data.datasets import prompt_texts, read_reference_outputs, text_key
+from pipeline.method import evaluation
+from pipeline.run import rounds
 from stages import evaluate
 
 from .conftest import REPO
@@ -225,7 +226,7 @@ def test_evaluate_is_the_last_stage_where_it_compares_two_things(tmp_path):
 def test_evaluate_plan_inputs_change_with_judges_and_baseline(tmp_path):
     """What re-runs the stage: its plan's inputs and config. The baseline model (π_0 / π_{k-1}) and every judge's
     model and template are inputs; the stopping rule is not (changing it must not re-evaluate)."""
-    from pipeline.artifacts import plan_digest
+    from pipeline.data.artifacts import plan_digest
 
     cfg = _cfg(tmp_path, judges=[{"id": "local", "backend": "vllm"}])
     plan = rounds.plan(cfg, 2, "evaluate")
@@ -320,7 +321,7 @@ def prefers_longer(prompt: str, a: str, b: str) -> float:
 def test_annotators_on_given_rows(tmp_path):
     """Python judges (both orders, symmetrised) and the Python metric (compared scalars) on three rows."""
     cfg = _cfg(tmp_path, judges=[{"id": "long", "backend": "python", "function": "tests.test_evaluation:prefers_longer"}],
-               python_metric="pipeline.rewards:prompt_coverage")  # fmt: skip
+               python_metric="pipeline.method.rewards:prompt_coverage")  # fmt: skip
     plan = rounds.plan(cfg, 1, "evaluate")
     prompts = ["Name a red fruit", "Name a red fruit", "Describe winter weather"]
     policy = ["A red fruit: cherry, a fruit that is red", "x", "winter"]

@@ -21,8 +21,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import rounds
 from pipeline.config import save_config
+from pipeline.run import rounds
 from tests.conftest import REPO, tiny_config
 
 DICE = str(Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "dice")
@@ -63,9 +63,9 @@ def _manifests(run_dir: Path) -> dict[str, str]:
 # Two simulated judges (one noisy) and a Python metric: annotator agreement and every annotator kind but the model ones
 EVAL = {
     "eval.enabled": "true", "eval.prompts": str(REPO / "data/eval_prompts.jsonl"), "eval.max_prompts": 16,
-    "eval.judges": "[{id: overlap, backend: python, function: 'pipeline.judges:overlap_judge'}, "
-                   "{id: noisy, backend: python, function: 'pipeline.judges:overlap_judge', options: {noise: 1.0, seed: 1}}]",
-    "eval.python_metric": "pipeline.rewards:prompt_coverage", "eval.bootstrap": 200,
+    "eval.judges": "[{id: overlap, backend: python, function: 'pipeline.method.judges:overlap_judge'}, "
+                   "{id: noisy, backend: python, function: 'pipeline.method.judges:overlap_judge', options: {noise: 1.0, seed: 1}}]",
+    "eval.python_metric": "pipeline.method.rewards:prompt_coverage", "eval.bootstrap": 200,
 }  # fmt: skip
 
 
@@ -180,7 +180,7 @@ def test_inspect(run):
 
 
 def test_second_run_on_same_folder_is_refused(run, tmp_path):
-    from pipeline.artifacts import run_lock
+    from pipeline.data.artifacts import run_lock
 
     with run_lock(run["cfg"].run_dir):
         out = subprocess.run([DICE, "run", str(run["conf"])], cwd=REPO, env=run["env"], capture_output=True, text=True,
@@ -339,7 +339,7 @@ def test_every_round_is_evaluated_against_pi0(run):
 def test_evaluate_reruns_only_when_its_judges_or_baseline_change(run):
     """The stage's plan fingerprints what decides its result: the same config is done; other judges or another
     baseline are not (the flow would run the stage again); the stopping rule is the flow's and changes nothing."""
-    from pipeline.artifacts import is_done
+    from pipeline.data.artifacts import is_done
 
     cfg = run["cfg"]
     assert is_done(rounds.plan(cfg, 2, "evaluate"))
@@ -399,7 +399,7 @@ def test_dice_eval_on_a_round_reuses_the_stage(run):
     assert "already done, skipped" in done.stdout and f"{st['lc_win_rate']:.3f}" in done.stdout
     none = subprocess.run([DICE, "eval", str(cfg.run_dir), "--round", "0"], cwd=REPO, capture_output=True, text=True, env=env)
     assert none.returncode == 2 and "round 0 has nothing to evaluate" in none.stderr
-    judge = "eval.judges=[{id: overlap, backend: python, function: 'pipeline.judges:overlap_judge'}]"
+    judge = "eval.judges=[{id: overlap, backend: python, function: 'pipeline.method.judges:overlap_judge'}]"
     again = subprocess.run([DICE, "eval", str(cfg.run_dir), "--round", "2", judge], cwd=REPO, capture_output=True,
                            text=True, env=env)  # fmt: skip
     assert again.returncode == 0, again.stderr

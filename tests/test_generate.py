@@ -14,9 +14,10 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import rounds, schemas
-from pipeline.artifacts import ArtifactError, execute, read_parquet
 from pipeline.config import save_config
+from pipeline.data import schemas
+from pipeline.data.artifacts import ArtifactError, execute, read_parquet
+from pipeline.run import rounds
 from stages import generate
 from tests.conftest import REPO
 
@@ -92,8 +93,8 @@ def test_shards_of_another_config_are_not_reused(make_config, llm):
 def test_prompts_too_long_dropped_and_counted(make_config, llm, tmp_path):
     from transformers import AutoTokenizer
 
-    from pipeline.datasets import read_prompts
-    from pipeline.logprobs import prompt_ids
+    from pipeline.compute.logprobs import prompt_ids
+    from pipeline.data.datasets import read_prompts
 
     cfg = make_config(**{"round0.mode": "skip", "generate.shard_size": 4})
     tok = AutoTokenizer.from_pretrained(cfg.model.policy)
@@ -133,13 +134,13 @@ def test_empty_prompt_file_and_a_model_vllm_cannot_load(make_config, tmp_path, t
 
 RELEASE_CHECK = """
 import gc, json, sys, weakref
-import pipeline.engine
-from pipeline import rounds
-from pipeline.artifacts import execute
+import pipeline.compute.engine
+from pipeline.run import rounds
+from pipeline.data.artifacts import execute
 from pipeline.config import load_config
 from stages import generate
 
-started, make_llm = [], pipeline.engine.make_llm
+started, make_llm = [], pipeline.compute.engine.make_llm
 
 def track(llm):
     started.append(weakref.ref(llm))
@@ -149,7 +150,7 @@ def recording_make_llm(*args, **kwargs):  # the real engine; only a weak referen
     # no local variable for the engine here: vLLM keeps a traceback through this frame from its start-up
     return track(make_llm(*args, **kwargs))
 
-pipeline.engine.make_llm = recording_make_llm
+pipeline.compute.engine.make_llm = recording_make_llm
 cfg = load_config(sys.argv[1])
 plan = rounds.plan(cfg, 1, "generate")
 stats = execute(plan, lambda: generate.run(cfg, plan))["stats"]

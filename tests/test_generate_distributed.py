@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import subprocess
 
-from pipeline import rounds, schemas
-from pipeline.artifacts import execute, read_parquet
 from pipeline.config import save_config
+from pipeline.data import schemas
+from pipeline.data.artifacts import execute, read_parquet
+from pipeline.run import rounds
 from stages import generate
 from tests.conftest import BIN, REPO, stop, tiny_config
 

@@ -7,9 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import rounds, schemas
-from pipeline.artifacts import execute, read_parquet
-from pipeline.logprobs import encode, score
+from pipeline.compute.logprobs import encode, score
+from pipeline.data import schemas
+from pipeline.data.artifacts import execute, read_parquet
+from pipeline.run import rounds
 from stages import generate, label
 
 
@@ -39,7 +40,7 @@ def test_generate_k_samples_per_prompt_seeded(make_config, llm, tmp_path):
     again = _generate(cfg.model_copy(update={"runs_dir": str(tmp_path / "other")}), llm).to_pandas()
     assert again.response.tolist() == table.response.tolist()
     # the next round takes the next, disjoint slice of prompts
-    from pipeline.datasets import read_prompts
+    from pipeline.data.datasets import read_prompts
 
     round2 = generate.select_prompts(read_prompts(cfg.data.prompts), 2, cfg.data.prompts_per_round)
     assert round2.num_rows == cfg.data.prompts_per_round
@@ -51,7 +52,7 @@ def test_scoring_matches_vllm_sampler_logprobs(llm, tiny_model):
     cumulative log-prob of each sample: the same model, two independent implementations."""
     from vllm import SamplingParams, TokensPrompt
 
-    from pipeline.logprobs import prompt_ids
+    from pipeline.compute.logprobs import prompt_ids
 
     model, tok = _model_and_tokenizer(tiny_model)
     prompts = ["Explain why the sky is blue.", "Write a haiku about rain.", "What is 12 times 7?"]
@@ -93,10 +94,10 @@ def test_label_implicit_reward(make_config, llm, tiny_model, perturbed_model):
 
 
 def test_label_python_reward_and_too_long(make_config, llm):
-    from pipeline.rewards import prompt_coverage
+    from pipeline.method.rewards import prompt_coverage
 
     cfg = make_config(
-        **{"round0.mode": "skip", "label.labeller": "python", "label.python_reward": "pipeline.rewards:prompt_coverage"}
+        **{"round0.mode": "skip", "label.labeller": "python", "label.python_reward": "pipeline.method.rewards:prompt_coverage"}
     )
     _generate(cfg, llm)
     plan = rounds.plan(cfg, 1, "label")

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import rounds
-from pipeline.artifacts import execute
 from pipeline.config import save_config
+from pipeline.data.artifacts import execute
+from pipeline.run import rounds
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,7 +25,7 @@ pytestmark = [
 def test_cuda_vllm_generate_and_score(make_config, perturbed_model, tiny_model):
     """The generate stage on CUDA vLLM (bf16) and the label stage's implicit rewards on the GPU, checked against a
     float32 CPU scoring of the same texts: a broken GPU path (wrong logits, wrong masking) cannot pass."""
-    from pipeline.logprobs import encode, load_causal_lm, score
+    from pipeline.compute.logprobs import encode, load_causal_lm, score
     from stages import generate, label
 
     cfg = make_config(**{"round0.mode": "skip", "model.reference": str(perturbed_model),

@@ -1,4 +1,4 @@
-"""AI annotators (pipeline/judges.py) without a model: templates, the soft-probability arithmetic, response parsing,
+"""AI annotators (pipeline/method/judges.py) without a model: templates, the soft-probability arithmetic, response parsing,
 rankings, and the HTTP backend against a real threaded HTTP server of our own that answers in the OpenAI format
 and fails or times out on a fraction of requests. The label stage runs for real on hand-made responses."""
 
@@ -17,10 +17,10 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from pipeline import rounds, schemas
-from pipeline.artifacts import execute, write_parquet
 from pipeline.config import ConfigError, JudgeConfig, RunConfig
-from pipeline.judges import (
+from pipeline.data import schemas
+from pipeline.data.artifacts import execute, write_parquet
+from pipeline.method.judges import (
     HttpJudge,
     JudgeFailure,
     PythonJudge,
@@ -33,7 +33,8 @@ from pipeline.judges import (
     parse_completion,
     symmetrise,
 )
-from pipeline.report import round_summary
+from pipeline.run import rounds
+from pipeline.run.report import round_summary
 from stages import label, pairs
 
 AB = ("A", "B")

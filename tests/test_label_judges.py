@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import rounds
-from pipeline.artifacts import execute
 from pipeline.config import JudgeConfig, RunConfig
-from pipeline.judges import HttpJudge, VllmJudge, bradley_terry, compare, load_template
+from pipeline.data.artifacts import execute
+from pipeline.method.judges import HttpJudge, VllmJudge, bradley_terry, compare, load_template
+from pipeline.run import rounds
 from stages import label, pairs
 from tests.conftest import free_port, stop, wait_for
 from tests.test_judges import write_responses
@@ -132,7 +132,7 @@ def _judge_cfg(tmp_path, tiny_model, strategy="best_worst", **label_kw) -> RunCo
         {
             "id": "overlap",
             "backend": "python",
-            "function": "pipeline.judges:overlap_judge",
+            "function": "pipeline.method.judges:overlap_judge",
             "options": {"noise": 0.5},
         },
     ]

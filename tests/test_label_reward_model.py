@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import rounds
-from pipeline.artifacts import execute
 from pipeline.config import RunConfig
-from pipeline.rewards import load_reward_model, reward_model_ids, score_reward_model
+from pipeline.data.artifacts import execute
+from pipeline.method.rewards import load_reward_model, reward_model_ids, score_reward_model
+from pipeline.run import rounds
 from stages import label, pairs
 from tests.conftest import REPO
 from tests.test_judges import write_responses
@@ -35,7 +35,7 @@ def _build_rm(
     """A random 2-layer Llama sequence classifier with its own BPE tokenizer (trained here, `vocab_size` tokens)."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from pipeline.tiny import build_tokenizer
+    from pipeline.run.tiny import build_tokenizer
 
     texts = [
         json.loads(line)["prompt"] for line in (REPO / "data/prompts.jsonl").read_text().splitlines() if line

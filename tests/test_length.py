@@ -1,4 +1,4 @@
-"""Layer 3 for pipeline/length.py: best-vs-worst with length debiasing, the α sweep, experience-replay counts.
+"""Layer 3 for pipeline/method/length.py: best-vs-worst with length debiasing, the α sweep, experience-replay counts.
 
 METHODS.md §1.4-1.5. Tables in, tables out, one comment per row.
 """
@@ -9,8 +9,8 @@ from math import floor
 import numpy as np
 import pytest
 
-import pipeline.length as length_mod
-from pipeline.length import best_worst, replay_counts, search_alpha, search_alpha_exact
+import pipeline.method.length as length_mod
+from pipeline.method.length import best_worst, replay_counts, search_alpha, search_alpha_exact
 
 nan = np.nan
 

@@ -1,4 +1,4 @@
-"""Layers 1-2 for the preference losses (pipeline/losses.py) and the implicit reward (pipeline/rewards.py).
+"""Layers 1-2 for the preference losses (pipeline/method/losses.py) and the implicit reward (pipeline/method/rewards.py).
 
 METHODS.md §5: DPO (sigmoid) −log σ(β·h); conservative DPO −(1−ε)·log σ(β·h) − ε·log σ(−β·h), with
 h = [logπ(y_w) − logπ_ref(y_w)] − [logπ(y_l) − logπ_ref(y_l)].  §1.2: r = β·(logπ − logπ_ref).
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.config import LossType, TrainConfig
-from pipeline.losses import (
+from pipeline.method.losses import (
     SR_QUALITY_PREFIX,
     dpo_loss,
     ipo_loss,
@@ -26,7 +26,7 @@ from pipeline.losses import (
     sr_dpo_loss,
     sr_ipo_loss,
 )
-from pipeline.rewards import implicit_reward
+from pipeline.method.rewards import implicit_reward
 
 
 def t(*values):

@@ -1,4 +1,4 @@
-"""IPO-MD's geometric-mixture sampler (pipeline/mixture.py) on two different tiny models: its next-token
+"""IPO-MD's geometric-mixture sampler (pipeline/method/mixture.py) on two different tiny models: its next-token
 distribution is the normalised geometric mixture of both models' logits, β = 0 / β = 1 are the policy / the
 reference, sampling is exactly the temperature/top-p distribution, and seeds fix the samples."""
 
@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import rounds, schemas
-from pipeline.artifacts import execute, read_parquet
-from pipeline.mixture import (
+from pipeline.data import schemas
+from pipeline.data.artifacts import execute, read_parquet
+from pipeline.method.mixture import (
     MixtureSampler,
     mixture_logprobs,
     naive_mixture_generate,
     sample_tokens,
     sampling_probs,
 )
+from pipeline.run import rounds
 from stages import generate
 
 from .conftest import perturbed_copy
@@ -47,7 +48,7 @@ def _sampler(models, beta):
 
 
 def _prompt_ids(tok):
-    from pipeline.logprobs import prompt_ids
+    from pipeline.compute.logprobs import prompt_ids
 
     return [prompt_ids(tok, p) for p in PROMPTS]
 
@@ -106,7 +107,7 @@ def _batched_last(model, prompts, pad_id):
     """Last-position logits of a left-padded batch, through the same prefill call the sampler makes."""
     from transformers import DynamicCache
 
-    from pipeline.mixture import _forward_last
+    from pipeline.method.mixture import _forward_last
 
     width = max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])

@@ -1,4 +1,4 @@
-"""Packed, prompt-sharing log-probs (pipeline.packing) against the padded path they replace.
+"""Packed, prompt-sharing log-probs (pipeline.compute.packing) against the padded path they replace.
 
 The padded path (`collate` + `response_logps`) is the definition; the packed path must give the same per-sequence
 log-probs and the same parameter gradients, for every decoder family it accepts, and refuse (so callers pad) the
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.logprobs import collate, encode, packed_response_logps, response_logps, score
-from pipeline.packing import enable_packing, group_by_prompt, is_packed, pack, packing_unsupported
+from pipeline.compute.logprobs import collate, encode, packed_response_logps, response_logps, score
+from pipeline.compute.packing import enable_packing, group_by_prompt, is_packed, pack, packing_unsupported
 
 
 def _tiny(model_type: str, **extra):
@@ -174,7 +174,7 @@ def test_group_by_prompt_keeps_first_seen_order():
 def test_score_packed_equals_padded_on_the_tiny_model(tiny_model):
     """score(): the K responses of each prompt as packed groups (rows of up to batch_size sequences, groups larger
     than that split) equal padded batches on the session's tiny chat model and its real tokenizer."""
-    from pipeline.logprobs import load_causal_lm
+    from pipeline.compute.logprobs import load_causal_lm
 
     model, tok = load_causal_lm(str(tiny_model), "float32", device=torch.device("cpu"))
     rng = random.Random(0)

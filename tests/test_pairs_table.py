@@ -9,8 +9,8 @@ import math
 import pyarrow as pa
 import pytest
 
-from pipeline import schemas
 from pipeline.config import RunConfig
+from pipeline.data import schemas
 from stages.pairs import generated_pairs
 
 

@@ -23,9 +23,9 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline import schemas
-from pipeline.artifacts import MANIFEST_DIR, write_json_atomic, write_parquet
-from pipeline.html_report import build_report, round_diff, round_markdown
+from pipeline.data import schemas
+from pipeline.data.artifacts import MANIFEST_DIR, write_json_atomic, write_parquet
+from pipeline.run.html_report import build_report, round_diff, round_markdown
 
 PLOTS = ("rewards", "lengths", "pair-lengths", "agreement", "training")
 EXPECTED = ["plot-eval", "plot-alpha", "plot-round0-training"] + [
@@ -41,7 +41,7 @@ K = 4  # responses per prompt
 def _manifest(
     rd: Path, stage: str, outputs: dict[str, Path], stats: dict, config: dict | None = None
 ) -> None:
-    """A stage manifest as pipeline.artifacts.execute writes it (the fields the report reads)."""
+    """A stage manifest as pipeline.data.artifacts.execute writes it (the fields the report reads)."""
     write_json_atomic(
         rd / MANIFEST_DIR / f"{stage}.json",
         {
@@ -161,7 +161,7 @@ def _dice_round(run_dir: Path, k: int, rng: np.random.Generator) -> None:
 def _evaluate(rd: Path, k: int, rng: np.random.Generator) -> None:
     """eval.parquet and the evaluate manifest: 10 held-out prompts × 2 samples against π_0, one judge; the stats are
     computed with the real metric functions (round 2 wins more and answers longer)."""
-    from pipeline import evaluation
+    from pipeline.method import evaluation
 
     n = 20
     pids = [f"e{i // 2:02d}" for i in range(n)]

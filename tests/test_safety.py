@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.models import check_model, looks_local
+from pipeline.data.models import check_model, looks_local
 from tests.conftest import REPO, tiny_config
 
 DICE = str(Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "dice")
@@ -70,8 +70,8 @@ def test_pickle_weights_are_refused_with_a_conversion_hint(bin_only_model, tiny_
 
 
 def test_vllm_engine_refuses_pickle_weights_before_starting(bin_only_model):
+    from pipeline.compute.engine import make_llm
     from pipeline.config import EngineConfig
-    from pipeline.engine import make_llm
 
     with pytest.raises(ValueError, match="pickle"):
         make_llm(str(bin_only_model), EngineConfig(), dtype="float32", seed=0, trust_remote_code=False)
@@ -81,8 +81,8 @@ def test_vllm_itself_is_told_to_load_safetensors_only(bin_only_model, tmp_path):
     """Past dice's own check, the engine must still refuse pickle weights (vLLM's default load_format, "auto",
     loads them): a separate process, since one process holds one in-process engine."""
     code = (
-        "import pipeline.models as m; m.check_model = lambda *a, **k: None\n"
-        "from pipeline.config import EngineConfig; from pipeline.engine import make_llm\n"
+        "import pipeline.data.models as m; m.check_model = lambda *a, **k: None\n"
+        "from pipeline.config import EngineConfig; from pipeline.compute.engine import make_llm\n"
         f"make_llm({str(bin_only_model)!r}, EngineConfig(), dtype='float32', seed=0, trust_remote_code=False)\n"
         "print('LOADED')\n"
     )
@@ -183,8 +183,9 @@ def nothing(prompts, responses):
 
 
 def _responses(tmp_path: Path, cfg) -> None:
-    from pipeline import rounds, schemas
-    from pipeline.artifacts import write_parquet
+    from pipeline.data import schemas
+    from pipeline.data.artifacts import write_parquet
+    from pipeline.run import rounds
 
     rows = [{"prompt_id": f"p{i // 4}", "prompt": f"prompt {i // 4}", "sample_idx": i % 4, "response": f"answer {i}",
              "num_tokens": 3, "num_chars": 8, "finish_reason": "stop", "cumulative_logprob": -1.0, "seed": 1,
@@ -194,7 +195,7 @@ def _responses(tmp_path: Path, cfg) -> None:
 
 
 def test_a_python_labeller_that_raises_is_named(tmp_path, tiny_model):
-    from pipeline import rounds
+    from pipeline.run import rounds
     from stages import label
 
     cfg = tiny_config(tmp_path / "runs", tiny_model, **{"label.labeller": "python",
@@ -205,8 +206,8 @@ def test_a_python_labeller_that_raises_is_named(tmp_path, tiny_model):
 
 
 def test_a_labeller_that_scores_nothing_is_blamed_by_pairs(tmp_path, tiny_model):
-    from pipeline import rounds
-    from pipeline.artifacts import execute
+    from pipeline.data.artifacts import execute
+    from pipeline.run import rounds
     from stages import label, pairs
 
     cfg = tiny_config(tmp_path / "runs", tiny_model, **{"label.labeller": "python",
@@ -222,8 +223,8 @@ def test_a_labeller_that_scores_nothing_is_blamed_by_pairs(tmp_path, tiny_model)
 
 
 def test_a_prompts_file_without_its_column_lists_the_columns(tmp_path):
-    from pipeline.artifacts import ArtifactError
-    from pipeline.datasets import read_offline, read_prompts
+    from pipeline.data.artifacts import ArtifactError
+    from pipeline.data.datasets import read_offline, read_prompts
 
     path = tmp_path / "prompts.parquet"
     pq.write_table(pa.table({"instruction": ["a", "b"], "id": [1, 2]}), path)
@@ -236,8 +237,8 @@ def test_a_prompts_file_without_its_column_lists_the_columns(tmp_path):
 
 
 def test_stale_temporaries_of_a_rerun_stage_are_removed(tmp_path):
-    from pipeline.artifacts import StagePlan, execute, write_parquet
-    from pipeline.schemas import PROMPTS
+    from pipeline.data.artifacts import StagePlan, execute, write_parquet
+    from pipeline.data.schemas import PROMPTS
 
     out = tmp_path / "round-1" / "labels.parquet"
     plan = StagePlan("label", 1, tmp_path / "round-1", inputs={}, outputs={"labels": out}, config={})

@@ -30,9 +30,11 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from pipeline import launch, rounds, schemas
-from pipeline.artifacts import execute, write_parquet
+from pipeline.compute import launch
 from pipeline.config import save_config
+from pipeline.data import schemas
+from pipeline.data.artifacts import execute, write_parquet
+from pipeline.run import rounds
 from stages import label, pairs, reference
 from tests.conftest import REPO, free_port, tiny_config
 from tests.test_label_reward_model import _build_rm
@@ -197,7 +199,7 @@ def launches(setting):
     }  # fmt: skip
     # a local vLLM judge (the policy judging its own samples) on 2 engine processes and a simulated annotator in the
     # stage's own process, 4 shards of 3 prompts
-    judges = "[{id: self, backend: vllm}, {id: sim, backend: python, function: 'pipeline.judges:overlap_judge'}]"
+    judges = "[{id: self, backend: vllm}, {id: sim, backend: python, function: 'pipeline.method.judges:overlap_judge'}]"
     equal["judges"] = ("label", config("two-judges", **{"label.labeller": "judge", "label.judges": judges,
                                                         "label.shard_size": 3, "label.engine.data_parallel_size": 2}),
                        "responses.parquet")  # fmt: skip

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 
-from pipeline import rounds
 from pipeline.config import save_config
+from pipeline.run import rounds
 from tests.conftest import BIN, REPO, stop, tiny_config, wait_for
 
 

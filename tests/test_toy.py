@@ -1,4 +1,4 @@
-"""The toy task (pipeline/toy.py): its true reward, its simulated annotators and its shipped data."""
+"""The toy task (pipeline/run/toy.py): its true reward, its simulated annotators and its shipped data."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from pipeline import toy
-from pipeline.losses import SR_QUALITY_PREFIX
+from pipeline.method.losses import SR_QUALITY_PREFIX
+from pipeline.run import toy
 
 from .conftest import REPO
 

@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import rounds, schemas
-from pipeline.artifacts import execute
 from pipeline.config import LossType, save_config
+from pipeline.data import schemas
+from pipeline.data.artifacts import execute
+from pipeline.run import rounds
 from stages import pairs, reference
 
 
@@ -70,7 +71,7 @@ def test_two_processes_match_one(trained):
 def test_checkpoint_is_complete_and_trained(trained, tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from pipeline.logprobs import encode, score
+    from pipeline.compute.logprobs import encode, score
 
     out = rounds.plan(trained[2], 0, "train").outputs["checkpoint"]
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
@@ -207,7 +208,7 @@ def test_checkpoint_reloads_to_the_engines_logps(trained):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.logprobs import encode, score
+    from pipeline.compute.logprobs import encode, score
 
     rd = rounds.round_dir(trained[2], 0)
     probe = json.loads((rd / ".dice/train.json").read_text())["stats"]["probe_chosen_logps"]

@@ -31,7 +31,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.artifacts import MANIFEST_DIR, StagePlan, plan_digest, read_manifest, write_json_atomic, write_parquet
+from pipeline.data.artifacts import (
+    MANIFEST_DIR,
+    StagePlan,
+    plan_digest,
+    read_manifest,
+    write_json_atomic,
+    write_parquet,
+)
 
 
 def slices(n: int, size: int) -> list[tuple[int, int]]:

@@ -16,7 +16,7 @@ The data, written by `write_toy_data` (shipped in data/toy/, regenerated and che
 - `sft.jsonl`: the corpus the toy model is pretrained on (prompt, chosen = the response). The on-topic rate q of
   each response is drawn from U(0.15, 0.85), its length from U(3, 30) words, so the model learns a policy whose
   responses vary in quality and length. A quarter of the corpus puts Sr-DPO's quality instruction in front of the
-  prompt (pipeline.losses.SR_QUALITY_PREFIX) and answers with q in U(0.85, 1): the model learns what the
+  prompt (pipeline.method.losses.SR_QUALITY_PREFIX) and answers with q in U(0.85, 1): the model learns what the
   instruction means, so Sr-DPO's refinement term Δ carries signal here (it would be noise otherwise).
 - `offline_prefs.jsonl`: preference pairs labelled by the true reward WITH A LENGTH BIAS, as human preference
   sets have one: in 80 % of the pairs the chosen response is also the longer one. A DPO-trained π_0 then carries
@@ -27,7 +27,7 @@ The data, written by `write_toy_data` (shipped in data/toy/, regenerated and che
 Simulated annotators (`simulated_preference`) give soft preferences from the true reward plus per-annotator
 Gaussian noise of a configurable size, for iREPO, online IPO and IPO-MD.
 
-    python -m pipeline.toy data/toy        # rewrite the shipped files (deterministic)
+    python -m pipeline.run.toy data/toy        # rewrite the shipped files (deterministic)
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def true_reward(prompt: str, response: str) -> float:
 
 
 def true_rewards(prompts: list[str], responses: list[str]) -> list[float]:
-    """Batch form of `true_reward`: usable as `label.python_reward=pipeline.toy:true_rewards` (an oracle labeller)."""
+    """Batch form of `true_reward`: usable as `label.python_reward=pipeline.run.toy:true_rewards` (an oracle labeller)."""
     return [true_reward(p, r) for p, r in zip(prompts, responses)]
 
 
@@ -148,7 +148,7 @@ def _prompts(rng: random.Random, n: int, refs: Sequence[int]) -> list[tuple[str,
 
 def write_toy_data(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write the toy task's files into `folder` (deterministic for a seed). Returns name -> path."""
-    from pipeline.losses import SR_QUALITY_PREFIX
+    from pipeline.method.losses import SR_QUALITY_PREFIX
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """A round's preference data for other trainers, tokenised exactly as dice scored it (`dice export`).
 
 dice scores a pair as [chat template of the prompt, with the generation prompt] + [response tokens + EOS]
-(`pipeline.logprobs.encode`). TRL's DPOTrainer (1.16) tokenises a *standard* example as
+(`pipeline.compute.logprobs.encode`). TRL's DPOTrainer (1.16) tokenises a *standard* example as
     prompt_ids = tokenizer(prompt), prompt+chosen = tokenizer(prompt + chosen + eos_token),
 and takes the completion after their common prefix. So the export writes `prompt` as the chat template rendered to
 text (without a leading BOS string when the tokenizer adds BOS itself), `chosen`/`rejected` as the response texts,
@@ -23,9 +23,9 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import schemas
-from pipeline.artifacts import ArtifactError, MANIFEST_DIR, read_manifest, read_parquet
-from pipeline.chat import as_messages, prompts_of
+from pipeline.data import schemas
+from pipeline.data.artifacts import MANIFEST_DIR, ArtifactError, read_manifest, read_parquet
+from pipeline.data.chat import as_messages, prompts_of
 
 Format = Literal["trl", "jsonl", "hf"]
 EXPORT_COLUMNS = ["prompt", "chosen", "rejected", "dice_ref_chosen_logps", "dice_ref_rejected_logps", "pair_id",
@@ -50,7 +50,7 @@ def trl_prompt(tokenizer, prompt, ids: list[int]) -> str | None:
 
 def trl_rows(reference: pa.Table, tokenizer) -> tuple[list[dict[str, Any]], list[str]]:
     """Export rows of a REFERENCE table and the pairs whose tokens TRL would not reproduce (pair_id: why)."""
-    from pipeline.logprobs import encode
+    from pipeline.compute.logprobs import encode
 
     d = reference.to_pydict()
     prompts = prompts_of(reference)
@@ -88,7 +88,7 @@ def export_round(run_dir: str | Path, k: int, fmt: Format, out: str | Path) -> d
     """
     from transformers import AutoTokenizer
 
-    from pipeline.models import local_model
+    from pipeline.data.models import local_model
 
     rd = Path(run_dir) / f"round-{k}"
     manifest = read_manifest(rd / MANIFEST_DIR / "reference.json")

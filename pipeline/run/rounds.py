@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.artifacts import StagePlan
 from pipeline.config import DataSource, RunConfig
-from pipeline.datasets import plan_input
-from pipeline.models import with_revision
+from pipeline.data.artifacts import StagePlan
+from pipeline.data.datasets import plan_input
+from pipeline.data.models import with_revision
 
 STAGES = ("generate", "label", "pairs", "reference", "train")
 ROUND0_STAGES = ("pairs", "reference", "train")
@@ -65,7 +65,7 @@ def eval_baseline(cfg: RunConfig, k: int) -> tuple[str, str, str]:
 
 
 def policy_name(cfg: RunConfig) -> str:
-    """model.policy as the plans name it: `org/name@revision` for a Hub id with model.revision (pipeline/models.py)."""
+    """model.policy as the plans name it: `org/name@revision` for a Hub id with model.revision (pipeline/data/models.py)."""
     return with_revision(cfg.model.policy, cfg.model.revision)
 
 
@@ -101,9 +101,9 @@ def initial_models(cfg: RunConfig) -> dict[str, str]:
 
 def check_initial_models(cfg: RunConfig) -> None:
     """Refuse, before a run writes anything, a model the config names that dice must not or cannot load: a local
-    folder that does not exist, or one with pickle weights (pipeline/models.py). The tiny preset's policy, built
+    folder that does not exist, or one with pickle weights (pipeline/data/models.py). The tiny preset's policy, built
     on first use, is skipped while it does not exist."""
-    from pipeline.models import check_model
+    from pipeline.data.models import check_model
 
     for field, name in initial_models(cfg).items():
         if field == "model.policy" and cfg.model.build_tiny_if_missing and not Path(name).exists():
@@ -293,7 +293,7 @@ def standalone_eval_plan(cfg: RunConfig, model: str, baseline: str, out: Path) -
 def gpus_used(cfg: RunConfig, stage: str) -> int:
     """GPUs a stage occupies on this node while it runs (0 for CPU-only stages): what it holds of the `gpu_slots`
     limit, one slot per GPU: processes × GPUs per process."""
-    from pipeline.launch import resolve_processes
+    from pipeline.compute.launch import resolve_processes
 
     if stage == "generate":  # each engine: tensor_parallel_size GPUs for vLLM, one for the mixture's two models
         g = cfg.generate
@@ -316,6 +316,6 @@ def gpus_used(cfg: RunConfig, stage: str) -> int:
 
 def latest_complete_round(cfg: RunConfig) -> int:
     """The highest round whose manifest exists (-1 when none has finished)."""
-    from pipeline.report import round_dirs
+    from pipeline.run.report import round_dirs
 
     return max((k for k, d in round_dirs(cfg.run_dir) if (d / "manifest.json").is_file()), default=-1)

@@ -3,7 +3,7 @@
 Column names follow the conventions other preference trainers read: `prompt`/`chosen`/`rejected` for
 pairs and TRL's `ref_chosen_logps`/`ref_rejected_logps` for precomputed reference log-probs. The prompt a model
 saw is `prompt_messages` (a conversation, TRL's conversational format) when it is more than one user turn, else
-`prompt` itself (pipeline/chat.py); `prompt` is always its readable text. To hand a round to another trainer
+`prompt` itself (pipeline/data/chat.py); `prompt` is always its readable text. To hand a round to another trainer
 with the exact tokens dice scored, use `dice export` (README, Exporting rounds). Strings are plain `string` (not
 large/dictionary) and the one nested type is the list of {role, content} structs of `prompt_messages`, so pandas,
 polars, duckdb and `datasets` all open the files unchanged.
@@ -21,7 +21,7 @@ OPTIONAL = {"prompt_messages": MESSAGES}
 PROMPTS = pa.schema(
     [
         pa.field("prompt_id", pa.string(), nullable=False),
-        pa.field("prompt", pa.string(), nullable=False),  # the text (a conversation rendered: pipeline/chat.py)
+        pa.field("prompt", pa.string(), nullable=False),  # the text (a conversation rendered: pipeline/data/chat.py)
         pa.field("prompt_messages", MESSAGES),  # the conversation, null for one user turn
     ]
 )
@@ -29,7 +29,7 @@ PROMPTS = pa.schema(
 OFFLINE = pa.schema(
     [
         pa.field("pair_id", pa.string(), nullable=False),
-        pa.field("prompt", pa.string(), nullable=False),  # the text (a conversation rendered: pipeline/chat.py)
+        pa.field("prompt", pa.string(), nullable=False),  # the text (a conversation rendered: pipeline/data/chat.py)
         pa.field("prompt_messages", MESSAGES),  # the conversation, null for one user turn
         pa.field("chosen", pa.string(), nullable=False),
         pa.field("rejected", pa.string(), nullable=False),
@@ -39,7 +39,7 @@ OFFLINE = pa.schema(
 RESPONSES = pa.schema(
     [
         pa.field("prompt_id", pa.string(), nullable=False),
-        pa.field("prompt", pa.string(), nullable=False),  # the text (a conversation rendered: pipeline/chat.py)
+        pa.field("prompt", pa.string(), nullable=False),  # the text (a conversation rendered: pipeline/data/chat.py)
         pa.field("prompt_messages", MESSAGES),  # the conversation, null for one user turn
         pa.field("sample_idx", pa.int32(), nullable=False),
         pa.field("response", pa.string(), nullable=False),
@@ -90,7 +90,7 @@ PAIRS = pa.schema(
     [
         pa.field("pair_id", pa.string(), nullable=False),
         pa.field("prompt_id", pa.string(), nullable=False),
-        pa.field("prompt", pa.string(), nullable=False),  # the text (a conversation rendered: pipeline/chat.py)
+        pa.field("prompt", pa.string(), nullable=False),  # the text (a conversation rendered: pipeline/data/chat.py)
         pa.field("prompt_messages", MESSAGES),  # the conversation, null for one user turn
         pa.field("chosen", pa.string(), nullable=False),
         pa.field("rejected", pa.string(), nullable=False),

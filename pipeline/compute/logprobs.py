@@ -2,7 +2,7 @@
 
 One encoding serves every consumer, so the implicit reward of the label stage, the reference log-probs
 and the policy log-probs in training are all computed over exactly the same tokens:
-    prompt tokens   = the chat template applied to the prompt (one user turn or a conversation: pipeline/chat.py),
+    prompt tokens   = the chat template applied to the prompt (one user turn or a conversation: pipeline/data/chat.py),
                       with the generation prompt
     response tokens = the response text tokenised without special tokens, followed by EOS
 `logp(π, x, y)` is the sum (or mean) over response tokens of log π(y_t | x, y_<t); prompt tokens are masked.
@@ -16,8 +16,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipeline.chat import Prompt, as_messages
-from pipeline.packing import PackedBatch, enable_packing, group_by_prompt, is_packed, pack
+from pipeline.compute.packing import PackedBatch, enable_packing, group_by_prompt, is_packed, pack
+from pipeline.data.chat import Prompt, as_messages
 
 Reduction = Literal["sum", "mean"]
 
@@ -147,12 +147,12 @@ def response_logps(
 
 
 def packed_response_logps(model, batch: PackedBatch, reduction: Reduction = "sum") -> torch.Tensor:
-    """Per-sequence response log-probs of a packed row (pipeline.packing): the same numbers as `response_logps`
+    """Per-sequence response log-probs of a packed row (pipeline.compute.packing): the same numbers as `response_logps`
     on the padded batch, with each prompt computed once, no padding, and the LM head only where it is needed.
 
     Args:
-        model: a causal LM switched to the packed attention by `pipeline.packing.enable_packing`.
-        batch: from `pipeline.packing.pack`, on the model's device.
+        model: a causal LM switched to the packed attention by `pipeline.compute.packing.enable_packing`.
+        batch: from `pipeline.compute.packing.pack`, on the model's device.
     Returns:
         (S,) float32 log-probs, sequences in the order of `pack` (group after group, response after response).
     """
@@ -177,7 +177,7 @@ class ResponseScorer(torch.nn.Module):
     training, so its backward hooks see the (2B,) log-probs rather than a (2B, T, V) logits tensor).
 
     Called with padded tensors (input_ids, attention_mask, response_mask, from `collate`) or with `packed=` a
-    `pipeline.packing.PackedBatch` (the model must have been switched by `enable_packing`)."""
+    `pipeline.compute.packing.PackedBatch` (the model must have been switched by `enable_packing`)."""
 
     def __init__(self, lm):
         super().__init__()
@@ -203,8 +203,8 @@ def default_device() -> torch.device:
 
 def require_model(path: str) -> str:
     """The model's local folder (a Hub id's snapshot, fetched once); fails early, naming the model, when a local
-    folder is missing or holds no safetensors weights (pipeline/models.py)."""
-    from pipeline.models import local_model
+    folder is missing or holds no safetensors weights (pipeline/data/models.py)."""
+    from pipeline.data.models import local_model
 
     return local_model(path)
 
@@ -213,8 +213,8 @@ def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = Fal
                    zero_stage: int = 0):  # fmt: skip
     """Load a causal LM and its tokenizer for scoring (eval mode, safetensors only).
 
-    zero_stage=3: every weight partitioned across the ranks as it loads (pipeline/zero3.py; the process group must
-    exist); score through `pipeline.zero3.scoring(ResponseScorer(model), model.config)`."""
+    zero_stage=3: every weight partitioned across the ranks as it loads (pipeline/compute/zero3.py; the process group must
+    exist); score through `pipeline.compute.zero3.scoring(ResponseScorer(model), model.config)`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = require_model(path)
@@ -222,7 +222,7 @@ def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = Fal
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         if zero_stage == 3:
-            from pipeline import zero3
+            from pipeline.compute import zero3
 
             model = zero3.load(folder, AutoModelForCausalLM, resolve_dtype(dtype, device), trust_remote_code, "model")
         else:
@@ -268,13 +268,13 @@ def score(
 ) -> np.ndarray:
     """Response log-probs of already-encoded (prompt ids, response ids) pairs. Returns (N,) float64.
 
-    With `packing` and a packable model (`pipeline.packing.enable_packing` switches it), responses that share a
+    With `packing` and a packable model (`pipeline.compute.packing.enable_packing` switches it), responses that share a
     prompt are scored as one group with the prompt computed once, `batch_size` sequences per padding-free row;
     otherwise padded batches of `batch_size` sequences, grouped by length (little padding). The numbers agree
     to float rounding (tests/test_packing.py). `max_length` (the longest prompt + response) lets sliding-window
     models whose window no sequence outgrows be packed.
 
-    ZeRO-3 partitioned inference (pipeline/zero3.py): `engine` is the DeepSpeed engine around
+    ZeRO-3 partitioned inference (pipeline/compute/zero3.py): `engine` is the DeepSpeed engine around
     `ResponseScorer(model)`, and every forward pass goes through it; `passes(n)` returns the most forward passes
     any rank makes in this call, given this rank's n. Parameters are gathered collectively, so every rank must
     make as many passes: the difference is made up with one-token passes whose results are dropped."""

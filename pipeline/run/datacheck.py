@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.chat import prompts_of
 from pipeline.config import RunConfig
-from pipeline.datasets import is_hub_dataset, read_offline, read_prompts
+from pipeline.data.chat import prompts_of
+from pipeline.data.datasets import is_hub_dataset, read_offline, read_prompts
 
 
 def _percentiles(values: list[int]) -> dict[str, float]:
@@ -32,7 +32,7 @@ def _percentiles(values: list[int]) -> dict[str, float]:
 def _source(src) -> str:
     text = str(src)
     if is_hub_dataset(src.path):
-        from pipeline.models import hub_commit, local_dataset
+        from pipeline.data.models import hub_commit, local_dataset
 
         text += f" @ {hub_commit(local_dataset(src.path, src.revision, 'dataset'))}"
     return text
@@ -41,7 +41,7 @@ def _source(src) -> str:
 def _tokenizer(cfg: RunConfig):
     from transformers import AutoTokenizer
 
-    from pipeline.models import local_model, looks_local
+    from pipeline.data.models import local_model, looks_local
 
     policy = cfg.model.policy
     if looks_local(policy) and not Path(policy).exists():
@@ -51,7 +51,7 @@ def _tokenizer(cfg: RunConfig):
 
 def check_data(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     """The report, per dataset (module docstring)."""
-    from pipeline.logprobs import encode, prompt_ids
+    from pipeline.compute.logprobs import encode, prompt_ids
 
     tok = _tokenizer(cfg)
     prompts = read_prompts(cfg.data.prompts)

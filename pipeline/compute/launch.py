@@ -7,7 +7,7 @@ a free `--master_port`, `--hostfile` for several nodes (n is then the processes 
 split between the ranks (`OMP_NUM_THREADS`) and `DS_ACCELERATOR=cpu` on CPU, NCCL on GPU. Every rank's output
 goes to this process's output as it is printed. A rank that fails writes its traceback to
 `round-k/.dice/<stage>.rank<r>.error`, which becomes the stage's error; rank 0's return value comes back. The
-stage module runs its worker when started with `--worker JOB` (`worker_main`), so each stage file still tells
+stage module runs its worker when started with `--worker JOB` (`stages.common.worker_main`), so each stage file still tells
 its whole story.
 
 vLLM engine processes (`generate`, local judges in `label`) are not DeepSpeed ranks: `engine_workers` starts one
@@ -25,14 +25,13 @@ import socket
 import subprocess
 import sys
 import threading
-import traceback
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import MANIFEST_DIR, StagePlan, write_json_atomic
 from pipeline.config import RunConfig, save_config
+from pipeline.data.artifacts import MANIFEST_DIR, StagePlan, write_json_atomic
 
 Worker = Callable[..., dict[str, Any]]
 
@@ -173,30 +172,6 @@ def run(stage: str, cfg: RunConfig, plan: StagePlan, n: int, worker: Worker, job
         detail = f"{errors[0].stem.split('.')[-1]} failed:\n{errors[0].read_text()}" if errors else "see the rank output above"
         raise RuntimeError(f"round {plan.round}: {what or stage} failed (deepspeed exited with {proc.returncode}); {detail}")
     return json.loads(files["stats"].read_text())
-
-
-def worker_main(stage: str, worker: Worker, argv: list[str] | None = None) -> None:
-    """The entry point of one rank: `python -m stages.<stage> CONF --round K --worker JOB` (started by `run`)."""
-    import argparse
-
-    from pipeline import rounds
-    from pipeline.config import load_config
-
-    ap = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=f"One rank of the {stage} stage.")
-    ap.add_argument("config")
-    ap.add_argument("--round", type=int, required=True, dest="round_")
-    ap.add_argument("--worker", required=True, metavar="JOB", help="the job file written by pipeline.launch.run")
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config)
-    plan = rounds.plan(cfg, args.round_, stage)
-    spec = json.loads(Path(args.worker).read_text())
-    try:
-        stats = worker(cfg, plan, **spec["job"])
-    except BaseException:  # record this rank's error for the launcher's message, then fail as usual
-        (plan.round_dir / MANIFEST_DIR / f"{stage}.rank{rank()}.error").write_text(traceback.format_exc()[-4000:])
-        raise
-    if rank() == 0:
-        Path(spec["stats_file"]).write_text(json.dumps(stats))
 
 
 def init_distributed() -> None:

@@ -1,6 +1,6 @@
 """Preference losses as pure functions over per-sequence log-probs (../shared/METHODS.md §2-§5).
 
-No model inside a loss: callers compute log-probs (pipeline.logprobs.sequence_logps) and pass them in.
+No model inside a loss: callers compute log-probs (pipeline.compute.logprobs.sequence_logps) and pass them in.
 Each function returns per-example losses; the caller reduces them, so that gradient accumulation and
 data parallelism decide the averaging in one place (the trainer).
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import LossType
-from pipeline.rewards import implicit_reward
+from pipeline.method.rewards import implicit_reward
 
 # Sr-DPO / Sr-IPO's quality instruction P, prepended to the prompt x for Δ (arXiv 2405.21040; METHODS §4).
 # Kept verbatim: Δ measures how much this exact instruction shifts the policy towards y_w.

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import MANIFEST_DIR, read_manifest
+from pipeline.data.artifacts import MANIFEST_DIR, read_manifest
 
 STAGE_ORDER = ("generate", "label", "pairs", "reference", "train", "evaluate")
 

@@ -7,7 +7,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from pipeline.chat import Prompt, as_messages, plain_text
+from pipeline.data.chat import Prompt, as_messages, plain_text
 
 T = TypeVar("T")  # np.ndarray or torch.Tensor: the same arithmetic serves both
 
@@ -49,7 +49,7 @@ def load_reward_fn(spec: str) -> RewardFn:
 def prompt_coverage(prompts: list[str], responses: list[str]) -> list[float]:
     """A rule-based example reward: the share of the prompt's distinct words (4+ letters) the response uses.
 
-    Usable as `label.python_reward=pipeline.rewards:prompt_coverage`; mainly a template for your own.
+    Usable as `label.python_reward=pipeline.method.rewards:prompt_coverage`; mainly a template for your own.
     """
     scores = []
     for prompt, response in zip(prompts, responses):
@@ -73,18 +73,18 @@ def load_reward_model(path: str, dtype: str = "auto", trust_remote_code: bool = 
                       zero_stage: int = 0):  # fmt: skip
     """A sequence-classification reward model and its tokenizer (eval mode, safetensors only).
 
-    zero_stage=3: every weight partitioned across the ranks as it loads (pipeline/zero3.py); score through
-    `pipeline.zero3.scoring(model, model.config)`."""
+    zero_stage=3: every weight partitioned across the ranks as it loads (pipeline/compute/zero3.py); score through
+    `pipeline.compute.zero3.scoring(model, model.config)`."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from pipeline.logprobs import default_device, require_model, resolve_dtype
+    from pipeline.compute.logprobs import default_device, require_model, resolve_dtype
 
     folder = require_model(path)
     device = device or default_device()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         if zero_stage == 3:
-            from pipeline import zero3
+            from pipeline.compute import zero3
 
             model = zero3.load(folder, AutoModelForSequenceClassification, resolve_dtype(dtype, device),
                                trust_remote_code, "reward model")  # fmt: skip
@@ -150,9 +150,9 @@ def score_reward_model(model, tokenizer, encoded: list[list[int]], batch_size: i
                        engine=None, passes=None):  # fmt: skip
     """Scores r of already-encoded sequences, batched by length with right padding. Returns (N,) float64.
 
-    ZeRO-3 partitioned inference (pipeline/zero3.py): `engine` is the DeepSpeed engine around `model`, through which
+    ZeRO-3 partitioned inference (pipeline/compute/zero3.py): `engine` is the DeepSpeed engine around `model`, through which
     every forward pass goes, and `passes(n)` the most forward passes any rank makes; the difference is made up with
-    one-token passes whose results are dropped (as `pipeline.logprobs.score` does).
+    one-token passes whose results are dropped (as `pipeline.compute.logprobs.score` does).
 
     Raises:
         ValueError: when an id is outside the model's vocabulary (its tokenizer does not belong to it).

@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.schemas import OPTIONAL
+from pipeline.data.schemas import OPTIONAL
 
 MANIFEST_DIR = ".dice"  # per-stage manifests inside a round folder
 _FULL_HASH_LIMIT = 64 << 20  # files up to this size are hashed whole; larger ones by size + head + tail
@@ -191,11 +191,9 @@ def input_record(plan: StagePlan) -> dict[str, dict[str, str]]:
 
 
 def _record(p: Path | str) -> dict[str, str]:
-    from pipeline.models import hub_commit, local_model, looks_local
+    from pipeline.data.models import HUB_PREFIX, hub_commit, hub_folder, local_model, looks_local
 
-    if isinstance(p, str) and p.startswith("hf://datasets/"):
-        from pipeline.datasets import hub_folder
-
+    if isinstance(p, str) and p.startswith(HUB_PREFIX):
         folder = hub_folder(p)
     elif isinstance(p, str) and not Path(p).exists() and not looks_local(p):
         folder = Path(local_model(p))

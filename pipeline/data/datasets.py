@@ -26,12 +26,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import schemas
-from pipeline.artifacts import ArtifactError
-from pipeline.chat import Prompt, check_prompt, messages_column, plain_text, simplify
 from pipeline.config import DataSource
-
-HUB_PREFIX = "hf://datasets/"  # how a plan names a Hub dataset input: hf://datasets/<id>@<revision>
+from pipeline.data import schemas
+from pipeline.data.artifacts import ArtifactError
+from pipeline.data.chat import Prompt, check_prompt, messages_column, plain_text, simplify
+from pipeline.data.models import HUB_PREFIX
 
 
 def source_of(src: str | Path | DataSource) -> DataSource:
@@ -39,8 +38,8 @@ def source_of(src: str | Path | DataSource) -> DataSource:
 
 
 def is_hub_dataset(path: str) -> bool:
-    """A Hub dataset id rather than a local file or folder (pipeline.models.looks_local's rule)."""
-    from pipeline.models import looks_local
+    """A Hub dataset id rather than a local file or folder (pipeline.data.models.looks_local's rule)."""
+    from pipeline.data.models import looks_local
 
     return not Path(path).exists() and not looks_local(path)
 
@@ -51,14 +50,6 @@ def plan_input(src: DataSource) -> Path | str:
     if is_hub_dataset(src.path):
         return HUB_PREFIX + src.path + (f"@{src.revision}" if src.revision else "")
     return Path(src.path)
-
-
-def hub_folder(plan_path: str) -> Path:
-    """The local snapshot folder of a plan's hf://datasets/<id>[@revision] input."""
-    from pipeline.models import local_dataset
-
-    repo, _, rev = plan_path.removeprefix(HUB_PREFIX).partition("@")
-    return local_dataset(repo, rev or None, "dataset")
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -140,7 +131,7 @@ def load_rows(src: str | Path | DataSource, what: str = "rows") -> tuple[list[di
     path = Path(src.path)
     if src.path.startswith(HUB_PREFIX) or is_hub_dataset(src.path):
         repo = src.path.removeprefix(HUB_PREFIX)
-        from pipeline.models import local_dataset
+        from pipeline.data.models import local_dataset
 
         rows = _hf_rows(local_dataset(repo, src.revision, "dataset"), src, label)
     elif path.is_dir():

@@ -7,7 +7,7 @@ parameters are gathered from all ranks just before the layer runs and released a
 the weights, and compute exactly what one device holding all of them computes (tests/test_scale_scoring.py).
 
 Gathers are collective, so every rank must run the same number of forward passes: `max_passes` agrees on the
-most any rank runs, and the scorers (`pipeline.logprobs.score`, `pipeline.rewards.score_reward_model`) make up
+most any rank runs, and the scorers (`pipeline.compute.logprobs.score`, `pipeline.method.rewards.score_reward_model`) make up
 the difference with one-token passes whose results are dropped.
 """
 
@@ -60,7 +60,7 @@ def config(dtype: Any, hidden_size: int | None) -> dict[str, Any]:
 def load(path: str, auto_class: Any, dtype: Any, trust_remote_code: bool, what: str):
     """`auto_class.from_pretrained(path)` with every weight partitioned across the ranks as it loads.
 
-    The process group must exist (pipeline.launch.init_distributed). Returns the model, in eval mode, whose
+    The process group must exist (pipeline.compute.launch.init_distributed). Returns the model, in eval mode, whose
     parameters are this rank's partitions (shape (0,), `ds_shape` the full shape).
 
     Raises:

@@ -238,7 +238,7 @@ class VllmJudge:
     def prompt_ids(self, instruction: str, a: str, b: str) -> list[int]:
         text = self.template.fill(instruction, a, b)
         if self.cfg.format == "chat":
-            from pipeline.logprobs import prompt_ids
+            from pipeline.compute.logprobs import prompt_ids
 
             return prompt_ids(self.tokenizer, text)
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]  # as /v1/completions tokenizes
@@ -468,12 +468,12 @@ def overlap_judge(prompt: str, response_a: str, response_b: str, *, scale: float
                   seed: int = 0) -> float:  # fmt: skip
     """An example simulated annotator (backend: python): prefers the response that uses more of the prompt's words.
 
-    P(a ≻ b) = σ((cov_a − cov_b)/scale + noise·ε), cov = `pipeline.rewards.prompt_coverage`, ε a standard normal
+    P(a ≻ b) = σ((cov_a − cov_b)/scale + noise·ε), cov = `pipeline.method.rewards.prompt_coverage`, ε a standard normal
     drawn deterministically from (seed, prompt, a, b): annotators that differ in `seed` disagree as much as
     `noise` says, and a re-run gives the same labels. Config:
-        judges: [{backend: python, function: "pipeline.judges:overlap_judge", options: {noise: 1.0, seed: 3}}]
+        judges: [{backend: python, function: "pipeline.method.judges:overlap_judge", options: {noise: 1.0, seed: 3}}]
     """
-    from pipeline.rewards import prompt_coverage
+    from pipeline.method.rewards import prompt_coverage
 
     cov_a, cov_b = prompt_coverage([prompt, prompt], [response_a, response_b])
     digest = hashlib.sha256(json.dumps([seed, prompt, response_a, response_b]).encode()).digest()

@@ -5,7 +5,7 @@ list of `{role, content}` messages (TRL's conversational format) with optional s
 assistant turns after, ending with a user turn. Tables keep both views: `prompt` is the text people read (the user
 turn itself, or the conversation rendered as plain text by `plain_text`) and `prompt_messages` the conversation
 (null for a single user turn, so plain prompts stay exactly what they were). Every model sees the conversation
-under its own chat template (`pipeline.logprobs.prompt_ids`); text-only consumers (HTTP and local judges' templates,
+under its own chat template (`pipeline.compute.logprobs.prompt_ids`); text-only consumers (HTTP and local judges' templates,
 Python labellers and metrics) get `plain_text`.
 """
 

@@ -11,7 +11,7 @@ def make_llm(model: str, engine: EngineConfig, *, dtype: str, seed: int, trust_r
     """A vLLM `LLM` for `model`. Import vLLM only here: it is heavy and changes process-wide torch state."""
     import torch
 
-    from pipeline.models import local_model
+    from pipeline.data.models import local_model
 
     model = local_model(model)  # a Hub id's snapshot; a missing folder or pickle weights: refused before the engine
     if engine.in_process:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+HUB_PREFIX = "hf://datasets/"  # how a plan names a Hub dataset input: hf://datasets/<id>@<revision>
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
@@ -131,3 +132,9 @@ def hub_commit(folder: str | Path) -> str | None:
     """The commit of a huggingface_hub snapshot folder (…/snapshots/<commit>), or None for any other folder."""
     p = Path(folder)
     return p.name if p.parent.name == "snapshots" and len(p.name) == 40 else None
+
+
+def hub_folder(plan_path: str) -> Path:
+    """The local snapshot folder of a plan's hf://datasets/<id>[@revision] input."""
+    repo, _, rev = plan_path.removeprefix(HUB_PREFIX).partition("@")
+    return local_dataset(repo, rev or None, "dataset")

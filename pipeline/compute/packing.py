@@ -22,7 +22,7 @@ float rounding (tests/test_packing.py checks values and parameter gradients agai
 
 Only decoders whose attention is known to be exactly this (causal softmax attention over rotary positions
 from `position_ids`, no sliding window, no soft-capping) are packed: `packing_unsupported` names the reason
-for any other model, and callers then take the padded path of `pipeline.logprobs`.
+for any other model, and callers then take the padded path of `pipeline.compute.logprobs`.
 """
 
 from __future__ import annotations

@@ -86,8 +86,8 @@ def build_tiny_model(path: str | Path, data_files: Iterable[str | Path], spec: T
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.artifacts import replace_dir
-    from pipeline.logprobs import encode
+    from pipeline.compute.logprobs import encode
+    from pipeline.data.artifacts import replace_dir
 
     rows = _read_texts(Path(f) for f in data_files)
     texts = [r[k] for r in rows for k in ("prompt", "chosen", "rejected") if r.get(k)]
@@ -134,7 +134,7 @@ def _supervised_pass(model, examples: list[tuple[list[int], list[int]]], pad_id:
     """A few hundred AdamW steps of next-token loss on the response tokens (prompt masked)."""
     import torch
 
-    from pipeline.logprobs import collate
+    from pipeline.compute.logprobs import collate
 
     rng = random.Random(spec.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)

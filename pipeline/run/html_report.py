@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.report import round_dirs, round_summary, run_summary, stage_manifests
+from pipeline.run.report import round_dirs, round_summary, run_summary, stage_manifests
 
 # Paul Tol's colour-blind-safe palette
 BLUE, GREEN, RED, PURPLE, GREY = "#4477aa", "#228833", "#ee6677", "#aa3377", "#bbbbbb"
