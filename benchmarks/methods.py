@@ -27,7 +27,7 @@ What it does, for each seed s (`--seeds N`: s = seed, seed+1, …):
    overlap (each recipe against π_0 and against `dpo`, continued offline DPO).
 6. Writes `methods.md` (the table and findings), `methods.json` and PNG plots (`methods_reward.png`,
    `methods_length.png`) into `--results` (default benchmarks/results); `--update-readme` puts the table and findings
-   into README.md between the `<!-- methods:begin -->` / `<!-- methods:end -->` markers. Run folders stay in
+   into docs/recipes.md between the `<!-- methods:begin -->` / `<!-- methods:end -->` markers. Run folders stay in
    $DICE_BENCH_OUT/methods (default benchmarks/out/methods).
 """
 
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="the first seed")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per recipe (seed, seed+1, …): the intervals are over them")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where methods.{md,json} and the plots go")
-    ap.add_argument("--update-readme", action="store_true", help="write the table and findings into README.md")
+    ap.add_argument("--update-readme", action="store_true", help="write the table and findings into docs/recipes.md")
     ap.add_argument("--fresh", action="store_true", help="delete earlier run folders first (else finished rounds are reused)")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
@@ -354,13 +354,13 @@ def write_results(results: dict[str, Any], out: Path, update_readme: bool) -> No
     plot(results, out)
     print("\n" + md + "\n\n" + found)
     if update_readme:
-        readme = REPO / "README.md"
+        readme = REPO / "docs/recipes.md"
         text = readme.read_text()
         if MARK_BEGIN not in text or MARK_END not in text:
-            raise SystemExit(f"README.md has no {MARK_BEGIN} … {MARK_END} block to update")
+            raise SystemExit(f"docs/recipes.md has no {MARK_BEGIN} … {MARK_END} block to update")
         start, end = text.index(MARK_BEGIN) + len(MARK_BEGIN), text.index(MARK_END)
         readme.write_text(text[:start] + "\n" + body + text[end:])
-        print("README.md updated")
+        print("docs/recipes.md updated")
 
 
 def plot(results: dict[str, Any], out: Path) -> None:
