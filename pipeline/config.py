@@ -466,7 +466,7 @@ class TrainConfig(_Section):
     packing: bool = Field(
         True,
         description="Padding-free micro-batches: one row per micro-batch, each pair's prompt once with chosen and "
-        "rejected after it (exact); models packing cannot handle train padded (README, Training).",
+        "rejected after it (exact); models packing cannot handle train padded (docs: The stages in detail, Training).",
     )
 
     @property
