@@ -95,6 +95,7 @@ def run(tmp_path_factory, tiny_model):
         for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):  # not the user's home
             env.setenv(var, str(tmp / "wandb-home"))
         env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        env.setenv("MLFLOW_DISABLE_TELEMETRY", "true")  # nothing leaves the machine
         cfg = tiny_config(tmp / "runs", tiny_model, offline_rounds="true", rounds=1, **{"round0.max_pairs": 16,
                           "data.offline_per_round": 16, "log.report_to": ALL})  # fmt: skip
         for name, mod in (("pairs", pairs), ("reference", reference)):
@@ -209,3 +210,14 @@ def test_no_dashboards_by_default_writes_nothing(tmp_path, tiny_model):
     cfg = tiny_config(tmp_path / "runs", tiny_model)
     assert tracking.log_round(cfg, 0, {"round": 0, "pairs_offline": 8}) is False
     assert not cfg.run_dir.exists()
+
+
+def test_a_dashboard_that_cannot_be_opened_is_one_error_naming_it(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow 3 refuses its file-system store without MLFLOW_ALLOW_FILE_STORE: a store that cannot be opened
+    cfg = tiny_config(tmp_path / "runs", tiny_model, **{"log.report_to": "[mlflow]",
+                      "log.mlflow_tracking_uri": (tmp_path / "mlruns").as_uri()})  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"^log.report_to mlflow: cannot open the dashboard run: MlflowException"):
+        tracking.Dashboards(cfg)
+    assert not tracking.ledger_path(cfg).exists()  # nothing recorded for a run that was never opened
