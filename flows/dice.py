@@ -30,7 +30,7 @@ from pydantic import Field
 from pipeline.config import RunConfig, save_config
 from pipeline.data.artifacts import is_done, read_manifest, run_lock, write_json_atomic
 from pipeline.method.evaluation import Progress, progress
-from pipeline.run import rounds
+from pipeline.run import rounds, tracking
 from pipeline.run.html_report import round_markdown, write_report
 from pipeline.run.report import round_summary, stage_manifests
 
@@ -167,6 +167,10 @@ def publish_round(cfg: RunConfig, k: int) -> dict[str, Any]:
     summary = round_summary(rd)
     table = [{"metric": key, "value": "" if v is None else (round(v, 4) if isinstance(v, float) else v)} for key, v in summary.items()]
     create_table_artifact(table=table, key=_artifact_key(cfg.name, k), description=f"dice run {cfg.name}, round {k}")
+    try:  # the dashboards of log.report_to, like the report, must never stop the rounds
+        tracking.log_round(cfg, k, summary)
+    except Exception as e:  # noqa: BLE001
+        get_run_logger().warning(f"round {k}: the round summary could not be sent to the dashboards ({e})")
     try:  # the report is for people: a file it cannot read or draw must never stop the rounds
         report = write_report(cfg.run_dir)  # the whole run's HTML, regenerated as each round lands
         create_markdown_artifact(

@@ -466,7 +466,7 @@ class TrainConfig(_Section):
     packing: bool = Field(
         True,
         description="Padding-free micro-batches: one row per micro-batch, each pair's prompt once with chosen and "
-        "rejected after it (exact); models packing cannot handle train padded (README, Training).",
+        "rejected after it (exact); models packing cannot handle train padded (docs: The stages in detail, Training).",
     )
 
     @property
@@ -551,6 +551,52 @@ class EvalConfig(_Section):
         return self
 
 
+# Each dashboard: the module its library provides and the extra of pyproject.toml that installs it.
+DASHBOARDS: dict[str, tuple[str, str]] = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow"),
+}
+
+
+class LogConfig(_Section):
+    """Dashboards a run reports to (pipeline/run/tracking.py): each training step and each round's summary."""
+
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="Dashboards that receive every training step's metrics and every round's summary, one dashboard "
+        "run per dice run: tensorboard, wandb, mlflow (each an extra: pip install -e '.[dashboards]'). Empty: none.",
+    )
+    project: str = Field("dice", min_length=1, description="W&B project and MLflow experiment the run is filed under.")
+    tensorboard_dir: str | None = Field(None, description="TensorBoard log folder (empty: <run folder>/tensorboard).")
+    wandb_mode: Literal["online", "offline"] | None = Field(
+        None,
+        description="W&B mode; offline writes the run under <run folder>/wandb for `wandb sync` later. Empty: "
+        "W&B's own setting (WANDB_MODE, else online).",
+    )
+    wandb_entity: str | None = Field(None, description="W&B entity (user or team); empty: W&B's default (WANDB_ENTITY).")
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI, e.g. http://mlflow-host:5000; empty: MLFLOW_TRACKING_URI, else a SQLite "
+        "file in the run folder (sqlite:///<run folder>/mlflow.db).",
+    )
+
+    @model_validator(mode="after")
+    def _check_installed(self) -> LogConfig:
+        import importlib.util
+
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ValueError(f"report_to lists a dashboard twice (got {self.report_to})")
+        for name in self.report_to:
+            module, extra = DASHBOARDS[name]
+            if importlib.util.find_spec(module) is None:  # without importing it: wandb and mlflow take seconds
+                raise ValueError(
+                    f"report_to lists {name}, but the {module} package is not installed: "
+                    f"pip install -e '.[{extra}]' (or '.[dashboards]' for all three)"
+                )
+        return self
+
+
 class RunConfig(_Section):
     """A whole dice run: where it lives, how many rounds, and each stage's settings."""
 
@@ -577,6 +623,7 @@ class RunConfig(_Section):
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig, description="Reference log-probs.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Preference training.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Per-round evaluation of π_k against a baseline.")
+    log: LogConfig = Field(default_factory=LogConfig, description="Dashboards (TensorBoard, W&B, MLflow).")
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

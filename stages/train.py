@@ -46,6 +46,7 @@ from pipeline.data.artifacts import (
     write_json_atomic,
     write_parquet,
 )
+from pipeline.run import tracking
 
 # ---------------------------------------------------------------------------------------------- data
 
@@ -342,6 +343,7 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     metrics: list[dict[str, Any]] = state.resume(engine) if state else []
     if metrics and rank == 0:
         print(f"train round {plan.round}: resuming after step {len(metrics)}/{total_steps} from {state.dir}", flush=True)
+    tracker = tracking.train_tracker(cfg, plan, rank)  # log.report_to's dashboards, from rank 0
     for step, batch in enumerate(batches):
         if step < len(metrics):  # done before an interruption; the seeded order makes the rest identical
             continue
@@ -399,6 +401,7 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
                 "seconds": elapsed,
             }
         )
+        tracker.log_step(metrics[-1])
         if rank == 0:
             m = metrics[-1]
             print(
@@ -409,6 +412,7 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
             )
         if state and (step + 1) % t.checkpoint_every == 0 and step + 1 < total_steps:
             state.save(engine, metrics, rank)
+    tracker.close()
 
     # The trained engine's own log-probs of two chosen responses: the saved checkpoint must reproduce them.
     engine.eval()
