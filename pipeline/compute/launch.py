@@ -526,7 +526,8 @@ def run(stage: str, cfg: RunConfig, plan: StagePlan, n: int, worker: Worker, job
             del env["CUDA_VISIBLE_DEVICES"]
     else:
         # gloo ranks on one CPU machine: split the cores, or each rank's threads fight the others' (25x slower)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(n, 1))))
+        here = n or processes_here(n, hostfile) or 1  # ranks on this machine
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // here)))
         env.setdefault("DS_ACCELERATOR", "cpu")
     if hostfile:
         env["DS_ENV_FILE"] = str(env_file(files["env"], {**env, OWNER: owner_token()}))
