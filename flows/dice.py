@@ -27,6 +27,7 @@ from prefect.cache_policies import NONE
 from prefect.concurrency.sync import concurrency
 from pydantic import Field
 
+from pipeline.compute import gpus
 from pipeline.config import RunConfig, save_config
 from pipeline.data.artifacts import is_done, read_manifest, run_lock, write_json_atomic
 from pipeline.method.evaluation import Progress, progress
@@ -37,13 +38,16 @@ from pipeline.run.report import round_summary, stage_manifests
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _stream(cmd: list[str], what: str) -> str | None:
-    """Run `cmd`, sending each output line to the Prefect log; return its DICE_STAGE_RESULT payload."""
+def _stream(cmd: list[str], what: str, env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()) -> str | None:
+    """Run `cmd` (with `env` added to this process's environment, `pass_fds` open in it), sending each output line
+    to the Prefect log; return its DICE_STAGE_RESULT payload."""
     logger = get_run_logger()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore::FutureWarning", "TQDM_DISABLE": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore::FutureWarning", "TQDM_DISABLE": "1",
+           **(env or {})}  # fmt: skip
     tail: deque[str] = deque(maxlen=30)
     result = None
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=os.getcwd())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=os.getcwd(),
+                            pass_fds=pass_fds)  # fmt: skip
     assert proc.stdout is not None
     for line in proc.stdout:
         line = line.rstrip()
@@ -77,10 +81,12 @@ def run_stage(config_path: str, cfg: RunConfig, k: int, stage: str) -> dict[str,
     cmd = [sys.executable, "-m", f"stages.{stage}", config_path, "--round", str(k)]
     slots = rounds.gpus_used(cfg, stage)
     if cfg.gpu_slots and slots:
-        # Queue for GPUs instead of oversubscribing them: hold one slot of the `gpu_slots` limit per GPU
-        # (a no-op when no such limit exists, e.g. on a laptop).
-        with concurrency(cfg.gpu_slots, occupy=slots, strict=False):
-            result = _stream(cmd, f"round {k} {stage}")
+        # Queue for GPUs instead of oversubscribing them: hold one slot of the `gpu_slots` limit per GPU (a no-op
+        # when no such limit exists, e.g. on a laptop), then lock that many specific GPUs no other stage on this
+        # machine holds (pipeline/compute/gpus.py) and run the stage on them alone; the stage holds the locks too,
+        # so they stay claimed while it runs.
+        with concurrency(cfg.gpu_slots, occupy=slots, strict=False), gpus.claimed(slots, what=f"round {k} {stage}") as got:
+            result = _stream(cmd, f"round {k} {stage}", got.env(), tuple(got.fds))
     else:
         result = _stream(cmd, f"round {k} {stage}")
     return json.loads(result)["stats"] if result else {}

@@ -53,7 +53,13 @@ def main(stage: str, fn: StageFn, argv: list[str] | None = None) -> None:
 
 
 def worker_main(stage: str, worker: launch.Worker, argv: list[str] | None = None) -> None:
-    """The entry point of one rank: `python -m stages.<stage> CONF --round K --worker JOB` (started by `run`)."""
+    """The entry point of one rank: `python -m stages.<stage> CONF --round K --worker JOB` (started by
+    `pipeline.compute.launch.run`). Before anything else the rank checks it sees the run folder the stage wrote
+    (several nodes need a shared filesystem), starts watching the stage (it dies with it), and binds its own GPU
+    (before anything touches CUDA)."""
+    launch.check_shared_folder()
+    launch.watch_owner()
+    launch.bind_device()
     ap = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=f"One rank of the {stage} stage.")
     ap.add_argument("config")
     ap.add_argument("--round", type=int, required=True, dest="round_")

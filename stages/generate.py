@@ -312,7 +312,7 @@ def _run_engine_workers(cfg: RunConfig, plan: StagePlan, missing: list[int], n: 
         elif line:
             print(f"[engine {w}] {line}", flush=True)
 
-    launch.engine_workers(cmds, cfg.generate.engine.tensor_parallel_size, on_line, "generate")
+    launch.engine_workers(cmds, cfg.generate.engine.tensor_parallel_size, on_line, "generate", "generate.engine")
 
 
 def run(cfg: RunConfig, plan: StagePlan, llm: Any = None) -> dict[str, Any]:

@@ -160,7 +160,8 @@ def _score_worker(cfg: RunConfig, plan: StagePlan, todo: dict[str, list[int]], d
         fn, held[role] = _scorer(cfg, plan, role)
         progress = Progress(f"label round {plan.round} {role}{who}", len(mine), sum(n_prompts[i] for i in mine),
                             "prompts", bar=world == 1)  # fmt: skip
-        # ZeRO-3: every rank runs as many shard steps as the busiest one; its extra steps score nothing
+        # ZeRO-3: every rank runs as many shard steps as the busiest one (counted from the `todo` every rank was
+        # given: agreed without a collective); its extra steps score nothing but take part in each pass
         for step in range(-(-len(missing) // world) if zero3 else len(mine)):
             i = mine[step] if step < len(mine) else None
             idx = rows[i] if i is not None else np.zeros(0, np.int64)
@@ -186,7 +187,7 @@ def _sharded_scores(cfg: RunConfig, plan: StagePlan, table: pa.Table) -> tuple[d
     from pipeline.compute import launch
 
     lab = cfg.label
-    n = launch.resolve_processes(lab.num_processes)
+    n = launch.resolve_processes(lab.num_processes, cfg.train.hostfile)  # per node; 0 with a hostfile: its slots
     launch.check(n, cfg.train.hostfile, "label.num_processes")
     _preflight(cfg, plan)
     rows = group_shards(table["prompt_id"].to_pylist(), lab.shard_size)
@@ -213,8 +214,8 @@ def _sharded_scores(cfg: RunConfig, plan: StagePlan, table: pa.Table) -> tuple[d
         if fresh := [s.record(i) for i in todo[role]]:  # first shard's start to last shard's end, per model
             tokens += sum(r["tokens"] for r in fresh)
             span += max(r["ended_at"] for r in fresh) - min(r["started_at"] for r in fresh)
-    stats = {"processes": n, "zero_stage": lab.zero_stage, "shards": len(rows) * len(stores),
-             "shards_reused": sum(s.count - len(todo[r]) for r, s in stores.items()),
+    stats = {"processes": launch.world_size(n, cfg.train.hostfile), "zero_stage": lab.zero_stage,
+             "shards": len(rows) * len(stores), "shards_reused": sum(s.count - len(todo[r]) for r, s in stores.items()),
              "shards_scored": sum(len(t) for t in todo.values()), "scoring_s": round(scoring_s, 3),
              "scored_tokens": tokens, "tokens_per_s": tokens / span if span else None, **ranks}  # fmt: skip
     return scores, too_long, stats
@@ -413,7 +414,8 @@ def _judge_labels(cfg: RunConfig, plan: StagePlan, table: pa.Table, engines: dic
             cmds = [[sys.executable, "-m", "stages.label", str(conf), "--round", str(k), JUDGE_SHARDS,
                      f"{g}:{','.join(map(str, mine))}"] for w in range(n_engines) if (mine := assign(missing, w, n_engines))]  # fmt: skip
             launch.engine_workers(cmds, lab.engine.tensor_parallel_size,
-                                  lambda w, line: line and print(f"[engine {w}] {line}", flush=True), "label judges")  # fmt: skip
+                                  lambda w, line: line and print(f"[engine {w}] {line}", flush=True), "label judges",
+                                  "label.engine")  # fmt: skip
             continue
         llm = None
         if model is not None:  # one engine per judge model, freed before the next

@@ -84,7 +84,8 @@ def _score_worker(cfg: RunConfig, plan: StagePlan, todo: list[int], digest: str)
     who = f" (rank {rank} of {world})" if world > 1 else ""
     progress = Progress(f"reference round {plan.round}{who}", len(mine), sum(n_prompts[i] for i in mine), "prompts",
                         bar=world == 1)  # fmt: skip
-    # ZeRO-3: every rank runs as many shard steps as the busiest one (gathers are collective); extra steps score nothing
+    # ZeRO-3: every rank runs as many shard steps as the busiest one (gathers are collective; the count comes from the
+    # `todo` every rank was given, so ranks agree on it without a collective); extra steps score nothing
     for step in range(-(-len(todo) // world) if ref.zero_stage == 3 else len(mine)):
         i = mine[step] if step < len(mine) else None
         idx = rows[i] if i is not None else np.zeros(0, np.int64)
@@ -126,7 +127,7 @@ def _preflight(cfg: RunConfig, plan: StagePlan) -> None:
 def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     ref = cfg.reference
     pairs = read_parquet(plan.inputs["pairs"], schemas.PAIRS)
-    n = launch.resolve_processes(ref.num_processes)
+    n = launch.resolve_processes(ref.num_processes, cfg.train.hostfile)  # per node; 0 with a hostfile: its slots
     launch.check(n, cfg.train.hostfile, "reference.num_processes")
     _preflight(cfg, plan)
     digest = plan_digest(plan)
@@ -169,7 +170,7 @@ def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
         "dropped_non_finite": n_nonfinite,
         "mean_ref_chosen_logps": float(ref_c[keep].mean()),
         "mean_ref_rejected_logps": float(ref_r[keep].mean()),
-        "processes": n,
+        "processes": launch.world_size(n, cfg.train.hostfile),
         "zero_stage": ref.zero_stage,
         "shards": shards.count,
         "shards_reused": shards.count - len(todo),

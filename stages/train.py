@@ -252,17 +252,15 @@ class TrainState:
         return info["metrics"]
 
     def save(self, engine, metrics: list[dict[str, Any]], rank: int) -> None:
-        import torch.distributed as dist
-
         tag = f"step-{len(metrics)}"
         engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)  # every rank writes its shard
-        dist.barrier()
+        launch.barrier()
         if rank == 0:
             write_json_atomic(self.info, {"digest": self.digest, "tag": tag, "metrics": metrics})
             for old in self.dir.glob("step-*"):
                 if old.name != tag:
                     shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
+        launch.barrier()
 
 
 # ---------------------------------------------------------------------------------------------- worker
@@ -272,7 +270,6 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     """One rank's training. Rank 0 writes the outputs. Returns stats (rank 0)."""
     import deepspeed
     import torch
-    import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -282,7 +279,7 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
 
     on_gpu = torch.cuda.is_available()
     launch.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = launch.rank(), launch.world()
     t = cfg.train
     torch.manual_seed(cfg.seed)
     init = str(plan.inputs["init"])
@@ -350,7 +347,7 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
         started = time.perf_counter()
         lr_used = scheduler.get_last_lr()[0]  # the rate this step's update uses (the engine steps the schedule after)
         mine = batch[rank * per_rank : (rank + 1) * per_rank]
-        sums = torch.zeros(6, dtype=torch.float64)  # loss, chosen_r, rejected_r, correct, pairs, tokens
+        sums = [0.0] * 6  # loss, chosen_r, rejected_r, correct, pairs, tokens: this rank's, then every rank's
         for start in range(0, per_rank, mb):
             ex = [examples[i] for i in mine[start : start + mb]]
             b = len(ex)
@@ -375,13 +372,11 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
                 grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
                 own_grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
             engine.step()
-            sums += torch.tensor(
-                [losses.detach().sum().item(), cr.sum().item(), rr.sum().item(), (cr > rr).sum().item(), b, tokens],
-                dtype=torch.float64,
-            )
-        dist.all_reduce(sums)
+            step_sums = (losses.detach().sum().item(), cr.sum().item(), rr.sum().item(), (cr > rr).sum().item(), b, tokens)
+            sums = [a + x for a, x in zip(sums, step_sums)]
+        # summed on the rank's device (launch.sum_across): NCCL takes no CPU tensor
+        loss, cr_sum, rr_sum, correct, n, tokens = launch.sum_across(sums)
         elapsed = time.perf_counter() - started
-        loss, cr_sum, rr_sum, correct, n, tokens = sums.tolist()
         if not math.isfinite(loss):
             raise FloatingPointError(f"round {plan.round}: training loss became {loss} at step {step}; lower train.learning_rate")
         grad_norm = engine.get_global_grad_norm() if stage else own_grad_norm
@@ -438,7 +433,7 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
         replace_dir(tmp, final)
         if state:
             shutil.rmtree(state.dir, ignore_errors=True)  # the final checkpoint supersedes it
-    dist.barrier()
+    launch.barrier()
     last = metrics[-1]
     return {
         "pairs": len(examples),
@@ -459,8 +454,17 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
 
 def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     """Train in this process (1 process) or on N DeepSpeed ranks (pipeline.compute.launch)."""
-    n, hostfile = cfg.train.num_processes, cfg.train.hostfile
+    from pipeline.compute.logprobs import require_model
+
+    t = cfg.train
+    n, hostfile = t.num_processes, t.hostfile
     launch.check(n, hostfile, "train.num_processes")
+    world = launch.world_size(n, hostfile)  # every node's processes share each global batch
+    if t.global_batch_size % (t.micro_batch_size * world):
+        raise ValueError(f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size × "
+                         f"processes ({t.micro_batch_size} × {world}: train.num_processes={n} on each host of "
+                         f"train.hostfile {hostfile})")  # fmt: skip
+    require_model(str(plan.inputs["init"]))  # a Hub model fetched once here, before any rank (or node) needs it
     return launch.run("train", cfg, plan, n, train_worker, hostfile=hostfile, what="training")
 
 

@@ -3,6 +3,7 @@ ranks, ZeRO-3 inference) and local judges on several engines. Run on a GPU machi
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +150,114 @@ def test_two_gpu_judge_engines_match_one(make_config, tmp_path):
         prefs[dp] = pd.read_parquet(rounds.round_dir(cfg, 1) / "preferences.parquet")
     assert prefs[2][["prompt_id", "idx_a", "idx_b", "error"]].equals(prefs[1][["prompt_id", "idx_a", "idx_b", "error"]])
     np.testing.assert_allclose(prefs[2].p.astype(float), prefs[1].p.astype(float), atol=2e-2)
+
+
+def test_collectives_run_on_the_rank_gpu():
+    """NCCL (a world of one, as a one-GPU stage runs): launch's collectives build their tensors on the rank's GPU,
+    return the sums and maxima, and refuse a CPU tensor before NCCL sees it."""
+    code = """
+import torch
+from pipeline.compute import launch
+launch.init_distributed()
+import torch.distributed as dist
+assert dist.get_backend() == "nccl" and launch.device() == torch.device("cuda", 0)
+assert launch.sum_across([1.5, 2.0, 3.0]) == [1.5, 2.0, 3.0] and launch.max_across(7) == 7
+launch.barrier()
+try:
+    launch.all_reduce(torch.zeros(2))
+except RuntimeError as e:
+    assert "tensor on cpu" in str(e)
+else:
+    raise AssertionError("a CPU tensor reached NCCL")
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_one_gpu_training_steps(make_config, tmp_path, zero):
+    """Training on one GPU (NCCL, a world of one) at ZeRO-0 and ZeRO-3, bf16: every step's metrics are summed on
+    the GPU (a CPU tensor in the step's all-reduce crashes NCCL at step 1), and every step's loss is finite."""
+    from stages import pairs, reference
+
+    cfg = make_config(**{"runs_dir": str(tmp_path / "runs"), "train.num_processes": 1, "train.zero_stage": zero,
+                         "model.dtype": "auto", "round0.max_pairs": 16})  # fmt: skip
+    for stage, mod in (("pairs", pairs), ("reference", reference)):
+        plan = rounds.plan(cfg, 0, stage)
+        execute(plan, lambda: mod.run(cfg, plan))
+    conf = tmp_path / "train.yaml"
+    save_config(cfg, conf)
+    proc = subprocess.run([sys.executable, "-m", "stages.train", str(conf), "--round", "0"], capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = pq.read_table(rounds.round_dir(cfg, 0) / "train_metrics.parquet").to_pandas()
+    assert len(metrics) == 2 and np.isfinite(metrics.loss).all() and (metrics.tokens > 0).all()
+
+
+def test_zero3_scoring_on_one_gpu_equals_unsharded(make_config, tmp_path):
+    """reference.zero_stage 3 in one process on the GPU (NCCL): the pass count is agreed on the GPU before any
+    pass, and the log-probs equal ZeRO-0's (float32)."""
+    import pandas as pd
+
+    from stages import pairs
+
+    tables = {}
+    for zero in (0, 3):
+        cfg = make_config(**{"runs_dir": str(tmp_path / f"z{zero}"), "reference.num_processes": 1,
+                             "reference.zero_stage": zero, "model.dtype": "float32", "round0.max_pairs": 16})  # fmt: skip
+        plan = rounds.plan(cfg, 0, "pairs")
+        execute(plan, lambda: pairs.run(cfg, plan))
+        conf = tmp_path / f"reference-z{zero}.yaml"
+        save_config(cfg, conf)  # its own process: ZeRO-3 starts a process group, which must not outlive the stage
+        proc = subprocess.run([sys.executable, "-m", "stages.reference", str(conf), "--round", "0"],
+                              capture_output=True, text=True, timeout=900)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        tables[zero] = pd.read_parquet(rounds.round_dir(cfg, 0) / "reference.parquet")
+    for col in ("ref_chosen_logps", "ref_rejected_logps"):
+        np.testing.assert_allclose(tables[3][col], tables[0][col], atol=1e-3)
+
+
+def _gpu_uuids() -> list[str]:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"], capture_output=True, text=True)
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_ranks_use_their_own_gpu_named_by_uuid(make_config, tmp_path, perturbed_model):
+    """label on 2 ZeRO-0 ranks with CUDA_VISIBLE_DEVICES naming 2 GPUs by UUID, in reverse order: the stage runs
+    (DeepSpeed's --include cannot name UUIDs), and while it runs each rank's process is on exactly one GPU, a
+    different one for each rank, among the two named (no rank touches GPU 0 unless it was given it)."""
+    import threading
+
+    from tests.test_scale_scoring import _responses
+
+    uuids = _gpu_uuids()[:2][::-1]
+    cfg = make_config(**{"runs_dir": str(tmp_path / "runs"), "round0.mode": "skip", "model.reference": str(perturbed_model),
+                         "label.num_processes": 2, "label.shard_size": 1, "data.prompts_per_round": 12})  # fmt: skip
+    _responses(rounds.round_dir(cfg, 1) / "responses.parquet")
+    conf = tmp_path / "label.yaml"
+    save_config(cfg, conf)
+    seen: dict[int, set[str]] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,gpu_uuid", "--format=csv,noheader"],
+                                 capture_output=True, text=True).stdout  # fmt: skip
+            for line in out.splitlines():
+                pid, _, uuid = line.partition(",")
+                if pid.strip().isdigit():
+                    seen.setdefault(int(pid), set()).add(uuid.strip())
+            done.wait(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    proc = subprocess.run([sys.executable, "-m", "stages.label", str(conf), "--round", "1"], capture_output=True,
+                          text=True, timeout=1800, env={**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(uuids)})  # fmt: skip
+    done.set()
+    watcher.join()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    on = [gpus for pid, gpus in seen.items()]
+    assert all(len(g) == 1 and g <= set(uuids) for g in on), seen
+    assert {next(iter(g)) for g in on} == set(uuids), seen  # two ranks, one GPU each

@@ -277,25 +277,32 @@ def score(
     ZeRO-3 partitioned inference (pipeline/compute/zero3.py): `engine` is the DeepSpeed engine around
     `ResponseScorer(model)`, and every forward pass goes through it; `passes(n)` returns the most forward passes
     any rank makes in this call, given this rank's n. Parameters are gathered collectively, so every rank must
-    make as many passes: the difference is made up with one-token passes whose results are dropped."""
+    make as many passes, and must know how many before the first: the batches are planned, the count agreed,
+    then this rank's batches run, followed by one-token passes whose results are dropped."""
     forward = engine if engine is not None else ResponseScorer(model)
-    device = next(model.parameters()).device
+    device = engine.device if engine is not None else next(model.parameters()).device
     out = np.empty(len(encoded), dtype=np.float64)
     if packing and (is_packed(model) or enable_packing(model, max_length) is None):
         rows = _packed_rows(encoded, batch_size)
-        for row in rows:
-            batch = pack([(p, [encoded[i][1] for i in idx]) for p, idx in row]).to(device)
-            flat = [i for _, idx in row for i in idx]
-            out[flat] = forward(packed=batch, reduction=reduction).double().cpu().numpy()
-        for _ in range((passes(len(rows)) if passes else len(rows)) - len(rows)):
-            forward(packed=pack([([0], [0, 0])]).to(device), reduction=reduction)
+        for step in range(passes(len(rows)) if passes else len(rows)):  # agreed before any pass (ZeRO-3)
+            batch = pack([(p, [encoded[i][1] for i in idx]) for p, idx in rows[step]]) if step < len(rows) else None
+            if batch is None or (engine is not None and batch.input_ids.shape[1] == 0):
+                # another rank's pass (or a row with nothing to compute, which would skip its collective gathers)
+                forward(packed=pack([([0], [[0, 0]])]).to(device), reduction=reduction)  # prompt [0], response [0, 0]
+                if batch is not None:
+                    out[[i for _, idx in rows[step] for i in idx]] = 0.0  # what an empty row scores
+                continue
+            flat = [i for _, idx in rows[step] for i in idx]
+            out[flat] = forward(packed=batch.to(device), reduction=reduction).double().cpu().numpy()
         return out
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    for idx in batches:
+    for step in range(passes(len(batches)) if passes else len(batches)):  # agreed before any pass (ZeRO-3)
+        if step >= len(batches):  # another rank's pass: this one only takes part in the gathers
+            forward(*(x.to(device) for x in collate([([0], [0])], pad_id)), reduction)
+            continue
+        idx = batches[step]
         input_ids, attention, response = collate([encoded[i] for i in idx], pad_id)
         input_ids, attention, response = input_ids.to(device), attention.to(device), response.to(device)
         out[idx] = forward(input_ids, attention, response, reduction).double().cpu().numpy()
-    for _ in range((passes(len(batches)) if passes else len(batches)) - len(batches)):
-        forward(*(x.to(device) for x in collate([([0], [0])], pad_id)), reduction)
     return out

@@ -6,9 +6,11 @@ the whole model), then wrapped by `deepspeed.initialize` with no optimizer. In e
 parameters are gathered from all ranks just before the layer runs and released after it: ranks hold 1/N of
 the weights, and compute exactly what one device holding all of them computes (tests/test_scale_scoring.py).
 
-Gathers are collective, so every rank must run the same number of forward passes: `max_passes` agrees on the
-most any rank runs, and the scorers (`pipeline.compute.logprobs.score`, `pipeline.method.rewards.score_reward_model`) make up
-the difference with one-token passes whose results are dropped.
+Gathers are collective, so every rank must run the same number of forward passes, and agree on that number
+BEFORE any of them: a rank still gathering parameters for its own pass while another waits in the count's
+all-reduce never meets it. The scorers (`pipeline.compute.logprobs.score`, `pipeline.method.rewards.score_reward_model`)
+first plan their batches, then call `passes(n)` (an all-reduce MAX of every rank's count), then run their own
+batches followed by one-token passes whose results are dropped, up to the agreed count.
 """
 
 from __future__ import annotations
@@ -90,23 +92,18 @@ def load(path: str, auto_class: Any, dtype: Any, trust_remote_code: bool, what: 
 
 def scoring(module, model_config) -> dict[str, Any]:
     """What the scorers need to run `module` (a partitioned model, or a wrapper of one) under ZeRO-3: its DeepSpeed
-    engine (no optimizer, eval mode) and `passes(n)`, the most forward passes any rank makes (an all-reduce MAX).
-    Pass them on: `score(model, ..., **zero3.scoring(ResponseScorer(model), model.config))`."""
+    engine (no optimizer, eval mode) and `passes(n)`, the most forward passes any rank makes given this rank's n (an
+    all-reduce MAX on the rank's device, called before any pass). Pass them on:
+    `score(model, ..., **zero3.scoring(ResponseScorer(model), model.config))`."""
     import deepspeed
-    import torch
-    import torch.distributed as dist
+
+    from pipeline.compute import launch
 
     dtype = next(module.parameters()).dtype
     hidden = getattr(getattr(model_config, "text_config", None) or model_config, "hidden_size", None)
     engine, *_ = deepspeed.initialize(model=module, config=config(dtype, hidden))
     engine.eval()
-
-    def passes(n: int) -> int:
-        t = torch.tensor([n], dtype=torch.long, device=engine.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
-
-    return {"engine": engine, "passes": passes}
+    return {"engine": engine, "passes": launch.max_across}
 
 
 def share_held(model) -> float:

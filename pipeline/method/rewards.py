@@ -151,8 +151,9 @@ def score_reward_model(model, tokenizer, encoded: list[list[int]], batch_size: i
     """Scores r of already-encoded sequences, batched by length with right padding. Returns (N,) float64.
 
     ZeRO-3 partitioned inference (pipeline/compute/zero3.py): `engine` is the DeepSpeed engine around `model`, through which
-    every forward pass goes, and `passes(n)` the most forward passes any rank makes; the difference is made up with
-    one-token passes whose results are dropped (as `pipeline.compute.logprobs.score` does).
+    every forward pass goes, and `passes(n)` the most forward passes any rank makes, agreed before the first one;
+    the difference is made up with one-token passes whose results are dropped (as `pipeline.compute.logprobs.score`
+    does).
 
     Raises:
         ValueError: when an id is outside the model's vocabulary (its tokenizer does not belong to it).
@@ -169,12 +170,17 @@ def score_reward_model(model, tokenizer, encoded: list[list[int]], batch_size: i
             "the tokenizer saved with it does not belong to this model"
         )
     forward = engine if engine is not None else model
-    device = next(model.parameters()).device
+    device = engine.device if engine is not None else next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     out = np.empty(len(encoded), dtype=np.float64)
     with torch.no_grad():
-        for idx in batches:
+        for step in range(passes(len(batches)) if passes else len(batches)):  # agreed before any pass (ZeRO-3)
+            if step >= len(batches):  # another rank's pass: this one only takes part in the gathers
+                one = torch.ones((1, 1), dtype=torch.long, device=device)  # (1, 1)
+                forward(input_ids=one, attention_mask=one)
+                continue
+            idx = batches[step]
             width = max(len(encoded[i]) for i in idx)
             ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
             attention = torch.zeros((len(idx), width), dtype=torch.long)  # (B, T)
@@ -183,7 +189,4 @@ def score_reward_model(model, tokenizer, encoded: list[list[int]], batch_size: i
                 attention[row, : len(encoded[i])] = 1
             logits = forward(input_ids=ids.to(device), attention_mask=attention.to(device)).logits  # (B, 1)
             out[idx] = logits[:, 0].double().cpu().numpy()
-        for _ in range((passes(len(batches)) if passes else len(batches)) - len(batches)):
-            one = torch.ones((1, 1), dtype=torch.long, device=device)  # (1, 1)
-            forward(input_ids=one, attention_mask=one)
     return out

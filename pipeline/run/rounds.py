@@ -292,8 +292,8 @@ def standalone_eval_plan(cfg: RunConfig, model: str, baseline: str, out: Path) -
 
 def gpus_used(cfg: RunConfig, stage: str) -> int:
     """GPUs a stage occupies on this node while it runs (0 for CPU-only stages): what it holds of the `gpu_slots`
-    limit, one slot per GPU: processes × GPUs per process."""
-    from pipeline.compute.launch import resolve_processes
+    limit, one slot per GPU: processes × GPUs per process (with `train.hostfile`, the processes of this node)."""
+    from pipeline.compute.launch import processes_here
 
     if stage == "generate":  # each engine: tensor_parallel_size GPUs for vLLM, one for the mixture's two models
         g = cfg.generate
@@ -301,14 +301,14 @@ def gpus_used(cfg: RunConfig, stage: str) -> int:
     if stage == "label":
         lab = cfg.label
         if lab.labeller in ("implicit_reward", "reward_model"):
-            return resolve_processes(lab.num_processes)
+            return processes_here(lab.num_processes, cfg.train.hostfile)
         if lab.labeller == "judge" and any(j.backend == "vllm" for j in lab.judges):
             return lab.engine.tensor_parallel_size * lab.engine.resolved_data_parallel_size()
         return 0
     if stage == "reference":
-        return resolve_processes(cfg.reference.num_processes)
+        return processes_here(cfg.reference.num_processes, cfg.train.hostfile)
     if stage == "train":
-        return cfg.train.num_processes
+        return processes_here(cfg.train.num_processes, cfg.train.hostfile)
     if stage == EVAL_STAGE:  # generation on one engine; local judges and a reward model take one GPU after it
         return cfg.generate.engine.tensor_parallel_size
     return 0
