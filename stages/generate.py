@@ -161,8 +161,9 @@ class _VllmSampler:
 
     def close(self) -> None:
         if self.owned:
-            del self.llm
-            gc.collect()
+            from pipeline.compute.engine import release
+
+            release(self.llm)
 
 
 class _MixtureSampler:
