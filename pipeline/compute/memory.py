@@ -188,30 +188,32 @@ def layer_transient_bytes(s: Shape, b: int) -> int:
 def head_bytes(s: Shape, b: int, predicted: int, training: bool) -> int:
     """The LM head at `predicted` positions: its input rows and the (Np, V) logits, their float32 copy and the
     log-softmax's temporary; in training also the gradient of the float32 logits and its cast back."""
-    per = s.vocab * (b + 4 + 4) + b * s.hidden
-    if training:
-        per += s.vocab * (4 + b)
-    return predicted * per
+    if training:  # logits, float32 logits kept for the backward, log-softmax temporary; the gradient and its cast
+        return predicted * (s.vocab * (b + 4 + 4 + 4 + b) + b * s.hidden)
+    upcast = 4 if b != 4 else 0  # `.float()` of float32 logits is the same tensor
+    return predicted * (s.vocab * (b + upcast + 4) + b * s.hidden)
 
 
-def training_activation_bytes(s: Shape, tokens: int, b: int, checkpointing: bool) -> int:
-    """Peak activation bytes of one packed row of `tokens` tokens (all of them predicted: the bound) in training:
-    the larger of the LM head's backward (everything saved so far plus the head) and, with checkpointing, one
-    layer's recompute and backward."""
+def training_activation_bytes(s: Shape, tokens: int, b: int, checkpointing: bool, predicted: int | None = None) -> int:
+    """Peak activation bytes of one packed row of `tokens` tokens, `predicted` of them scored (default: all, the
+    bound) in training: the larger of the LM head's backward (everything saved so far plus the head) and, with
+    checkpointing, one layer's recompute and backward."""
+    predicted = tokens if predicted is None else predicted
     final_norm = (4 * s.hidden + b * s.hidden) * tokens
     grads = 2 * b * s.hidden * tokens  # the hidden-state gradient flowing down, and the one being formed
     if checkpointing:
         kept = s.layers * b * s.hidden * tokens  # each layer's input, for its recompute
         layer = layer_saved_bytes(s, b) * tokens + 2 * b * s.intermediate * tokens  # one layer recomputed + its backward
-        return kept + grads + max(final_norm + head_bytes(s, b, tokens, True), layer)
+        return kept + grads + max(final_norm + head_bytes(s, b, predicted, True), layer)
     kept = s.layers * layer_saved_bytes(s, b) * tokens
-    return kept + grads + final_norm + head_bytes(s, b, tokens, True)
+    return kept + grads + final_norm + head_bytes(s, b, predicted, True)
 
 
-def inference_activation_bytes(s: Shape, tokens: int, b: int) -> int:
-    """Peak activation bytes of a no-grad forward of `tokens` tokens, all predicted: the larger of one layer's
-    temporaries and the LM head's."""
-    return max(layer_transient_bytes(s, b) * tokens, head_bytes(s, b, tokens, False) + 2 * b * s.hidden * tokens)
+def inference_activation_bytes(s: Shape, tokens: int, b: int, predicted: int | None = None) -> int:
+    """Peak activation bytes of a no-grad forward of `tokens` tokens, `predicted` of them scored (default: all):
+    the larger of one layer's temporaries and the LM head's."""
+    predicted = tokens if predicted is None else predicted
+    return max(layer_transient_bytes(s, b) * tokens, head_bytes(s, b, predicted, False) + 2 * b * s.hidden * tokens)
 
 
 # ---------------------------------------------------------------------------------------------- model states
