@@ -247,6 +247,8 @@ def check_memory(cfg: RunConfig) -> None:
 
     if not cfg.memory_check:
         return
+    if cfg.model.build_tiny_if_missing and not Path(cfg.model.policy).exists():
+        return  # the tiny model is built below; each stage checks when it starts
     gpus, device_bytes = memory.device_memory(cfg)
     if device_bytes is None:
         return
