@@ -12,9 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.compute import launch
+from pipeline.compute import launch, memory
 from pipeline.config import ConfigError, RunConfig, load_config, resolve_runtime
-from pipeline.compute import memory
 from pipeline.data.artifacts import MANIFEST_DIR, ArtifactError, StagePlan, execute
 from pipeline.data.models import check_model
 from pipeline.run import rounds

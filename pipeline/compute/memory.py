@@ -450,11 +450,9 @@ def stage_estimates(cfg: RunConfig, stage: str, gpus: int, device_bytes: int | N
                     out.append(engine_estimate("label", "label.engine", lab.engine, cfg, shapes[j.model or cfg.model.policy],
                                                device_bytes, on_gpu=on_gpu, role=f"judge {j.id or i}"))  # fmt: skip
         return out
-    if stage == "reference":
+    if stage == "reference":  # π_{k-1} or π_0: the policy's shape either way
         n = processes(cfg.reference.num_processes, gpus)
-        ref = shapes[cfg.model.reference or cfg.model.policy]
-        return [scoring_estimate("reference", cfg, ref if cfg.reference.model == "initial" else policy, n, device_bytes,
-                                 on_gpu=on_gpu)]  # fmt: skip
+        return [scoring_estimate("reference", cfg, policy, n, device_bytes, on_gpu=on_gpu)]
     if stage == "train":
         return [train_estimate(cfg, policy, cfg.train.num_processes, device_bytes, on_gpu=on_gpu,
                                ds=_user_ds(cfg))]  # fmt: skip
