@@ -164,6 +164,7 @@ class _VllmSampler:
             from pipeline.compute.engine import release
 
             release(self.llm)
+            self.llm = None
 
 
 class _MixtureSampler:
