@@ -47,9 +47,11 @@ def run(
 ) -> None:
     """Run the `dice` flow in this process (Prefect starts a temporary local server unless PREFECT_API_URL is set)."""
     cfg = _load(config, overrides)
+    from pipeline.config import resolve_runtime
     from pipeline.run.rounds import check_initial_models
 
     try:  # before Prefect starts and before the run folder exists (the flow checks again, for deployments)
+        cfg = resolve_runtime(cfg)  # a GPU config (device: cuda) on a machine without CUDA: refused here
         check_initial_models(cfg)
     except ValueError as e:
         err.print(f"[red]error:[/red] {e}")
@@ -516,6 +518,73 @@ def tiny_model(
                     kv_heads=kv_heads, sft_steps=sft_steps, seed=seed)  # fmt: skip
     out = build_tiny_model(path, files, spec)
     console.print(f"tiny model written to {out}")
+
+
+@app.command("plan")
+def plan_memory(
+    config: str = typer.Argument(..., help="YAML preset, e.g. conf/recipes/gpu/dice.yaml."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train.micro_batch_size=1."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="GPUs of the machine (default: the visible ones)."),
+    gpu_memory: Optional[float] = typer.Option(
+        None, "--gpu-memory", min=0.01, help="Memory of each GPU in GiB, e.g. 80 (default: the visible GPUs')."
+    ),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the plan to this file as JSON."),
+) -> None:
+    """Plan each stage's memory per GPU from the models' config.json alone (no weights read): weights, gradients,
+    optimizer states, activations, KV cache. Exits 1 when a stage cannot fit, naming the change that would."""
+    import json
+
+    from rich.markup import escape
+
+    from pipeline.compute import memory
+    from pipeline.run import rounds
+
+    cfg = _load(config, overrides)
+    if gpus is None or gpu_memory is None:
+        seen, size = memory.device_memory(cfg.model_copy(update={"gpu_memory_gib": gpu_memory}))
+        if size is None or not seen and gpus is None:
+            err.print("[red]error:[/red] no CUDA GPU here: give --gpus N and --gpu-memory GIB (e.g. --gpus 8 --gpu-memory 80)")
+            raise typer.Exit(2)
+        gpus, gpu_memory = gpus or seen, gpu_memory or size / memory.GIB
+    device = int(gpu_memory * memory.GIB)
+    try:
+        shapes = memory.read_shapes(cfg)
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(2) from None
+    stages = [s for k in (0, 1) for s in rounds.stages_of_round(cfg, k) if s in memory.GPU_STAGES]
+    plans = [memory.plan_stage(cfg, s, gpus, device, shapes) for s in dict.fromkeys(stages)]
+    for name, shape in shapes.items():
+        console.print(f"model {name}: {shape.params / 1e9:.2f}B parameters ({shape.layers} layers, hidden "
+                      f"{shape.hidden}, vocabulary {shape.vocab:,})")  # fmt: skip
+    for sp in plans:
+        if not sp.estimates:
+            continue
+        table = Table(title=f"{sp.stage}: GiB per GPU ({gpus} × {gpu_memory:g} GiB)")
+        table.add_column("")
+        for e in sp.estimates:
+            table.add_column(escape(e.what), justify="right", overflow="fold")
+        parts = list(dict.fromkeys(k for e in sp.estimates for k in e.parts))
+        for part in parts:
+            table.add_row(part, *[f"{e.parts[part] / memory.GIB:.1f}" if part in e.parts else "" for e in sp.estimates])
+        table.add_row("total", *[f"{e.total / memory.GIB:.1f}" for e in sp.estimates])
+        table.add_row("fits", *["yes" if e.fits else "NO" for e in sp.estimates])
+        console.print(table)
+    failed = [sp for sp in plans if not sp.fits]
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps({
+            "gpus": gpus, "gpu_memory_gib": gpu_memory,
+            "models": {n: {"params": s.params, "largest_layer": s.largest_layer} for n, s in shapes.items()},
+            "stages": [{"stage": sp.stage, "fits": sp.fits, "fix": sp.fix, "fix_labels": sp.fix_labels,
+                        "message": None if sp.fits else sp.message(),
+                        "estimates": [e.as_dict() for e in sp.estimates]} for sp in plans],
+        }, indent=1))  # fmt: skip
+    for sp in failed:
+        err.print(f"[red]{escape(sp.message())}[/red]")
+    if failed:
+        raise typer.Exit(1)
+    console.print(f"every stage fits on {gpus} × {gpu_memory:g} GiB")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from prefect.concurrency.sync import concurrency
 from pydantic import Field
 
 from pipeline.compute import gpus
-from pipeline.config import RunConfig, save_config
+from pipeline.config import RunConfig, resolve_runtime, save_config
 from pipeline.data.artifacts import is_done, read_manifest, run_lock, write_json_atomic
 from pipeline.method.evaluation import Progress, progress
 from pipeline.run import rounds, tracking
@@ -200,9 +200,13 @@ def dice(
 ) -> list[dict[str, Any]]:
     """Iterative self-alignment rounds (DICE): round 0 offline DPO, then generate → label → pairs → reference → train
     (→ evaluate)."""
+    # A GPU config on a machine without CUDA is refused before anything is written; dtype/bf16 `auto` become what
+    # this machine runs, so the plans fingerprint it.
+    config = resolve_runtime(config)
     # Models the config names are checked before anything is written: a missing folder or pickle weights
     # (pytorch_model.bin) is refused here, not after a round of generation.
     rounds.check_initial_models(config)
+    check_memory(config)
     logger = get_run_logger()
     with run_lock(config.run_dir):
         cfg = config
@@ -243,6 +247,24 @@ def dice(
             description=f"dice run {cfg.name}: all rounds",
         )
     return summaries
+
+
+def check_memory(cfg: RunConfig) -> None:
+    """Every GPU stage of the run planned against this machine's GPUs before round 0 starts (pipeline/compute/memory.py):
+    a training that cannot fit is refused now, not after a round of generation. Skipped without GPUs (and without
+    `gpu_memory_gib`) or with `memory_check: false`; each stage checks again when it starts."""
+    from pipeline.compute import memory
+
+    if not cfg.memory_check:
+        return
+    if cfg.model.build_tiny_if_missing and not Path(cfg.model.policy).exists():
+        return  # the tiny model is built below; each stage checks when it starts
+    gpus, device_bytes = memory.device_memory(cfg)
+    if device_bytes is None:
+        return
+    stages = dict.fromkeys(s for k in range(cfg.rounds + 1) for s in rounds.stages_of_round(cfg, k))
+    for stage in stages:
+        memory.preflight(cfg, stage)
 
 
 def eval_progress(cfg: RunConfig, summaries: list[dict[str, Any]]) -> Progress | None:

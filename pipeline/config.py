@@ -134,9 +134,13 @@ class EngineConfig(_Section):
         description="vLLM engines run at once, each its own process on tensor_parallel_size GPUs "
         "(CUDA_VISIBLE_DEVICES), sharing out the prompt shards; 0: as many as the visible GPUs allow.",
     )
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of GPU memory vLLM may take.")
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="GPU: the share of each GPU's memory the engine takes (weights, activations, "
+        "KV cache); `dice plan` shows what it leaves for the KV cache."
+    )
     kv_cache_memory_bytes: int | None = Field(
-        256 << 20, description="KV-cache size in bytes; required on CPU (vLLM's memory check fails without it). Empty on GPU."
+        None, gt=0, description="KV-cache size in bytes; empty: 256 MiB on CPU (vLLM's CPU memory check needs a fixed "
+        "size), the gpu_memory_utilization share on GPU."
     )
     enforce_eager: bool = Field(True, description="Skip CUDA graphs / torch.compile (faster start, slower decode).")
     enable_prefix_caching: bool = Field(True, description="Reuse the prompt's KV cache across the K samples.")
@@ -433,12 +437,15 @@ class TrainConfig(_Section):
     num_processes: int = Field(1, ge=1, description="Training processes (GPUs; on CPU, gloo processes).")
     zero_stage: Literal[0, 1, 2, 3, "auto"] = Field(
         "auto",
-        description="DeepSpeed ZeRO stage; auto: 3 with several processes or offloaded parameters, 2 with an "
-        "offloaded optimizer, else 0 (ZeRO-3's bookkeeping costs ~25% on one process and partitions nothing).",
+        description="DeepSpeed ZeRO stage; auto: on GPUs, the smallest stage whose memory plan fits them "
+        "(pipeline/compute/memory.py; `dice plan` shows it); on CPU, 3 with several processes; offloaded parameters "
+        "need 3, an offloaded optimizer 2 or 3.",
     )
 
     def resolved_zero_stage(self, world: int) -> int:
-        """The ZeRO stage in force for `world` processes."""
+        """The ZeRO stage in force for `world` processes when no memory plan decides (CPU): the stage given, or for
+        auto 3 with several processes or offloaded parameters, 2 with an offloaded optimizer, else 0. On GPUs
+        `pipeline.compute.memory.choose_zero_stage` decides auto by the memory plan."""
         if self.zero_stage != "auto":
             return self.zero_stage
         if world > 1 or self.offload_params:
@@ -467,6 +474,12 @@ class TrainConfig(_Section):
         True,
         description="Padding-free micro-batches: one row per micro-batch, each pair's prompt once with chosen and "
         "rejected after it (exact); models packing cannot handle train padded (docs: The stages in detail, Training).",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in the backward pass instead of keeping them "
+        "(non-reentrant torch checkpointing): the same losses and gradients, ~1/3 more compute, activations of one "
+        "layer instead of all; `dice plan` shows the difference.",
     )
 
     @property
@@ -609,6 +622,19 @@ class RunConfig(_Section):
         "offline baseline of a recipe (continued offline training, same steps per round as data.offline_per_round).",
     )
     seed: int = Field(0, description="Seed of prompt selection, sampling, pair sampling and training order.")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto",
+        description="cuda: every stage runs on CUDA GPUs, and a machine without a working CUDA GPU is refused before "
+        "anything starts (GPU recipes); cpu: CPU only (GPUs are hidden from the stages); auto: CUDA when available.",
+    )
+    memory_check: bool = Field(
+        True,
+        description="Before a stage starts on GPUs, refuse a layout whose memory plan (`dice plan`) does not fit them, "
+        "naming the change that would fit; off: start it anyway.",
+    )
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="GPU memory (GiB) the memory plan assumes per GPU; empty: what the GPUs have."
+    )
     gpu_slots: str | None = Field(
         None,
         description="Prefect global concurrency limit whose slots GPU stages hold, one per GPU they use, so stages "
@@ -718,6 +744,61 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(source, e)) from None
+
+
+def cuda_status() -> tuple[int, str]:
+    """(CUDA GPUs this process can use, why none when 0). Asks the driver for the count; creates no CUDA context."""
+    import os
+
+    import torch
+
+    if torch.version.cuda is None:
+        return 0, f"torch {torch.__version__} is a CPU-only build (install the CUDA build: pip install -e '.[gpu]')"
+    try:
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except RuntimeError as e:  # a driver/runtime mismatch surfaces here
+        return 0, f"CUDA failed to initialise ({e})"
+    if n:
+        return n, ""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    hidden = f" with CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else ""
+    return 0, (f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU{hidden}; check the driver "
+               "with nvidia-smi")  # fmt: skip
+
+
+def resolve_runtime(cfg: RunConfig, cuda: int | None = None) -> RunConfig:
+    """The config a run executes: `device`, `model.dtype: auto` and `train.bf16: empty` made concrete for this
+    machine, so plans fingerprint what runs (float32 shards scored on a CPU never count as a bfloat16 GPU run's).
+
+    device=cuda on a machine without a usable CUDA GPU is refused here, before anything is written: a GPU recipe
+    never falls back to a float32 run on gloo. device=cpu hides the GPUs from this process and its children
+    (CUDA_VISIBLE_DEVICES=""), before anything touches CUDA.
+
+    Args:
+        cuda: the usable CUDA GPUs (default: asked of torch, `cuda_status`).
+    Raises:
+        ConfigError: device=cuda without a usable CUDA GPU; the message names CUDA and the cause.
+    """
+    import os
+
+    if cfg.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        cuda, why = 0, ""
+    elif cuda is None:
+        cuda, why = cuda_status()
+    else:
+        why = "no CUDA GPU"
+    if cfg.device == "cuda" and not cuda:
+        raise ConfigError(
+            f"run {cfg.name}: device is cuda, but CUDA is not usable on this machine: {why}. Run it on a CUDA GPU "
+            "machine, or set device=auto (or cpu) to run on the CPU"
+        )
+    on_gpu = bool(cuda) and cfg.device != "cpu"
+    model = cfg.model.model_copy(
+        update={"dtype": ("bfloat16" if on_gpu else "float32") if cfg.model.dtype == "auto" else cfg.model.dtype}
+    )
+    train = cfg.train.model_copy(update={"bf16": on_gpu if cfg.train.bf16 is None else cfg.train.bf16})
+    return cfg.model_copy(update={"device": "cuda" if on_gpu else "cpu", "model": model, "train": train})
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.compute import launch
-from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.compute import launch, memory
+from pipeline.config import ConfigError, RunConfig, load_config, resolve_runtime
 from pipeline.data.artifacts import MANIFEST_DIR, ArtifactError, StagePlan, execute
 from pipeline.data.models import check_model
 from pipeline.run import rounds
@@ -35,12 +35,18 @@ def main(stage: str, fn: StageFn, argv: list[str] | None = None) -> None:
     args = parse_args(stage, argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed deprecation noise in logs
     try:
-        cfg = load_config(args.config, args.overrides)
+        # device, dtype and bf16 made concrete (a GPU config without CUDA is refused here) before the plan's digest
+        cfg = resolve_runtime(load_config(args.config, args.overrides))
         plan = rounds.plan(cfg, args.round_, stage)
         for name, value in plan.inputs.items():
             if isinstance(value, str) and not value.startswith("hf://"):  # plans name models by str, files by Path
                 check_model(value, f"{stage} input {name!r}:")
-        manifest = execute(plan, lambda: fn(cfg, plan), force=args.force)
+
+        def run() -> dict[str, Any]:
+            memory.preflight(cfg, stage)  # a layout that cannot fit the GPUs is refused before anything loads
+            return fn(cfg, plan)
+
+        manifest = execute(plan, run, force=args.force)
     except (ConfigError, ArtifactError, ValueError, RuntimeError) as e:
         if os.environ.get("DICE_DEBUG"):
             raise
@@ -65,7 +71,7 @@ def worker_main(stage: str, worker: launch.Worker, argv: list[str] | None = None
     ap.add_argument("--round", type=int, required=True, dest="round_")
     ap.add_argument("--worker", required=True, metavar="JOB", help="the job file written by pipeline.compute.launch.run")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config)
+    cfg = resolve_runtime(load_config(args.config))  # this rank's node has CUDA if the run's device says so
     plan = rounds.plan(cfg, args.round_, stage)
     spec = json.loads(Path(args.worker).read_text())
     try:

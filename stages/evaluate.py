@@ -141,7 +141,7 @@ def model_responses(
             print(f"evaluate: cache {path} unreadable ({e}); generating again", file=sys.stderr)
     from vllm import SamplingParams, TokensPrompt
 
-    from pipeline.compute.engine import make_llm
+    from pipeline.compute.engine import make_llm, release
     from pipeline.compute.logprobs import prompt_ids
 
     ev, g = cfg.eval, cfg.generate
@@ -165,9 +165,8 @@ def model_responses(
         ]  # fmt: skip
         results = llm.generate([TokensPrompt(prompt_token_ids=ids[i]) for i in kept], params, use_tqdm=False) if kept else []
     finally:
-        if owned:
-            del llm
-            gc.collect()
+        if owned:  # gone before the next engine (the baseline's, a judge's) takes its share of the GPU
+            release(llm)
     cols: dict[str, list] = {name: [] for name in schemas.RESPONSES.names}
     for i, seed, result in zip(kept, seeds, results):
         for j, out in enumerate(result.outputs):
@@ -277,7 +276,7 @@ def annotate(
     Raises:
         ValueError: naming the annotator, when one fails on every row.
     """
-    from pipeline.compute.engine import make_llm
+    from pipeline.compute.engine import make_llm, release
     from pipeline.method.judges import compare
 
     ev, engines = cfg.eval, engines or {}
@@ -295,20 +294,21 @@ def annotate(
         if model is not None:
             llm = engines.get(model) or make_llm(model, cfg.label.engine, dtype=cfg.model.dtype, seed=cfg.seed,
                                                  trust_remote_code=ev.trust_remote_code)  # fmt: skip
-        for jid, m, factory in judges:
-            if m != model:
-                continue
-            a = ids.index(jid)
-            for i, c in enumerate(compare(factory(llm), questions) if questions else []):
-                attempts += c.attempts
-                if c.p is None:
-                    errors[a][i] = c.error
-                    details.setdefault(f"{jid}:{c.error}", c.detail or "")
-                else:
-                    p[i, a] = c.p
-        if model is not None and model not in engines:
-            del llm
-            gc.collect()
+        try:
+            for jid, m, factory in judges:
+                if m != model:
+                    continue
+                a = ids.index(jid)
+                for i, c in enumerate(compare(factory(llm), questions) if questions else []):
+                    attempts += c.attempts
+                    if c.p is None:
+                        errors[a][i] = c.error
+                        details.setdefault(f"{jid}:{c.error}", c.detail or "")
+                    else:
+                        p[i, a] = c.p
+        finally:
+            if model is not None and model not in engines:  # gone before the next judge's engine starts
+                release(llm)
     if ev.reward_model:
         a = ids.index("reward_model")
         both = _reward_scores(cfg, plan, prompts + prompts, policy + baseline)

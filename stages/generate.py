@@ -161,8 +161,10 @@ class _VllmSampler:
 
     def close(self) -> None:
         if self.owned:
-            del self.llm
-            gc.collect()
+            from pipeline.compute.engine import release
+
+            release(self.llm)
+            self.llm = None
 
 
 class _MixtureSampler:

@@ -387,7 +387,7 @@ def _judge_labels(cfg: RunConfig, plan: StagePlan, table: pa.Table, engines: dic
         (rewards, label errors, the PREFERENCES table, stats).
     """
     from pipeline.compute import launch
-    from pipeline.compute.engine import make_llm
+    from pipeline.compute.engine import make_llm, release
     from pipeline.config import save_config
     from pipeline.method.judges import Comparison, bradley_terry, copeland
 
@@ -418,13 +418,14 @@ def _judge_labels(cfg: RunConfig, plan: StagePlan, table: pa.Table, engines: dic
                                   "label.engine")  # fmt: skip
             continue
         llm = None
-        if model is not None:  # one engine per judge model, freed before the next
+        if model is not None:  # one engine per judge model, released before the next starts
             llm = engines.get(model) or make_llm(model, lab.engine, dtype=cfg.model.dtype, seed=cfg.seed,
                                                  trust_remote_code=lab.trust_remote_code)  # fmt: skip
-        _judge_shards(cfg, plan, g, missing, llm, digest, work, factories)
-        if model is not None and model not in engines:
-            del llm
-            gc.collect()
+        try:
+            _judge_shards(cfg, plan, g, missing, llm, digest, work, factories)
+        finally:
+            if model is not None and model not in engines:
+                release(llm)
     results: dict[int, list[Any]] = {i: [None] * len(comps) for i in range(len(factories))}
     for store in stores:
         for v in store.read(VERDICTS).to_pylist():
@@ -561,7 +562,7 @@ def _judge_engine_main(argv: list[str]) -> None:
     import argparse
     import os
 
-    from pipeline.compute.engine import make_llm
+    from pipeline.compute.engine import engine
     from pipeline.config import ConfigError, load_config
     from pipeline.data.artifacts import ArtifactError
     from pipeline.run import rounds
@@ -577,10 +578,10 @@ def _judge_engine_main(argv: list[str]) -> None:
         g, _, ids = args.shards.partition(":")
         factories = _make_judges(cfg, plan, {})
         model = _judge_groups(factories)[int(g)][0]
-        llm = make_llm(str(model), cfg.label.engine, dtype=cfg.model.dtype, seed=cfg.seed,
-                       trust_remote_code=cfg.label.trust_remote_code)  # fmt: skip
-        _judge_shards(cfg, plan, int(g), [int(i) for i in ids.split(",")], llm, plan_digest(plan),
-                      factories=factories, who=f" (engine pid {os.getpid()})")  # fmt: skip
+        with engine(str(model), cfg.label.engine, dtype=cfg.model.dtype, seed=cfg.seed,
+                    trust_remote_code=cfg.label.trust_remote_code) as llm:  # fmt: skip
+            _judge_shards(cfg, plan, int(g), [int(i) for i in ids.split(",")], llm, plan_digest(plan),
+                          factories=factories, who=f" (engine pid {os.getpid()})")  # fmt: skip
     except (ConfigError, ArtifactError, ValueError, RuntimeError) as e:
         if os.environ.get("DICE_DEBUG"):
             raise

@@ -304,6 +304,11 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     if rank == 0 and t.packing and unpackable:
         print(f"train round {plan.round}: padded micro-batches ({unpackable})", flush=True)
     packed = unpackable is None
+    if t.gradient_checkpointing:
+        # Each decoder layer keeps only its input and is recomputed in the backward pass. Non-reentrant torch
+        # checkpointing: the recompute gets the layer's keyword arguments (the packed attention's calls) as they
+        # were, and ZeRO-3 gathers the layer's parameters again through its module hooks.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def forward(pairs: list[tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]]) -> tuple[Any, int]:
         """(2b,) response log-probs of b (chosen, rejected) encodings, chosen rows first; and the logical tokens."""
@@ -440,6 +445,8 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
         **dropped,
         "steps": total_steps,
         "processes": world,
+        "zero_stage": stage,
+        "gradient_checkpointing": t.gradient_checkpointing,
         "final_loss": last["loss"],
         "final_accuracy": last["accuracy"],
         "final_margin": last["margin"],
@@ -450,6 +457,25 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- launching
+
+
+def planned_zero_stage(cfg: RunConfig, plan: StagePlan) -> RunConfig:
+    """cfg with `train.zero_stage: auto` decided by the memory plan on GPUs (the smallest stage that fits them,
+    pipeline.compute.memory.choose_zero_stage), once here so every rank gets the same; unchanged on CPU."""
+    from pipeline.compute import memory
+    from pipeline.compute.logprobs import require_model
+
+    t = cfg.train
+    if t.zero_stage != "auto":
+        return cfg
+    _, device_bytes = memory.device_memory(cfg)
+    if device_bytes is None:
+        return cfg
+    shape = memory.read_shape(require_model(str(plan.inputs["init"])))
+    stage = memory.choose_zero_stage(cfg, shape, t.num_processes, device_bytes)
+    print(f"train round {plan.round}: zero_stage auto -> {stage} (the smallest that fits {device_bytes / memory.GIB:.0f} "
+          "GiB per GPU)", flush=True)  # fmt: skip
+    return cfg.model_copy(update={"train": t.model_copy(update={"zero_stage": stage})})
 
 
 def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
@@ -465,6 +491,7 @@ def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
                          f"processes ({t.micro_batch_size} × {world}: train.num_processes={n} on each host of "
                          f"train.hostfile {hostfile})")  # fmt: skip
     require_model(str(plan.inputs["init"]))  # a Hub model fetched once here, before any rank (or node) needs it
+    cfg = planned_zero_stage(cfg, plan)
     return launch.run("train", cfg, plan, n, train_worker, hostfile=hostfile, what="training")
 
 
