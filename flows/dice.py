@@ -136,13 +136,17 @@ class watch_prefect_api:
 
 
 def give_up(message: str, code: int) -> None:
-    """Print `message` as dice's last line, stop this process's children, and exit now with `code` (atexit handlers
-    skipped: Prefect's would retry a server that is gone)."""
+    """Stop this process's children, print `message` as dice's last line, and exit now with `code` (atexit handlers
+    skipped: Prefect's would retry a server that is gone). The other threads' output is silenced first: the flow
+    would log the stopped stage's failure, with its traceback, after dice's line."""
     import psutil
 
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    print("Finished stages are kept; run the same command again once the server answers, to resume.", file=sys.stderr,
-          flush=True)  # fmt: skip
+    sys.stdout.flush()
+    sys.stderr.flush()
+    ours = os.dup(2)
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 1)
+    os.dup2(quiet, 2)
     children = psutil.Process().children(recursive=True)
     for child in children:
         try:
@@ -155,7 +159,8 @@ def give_up(message: str, code: int) -> None:
             child.kill()
         except psutil.NoSuchProcess:
             pass
-    sys.stdout.flush()
+    os.write(ours, f"error: {message}\nFinished stages are kept; run the same command again once the server answers, "
+                   "to resume.\n".encode())  # fmt: skip
     os._exit(code)
 
 
