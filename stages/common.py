@@ -36,7 +36,10 @@ def error_line(e: BaseException) -> str:
     OS error (a full disk, a permission, a read-only filesystem) the path, the errno's name and its text; for
     anything else (a safetensors file that will not load, ...) the exception's type and message."""
     if isinstance(e, (ConfigError, ArtifactError, ValueError, RuntimeError)) and not isinstance(e, OSError):
-        return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # a message over several lines ("rank0 failed:\n<its error>", a config's fields) joined into one
+        joined = "".join(f"{line}{' ' if line.endswith(':') else '; '}" for line in lines[:-1]) + (lines[-1] if lines else "")
+        return joined or type(e).__name__
     if isinstance(e, OSError) and e.errno is not None:
         paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
         name = errno.errorcode.get(e.errno, str(e.errno))
