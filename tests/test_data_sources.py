@@ -356,24 +356,26 @@ def test_export_from_another_folder(tmp_path, tiny_model, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
+    shutil.copytree(tiny_model, work / "models" / "tiny")
     cfg = load_config(REPO / "conf/tiny.yaml", [
-        "runs_dir=runs", f"model.policy={tiny_model}", "model.build_tiny_if_missing=false", "rounds=1",
-        "offline_rounds=true", "data.offline_per_round=8", "eval.enabled=false",
+        "runs_dir=runs", "model.policy=models/tiny", "model.build_tiny_if_missing=false", "rounds=1",
+        "round0.max_pairs=8", "offline_rounds=true", "data.offline_per_round=8", "eval.enabled=false",
         f"data.prompts={REPO / 'data/prompts.jsonl'}", f"data.offline={REPO / 'data/offline_prefs.jsonl'}",
     ])  # fmt: skip
     shutil.copytree(tiny_model, rounds.model_of(cfg, 0))  # π_0 where round 0's training leaves it
-    for stage in ("pairs", "reference"):
-        plan = rounds.plan(cfg, 1, stage)
+    for k, stage in ((0, "pairs"), (0, "reference"), (1, "pairs"), (1, "reference")):
+        plan = rounds.plan(cfg, k, stage)
         module = importlib.import_module(f"stages.{stage}")
         execute(plan, lambda: module.run(cfg, plan))
     recorded = read_manifest(rounds.round_dir(cfg, 1) / ".dice/reference.json")["inputs"]["reference"]
     assert recorded["path"] == "runs/tiny/round-0/checkpoint" and recorded["in_run"] == "round-0/checkpoint"
-    out = tmp_path / "round1.parquet"
-    done = subprocess.run([str(BIN / "dice"), "export", str(work / cfg.run_dir), "--round", "1", "--out", str(out)],
-                          cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert pq.read_metadata(out).num_rows == pq.read_metadata(rounds.round_dir(cfg, 1) / "reference.parquet").num_rows
-    assert "DPOConfig(max_length=512)" in " ".join(done.stdout.split())
+    for k in (1, 0):  # round 0's reference is model.policy, a relative path outside the run
+        out = tmp_path / f"round{k}.parquet"
+        done = subprocess.run([str(BIN / "dice"), "export", str(work / cfg.run_dir), "--round", str(k), "--out", str(out)],
+                              cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert pq.read_metadata(out).num_rows == pq.read_metadata(rounds.round_dir(cfg, k) / "reference.parquet").num_rows
+        assert "DPOConfig(max_length=512)" in " ".join(done.stdout.split())
     moved = tmp_path / "moved"
     shutil.move(str(work / "runs" / "tiny"), moved)  # the whole run folder elsewhere: still exportable
     monkeypatch.chdir(tmp_path)

@@ -216,7 +216,8 @@ def input_record(plan: StagePlan) -> dict[str, dict[str, str]]:
       is another input);
     - `in_run`: for a file or folder inside the run folder (an earlier round's checkpoint or table), its path
       relative to the run folder. That, not the path, is what is compared: a run folder moved or copied elsewhere
-      still matches its manifests, and its finished stages are not redone."""
+      still matches its manifests, and its finished stages are not redone;
+    - `abs_path`: for a relative path outside the run (`models/tiny`), where it pointed (not compared)."""
     return {name: _record(p, plan.run_dir) for name, p in plan.inputs.items()}
 
 
@@ -235,6 +236,8 @@ def _record(p: Path | str, run_dir: Path) -> dict[str, str]:
     inside = os.path.relpath(os.path.abspath(p), os.path.abspath(run_dir))
     if inside != os.curdir and not inside.startswith(os.pardir + os.sep) and inside != os.pardir:
         record["in_run"] = Path(inside).as_posix()
+    elif not os.path.isabs(p):  # where a relative path pointed, for readers started elsewhere (dice export)
+        record["abs_path"] = os.path.abspath(p)
     return record
 
 

@@ -57,10 +57,13 @@ def trl_completion(response: str, eos: str) -> str:
 
 def reference_model(run_dir: Path, record: dict[str, str]) -> str:
     """The model a round's reference stage scored with, from its manifest's input record: inside the run folder it
-    is found relative to the run (`in_run`), so a run exported from another folder, or moved, still finds it."""
+    is found relative to the run (`in_run`), so a run exported from another folder, or moved, still finds it; a
+    relative path outside the run where it pointed when the run recorded it (`abs_path`)."""
     if "in_run" in record:
         return str(Path(run_dir) / record["in_run"])
     path = record["path"]
+    if not Path(path).exists() and Path(record.get("abs_path", path)).exists():
+        return record["abs_path"]  # a relative path outside the run, from the folder the run started in
     parts = Path(path).parts
     if not Path(path).exists() and len(parts) >= 2 and parts[-2].startswith("round-"):
         # a manifest written before `in_run` was recorded, naming a checkpoint relative to where the run started
