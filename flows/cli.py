@@ -40,12 +40,29 @@ def _load(config: str | None, overrides: list[str] | None):
         raise typer.Exit(2) from None
 
 
+def _stage_line(msg: str) -> str:
+    """A failed stage's message as one line: the flow's "round k stage failed (exit code n). Last output: ..." with
+    the stage's own error line (naming the file, row or field) in place of its last output."""
+    head, sep, tail = msg.partition(". Last output:\n")
+    if sep:
+        ours = [line.split(": error: ", 1)[1] for line in tail.splitlines()
+                if line.startswith("dice ") and ": error: " in line]  # fmt: skip
+        if ours:
+            return f"{head.split(' (exit code')[0]}: {ours[-1]}"
+    return msg
+
+
 @app.command()
 def run(
     config: Optional[str] = typer.Argument(None, help="YAML preset, e.g. conf/tiny.yaml (default: the embedded tiny preset)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. rounds=3 generate.num_samples=8."),
 ) -> None:
-    """Run the `dice` flow in this process (Prefect starts a temporary local server unless PREFECT_API_URL is set)."""
+    """Run the `dice` flow in this process (Prefect starts a temporary local server unless PREFECT_API_URL is set).
+
+    Exit codes: 0 done; 1 a stage or the flow failed (finished stages are kept: run again to resume); 2 bad
+    configuration or data; 3 the run folder is being run by another process; 4 the Prefect API does not answer."""
+    from rich.markup import escape
+
     cfg = _load(config, overrides)
     from pipeline.config import resolve_runtime
     from pipeline.run.rounds import check_initial_models
@@ -54,23 +71,54 @@ def run(
         cfg = resolve_runtime(cfg)  # a GPU config (device: cuda) on a machine without CUDA: refused here
         check_initial_models(cfg)
     except ValueError as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
     _prefect_env()
-    from flows.dice import dice
-    from pipeline.data.artifacts import RunLocked
+    from flows.dice import (
+        PrefectUnreachable,
+        check_prefect_api,
+        check_run_data,
+        dice,
+        give_up,
+        is_connection_loss,
+        prefect_api_url,
+        unreachable_message,
+        watch_prefect_api,
+    )
+    from pipeline.data.artifacts import ArtifactError, RunLocked
+    from pipeline.run.datacheck import DataError
 
+    try:  # a server that is not there is said at once, not after Prefect's minutes of retries
+        check_prefect_api()
+    except PrefectUnreachable as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(4) from None
+    try:  # every dataset the rounds will read, before anything runs (the flow does not check it again)
+        for line in check_run_data(cfg, before_flow=True):
+            err.print(f"[yellow]warning:[/yellow] {escape(line)}")
+    except (DataError, ArtifactError, ValueError) as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(2) from None
     try:
-        dice(config=cfg)
+        with watch_prefect_api(grace_s=float(os.environ.get("DICE_PREFECT_GRACE_S", "20"))):
+            dice(config=cfg)
     except RunLocked as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(3) from None
     except Exception as e:  # noqa: BLE001 (a stage failed, with its own message naming the file, row or field;
         # or something unexpected: either way one line, not a traceback; DICE_DEBUG=1 shows the traceback)
         if os.environ.get("DICE_DEBUG"):
             raise
-        msg = str(e) if isinstance(e, (RuntimeError, ValueError)) else f"{type(e).__name__}: {e}"
-        err.print(f"[red]error:[/red] {msg}")
+        from flows.dice import api_answers
+
+        url = prefect_api_url()
+        if url and is_connection_loss(e) and (why := api_answers(url, 5.0)) is not None:
+            give_up(unreachable_message(url, why), 4)  # exits now: Prefect's queues would retry a server that is gone
+        if isinstance(e, DataError):  # the data check before round 0: nothing ran
+            err.print(f"[red]error:[/red] {escape(str(e))}")
+            raise typer.Exit(2) from None
+        msg = _stage_line(str(e)) if isinstance(e, (RuntimeError, ValueError)) else f"{type(e).__name__}: {e}"
+        err.print(f"[red]error:[/red] {escape(msg)}")
         err.print(f"Finished stages are kept; fix the cause and run the same command again to resume ({cfg.run_dir}). "
                   "DICE_DEBUG=1 shows the traceback.")  # fmt: skip
         raise typer.Exit(1) from None
@@ -438,12 +486,14 @@ def diff(
 
 @app.command()
 def export(
-    run_dir: Path = typer.Argument(..., help="A run folder, e.g. runs/tiny."),
+    run_dir: Path = typer.Argument(..., help="A run folder, e.g. runs/tiny (from any folder: its models are found inside it)."),
     round_: int = typer.Option(..., "--round", help="The round whose training pairs (reference.parquet) to export."),
     fmt: str = typer.Option("trl", "--format", help="trl (Parquet for TRL's DPOTrainer), jsonl, or hf (a save_to_disk folder)."),
     out: Path = typer.Option(..., help="Output file (trl, jsonl) or folder (hf)."),
 ) -> None:
-    """Export a round's pairs so another trainer sees exactly the tokens dice scored (README, Exporting rounds)."""
+    """Export a round's pairs so another trainer sees exactly the tokens dice scored (docs/data.md, Exporting rounds)."""
+    from rich.markup import escape
+
     from pipeline.data.artifacts import ArtifactError
     from pipeline.run.export import export_round
 
@@ -452,11 +502,14 @@ def export(
         raise typer.Exit(2)
     try:
         done = export_round(run_dir, round_, fmt, out)  # type: ignore[arg-type]
-    except (ArtifactError, ValueError) as e:
-        err.print(f"[red]error:[/red] {e}")
+    except (ArtifactError, ValueError, OSError) as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
     console.print(f"{done['rows']} pairs of {run_dir} round {round_} written to {done['out']} ({fmt}; tokens checked "
                   f"against {done['model']}'s tokenizer)")  # fmt: skip
+    if done.get("max_length"):
+        console.print(f"train with DPOConfig(max_length={done['max_length']}) (the run's model.max_length): TRL's "
+                      "default of 1024 would cut longer pairs")  # fmt: skip
 
 
 data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Check the datasets a config reads.")
@@ -468,26 +521,39 @@ def data_check(
     config: Optional[str] = typer.Argument(None, help="YAML preset (default: the embedded tiny preset)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides."),
 ) -> None:
-    """What dice will read before a long run: rows per dataset, what would be dropped and why, token lengths under
-    the policy's chat template, prompts over model.max_prompt_tokens, duplicates."""
+    """What dice will read before a long run: rows per dataset, the rows it cannot use (counted by reason, the first
+    named), token lengths under the policy's chat template (and the first prompt rendered), what would be dropped,
+    duplicates, prompt reuse across rounds. Exits 2 when `dice run` would stop on the data."""
+    from rich.markup import escape
+    from rich.panel import Panel
+
     from pipeline.data.artifacts import ArtifactError
     from pipeline.run.datacheck import check_data
 
     cfg = _load(config, overrides)
     try:
         report = check_data(cfg)
-    except (ArtifactError, ValueError) as e:
-        err.print(f"[red]error:[/red] {e}")
+    except (ArtifactError, ValueError, OSError) as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
-    for name, r in report.items():
-        table = Table(title=f"data.{name}: {r['source']}", show_header=False)
+    for name, r in report.datasets.items():
+        table = Table(title=escape(f"{name}: {r['source']}"), show_header=False)
         table.add_column("what", style="bold")
         table.add_column("value", overflow="fold")
         for key, value in r.items():
             if key != "source":
-                table.add_row(key, _fmt(value, 200) if not isinstance(value, dict) else
-                              ", ".join(f"{k} {_fmt(v)}" for k, v in value.items()))  # fmt: skip
+                table.add_row(escape(key), escape(_fmt(value, 2000) if not isinstance(value, dict) else
+                                                  ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())))  # fmt: skip
         console.print(table)
+    if report.rendered is not None:
+        console.print(Panel(escape(report.rendered), title="the first prompt as the policy sees it (chat template applied)",
+                            expand=False))  # fmt: skip
+    for line in report.warnings:
+        err.print(f"[yellow]warning:[/yellow] {escape(line)}")
+    for line in report.errors:
+        err.print(f"[red]error:[/red] {escape(line)}")
+    if report.errors:
+        raise typer.Exit(2)
 
 
 @app.command("tiny-model")

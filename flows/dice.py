@@ -28,14 +28,154 @@ from prefect.concurrency.sync import concurrency
 from pydantic import Field
 
 from pipeline.compute import gpus
-from pipeline.config import RunConfig, resolve_runtime, save_config
+from pipeline.config import RunConfig, config_hash, resolve_runtime, save_config
 from pipeline.data.artifacts import is_done, read_manifest, run_lock, write_json_atomic
 from pipeline.method.evaluation import Progress, progress
 from pipeline.run import rounds, tracking
+from pipeline.run.datacheck import validate_data
 from pipeline.run.html_report import round_markdown, write_report
 from pipeline.run.report import round_summary, stage_manifests
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------- the Prefect API
+# With PREFECT_API_URL set, the flow reports to that server. Prefect's client retries a lost server for minutes
+# (and then waits on its log and event queues at exit), which is right for a server restarting and wrong for one
+# that is gone: `dice run` checks the API before the flow and watches it during the flow, and ends with one line
+# naming PREFECT_API_URL when it does not answer.
+
+
+class PrefectUnreachable(RuntimeError):
+    """The Prefect API that PREFECT_API_URL names does not answer."""
+
+
+def prefect_api_url() -> str | None:
+    """The Prefect API this process reports to (PREFECT_API_URL, from the environment or the Prefect profile); None:
+    a temporary local server is started for the run."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
+
+
+def api_answers(url: str, timeout_s: float) -> str | None:
+    """None when the API at `url` answers (any HTTP status: it is there), else why not."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout_s):
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answered (an auth error from Prefect Cloud, say)
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        return f"{type(reason).__name__}: {reason}"
+
+
+def unreachable_message(url: str, why: str) -> str:
+    from pipeline.config import _redact
+
+    return (f"the Prefect API at {_redact(url)} (PREFECT_API_URL) does not answer ({why}); start a server with "
+            "`prefect server start` (it then answers at http://127.0.0.1:4200/api), or unset PREFECT_API_URL to let "
+            "dice run on a temporary local server")  # fmt: skip
+
+
+def check_prefect_api(wait_s: float = 10.0) -> None:
+    """Refuse at once a PREFECT_API_URL that does not answer (a server still starting gets `wait_s`).
+
+    Raises:
+        PrefectUnreachable: naming PREFECT_API_URL and how to start a server.
+    """
+    import time
+
+    url = prefect_api_url()
+    if url is None:
+        return
+    deadline = time.monotonic() + wait_s
+    while (why := api_answers(url, 5.0)) is not None:
+        if time.monotonic() > deadline:
+            raise PrefectUnreachable(unreachable_message(url, why))
+        time.sleep(1.0)
+
+
+class watch_prefect_api:
+    """While the body runs, ask the Prefect API every `every_s` seconds whether it answers; once it has not for
+    `grace_s` seconds (a restarting server is back well within that), print one line naming PREFECT_API_URL to
+    stderr, stop this process's children (the stage in flight: a re-run resumes it) and exit with `code`, without
+    waiting on Prefect's queues of logs and events for a server that is gone."""
+
+    def __init__(self, grace_s: float = 20.0, every_s: float = 5.0, code: int = 4):
+        self.grace_s, self.every_s, self.code = grace_s, every_s, code
+        self.url = prefect_api_url()
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="dice-prefect-watch", daemon=True)
+
+    def __enter__(self) -> "watch_prefect_api":
+        if self.url is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        import time
+
+        assert self.url is not None
+        lost = None
+        while not self._stop.wait(self.every_s):
+            why = api_answers(self.url, min(self.every_s, 5.0))
+            if why is None:
+                lost = None
+                continue
+            lost = lost or time.monotonic()
+            if time.monotonic() - lost >= self.grace_s and not self._stop.is_set():
+                give_up(unreachable_message(self.url, f"{why}, for {time.monotonic() - lost:.0f} s"), self.code)
+
+
+def give_up(message: str, code: int) -> None:
+    """Stop this process's children, print `message` as dice's last line, and exit now with `code` (atexit handlers
+    skipped: Prefect's would retry a server that is gone). The other threads' output is silenced first: the flow
+    would log the stopped stage's failure, with its traceback, after dice's line."""
+    import psutil
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    ours = os.dup(2)
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 1)
+    os.dup2(quiet, 2)
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=15)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    os.write(ours, f"error: {message}\nFinished stages are kept; run the same command again once the server answers, "
+                   "to resume.\n".encode())  # fmt: skip
+    os._exit(code)
+
+
+def is_connection_loss(e: BaseException) -> bool:
+    """Whether `e` (or what caused it) is a failure to reach a server (Prefect's client raises httpx's)."""
+    import httpx
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, ConnectionError)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _stream(cmd: list[str], what: str, env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()) -> str | None:
@@ -59,6 +199,25 @@ def _stream(cmd: list[str], what: str, env: dict[str, str] | None = None, pass_f
     if proc.wait() != 0:
         raise RuntimeError(f"{what} failed (exit code {proc.returncode}). Last output:\n" + "\n".join(tail))
     return result
+
+
+_data_checked: dict[str, list[str]] = {}  # config hash -> warnings: checked by `dice run`, not yet by its flow
+
+
+def check_run_data(cfg: RunConfig, *, before_flow: bool = False) -> list[str]:
+    """`pipeline.run.datacheck.validate_data` for a run of `cfg`, once: `dice run` checks before Prefect starts
+    (`before_flow`: a data error costs no server start) and its flow then uses that result; a flow started
+    otherwise (a deployment, a second call in one process) checks for itself.
+
+    Raises:
+        DataError: naming the file, split, row and field of the first problems.
+    """
+    key = config_hash(cfg)
+    if before_flow:
+        _data_checked[key] = validate_data(cfg)
+        return _data_checked[key]
+    found = _data_checked.pop(key, None)
+    return found if found is not None else validate_data(cfg)
 
 
 @task(name="tiny-model", cache_policy=NONE)
@@ -214,6 +373,11 @@ def dice(
             latest = rounds.latest_complete_round(config)
             cfg = config.model_copy(update={"rounds": max(latest, 0) + more_rounds})
             logger.info(f"run {cfg.name}: latest finished round {latest}; continuing to round {cfg.rounds}")
+        # Every dataset the rounds will read, checked with the stages' own rules before anything runs (a bad row
+        # found at round 1's generate would come after round 0 has trained); every prompt is rendered under the
+        # policy's chat template once the policy exists (the tiny preset's, built below, is dice's own).
+        for line in check_run_data(cfg):
+            logger.warning(line)
         config_path = cfg.run_dir / "config.yaml"
         save_config(cfg, config_path)
         if cfg.model.build_tiny_if_missing and not Path(cfg.model.policy).exists():

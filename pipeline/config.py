@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -70,28 +78,69 @@ class ModelConfig(_Section):
     )
 
 
+DATA_FIELDS = ("prompt", "prompt_id", "chosen", "rejected", "pair_id")  # what `columns` may map a dataset's columns to
+
+
 class DataSource(_Section):
     """Where a dataset comes from: a file, a folder, or a Hub dataset id, with the split, subset and columns to read.
 
     A plain string in YAML is the `path` alone (`prompts: data/prompts.jsonl`)."""
 
     path: str = Field(
-        description="A JSONL or Parquet file; a folder of Parquet/JSONL files in the Hugging Face Hub layout; a "
-        "folder written by datasets' save_to_disk; or a Hub dataset id (e.g. HuggingFaceH4/ultrafeedback_binarized)."
+        min_length=1,
+        description="A JSONL, JSON (a list of objects), CSV or Parquet file; a folder of data files in the Hugging Face "
+        "Hub layout; a folder written by datasets' save_to_disk; or a Hub dataset id (e.g. "
+        "HuggingFaceH4/ultrafeedback_binarized).",
     )
     split: str | None = Field(None, description="Split to read (e.g. train_prefs); empty: the only split there is.")
     name: str | None = Field(None, description="Subset (configuration) of a Hub-layout dataset; empty: its default.")
-    revision: str | None = Field(None, description="Hub dataset revision (branch, tag or commit); empty: main.")
+    revision: str | None = Field(
+        None, description="Hub dataset revision (branch, tag or commit); empty: main. Hub ids only (a local path is refused)."
+    )
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="dice field -> the dataset's column, e.g. {prompt: instruction} (fields: prompt, prompt_id, "
         "chosen, rejected, pair_id).",
     )
+    on_bad_row: Literal["error", "skip"] | None = Field(
+        None,
+        description="A row dice cannot use (bad JSON, an empty prompt, chosen equal to rejected, ...): error stops "
+        "with the file and row; skip leaves it out and counts it by reason. Empty: data.on_bad_row.",
+    )
+    # data.on_bad_row, set by RunConfig for its sources (a source on its own: error)
+    _inherited_on_bad_row: Literal["error", "skip"] = PrivateAttr("error")
+
+    @property
+    def bad_rows(self) -> Literal["error", "skip"]:
+        """The policy in force for bad rows: this source's on_bad_row, else data.on_bad_row."""
+        return self.on_bad_row or self._inherited_on_bad_row
 
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, value: Any) -> Any:
         return {"path": value} if isinstance(value, str) else value
+
+    @field_validator("columns")
+    @classmethod
+    def _check_columns(cls, columns: dict[str, str]) -> dict[str, str]:
+        unknown = [k for k in columns if k not in DATA_FIELDS]
+        if unknown:
+            raise ValueError(
+                f"columns: {', '.join(map(repr, unknown))} {'is not a dice field' if len(unknown) == 1 else 'are not dice fields'} "
+                f"({', '.join(DATA_FIELDS)}); the map reads {{dice field: your column}}, e.g. {{prompt: instruction}}"
+            )
+        twice = sorted({c for c in columns.values() if list(columns.values()).count(c) > 1})
+        if twice:
+            raise ValueError(f"columns: column {twice[0]!r} is mapped to more than one field; map each column once")
+        return columns
+
+    def plan_form(self) -> str | dict[str, Any]:
+        """How a stage's config records this source: the path alone when nothing else is set (a plain file keeps the
+        digests it has always had), else the path with the settings that differ from their defaults."""
+        extra = self.model_dump(mode="json", exclude={"path", "on_bad_row"}, exclude_defaults=True)
+        if self.bad_rows == "skip":  # skipping rows changes what is read; error (the default) changes nothing
+            extra["on_bad_row"] = "skip"
+        return {"path": self.path, **extra} if extra else self.path
 
     def __str__(self) -> str:
         extra = [f"{k}={v}" for k, v in (("split", self.split), ("name", self.name), ("revision", self.revision)) if v]
@@ -102,18 +151,25 @@ class DataConfig(_Section):
     prompts: DataSource = Field(
         default_factory=lambda: DataSource(path="data/prompts.jsonl"),
         description="Prompts: `prompt` (text, or a conversation of {role, content} messages ending with a user "
-        "turn) and optional `prompt_id`. A path, or {path, split, name, revision, columns}.",
+        "turn) and optional `prompt_id`. A path, or {path, split, name, revision, columns, on_bad_row}.",
     )
     offline: DataSource = Field(
         default_factory=lambda: DataSource(path="data/offline_prefs.jsonl"),
         description="Offline preference set for round 0 and replay: prompt, chosen, rejected as text or TRL's "
-        "conversational format (chosen/rejected may repeat the prompt turns, as UltraFeedback binarized does).",
+        "conversational format (chosen/rejected may repeat the prompt turns, as UltraFeedback binarized does; "
+        "without a prompt, their shared beginning is the prompt, as TRL's extract_prompt takes it).",
     )
     prompts_per_round: int = Field(
         32, gt=0, description="Prompts used per round; rounds take consecutive disjoint slices of the prompt file."
     )
     offline_per_round: int | None = Field(
         None, gt=0, description="With offline_rounds: offline pairs sampled for each round ≥ 1 (empty: all of them)."
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error",
+        description="Rows dice cannot use in data.prompts, data.offline and eval.prompts (unless a source sets its "
+        "own on_bad_row): error stops before round 0 naming the file, row and field; skip leaves them out and "
+        "counts them by reason (in the stage manifests and dice data check).",
     )
 
 
@@ -494,10 +550,11 @@ class EvalConfig(_Section):
     """Per-round evaluation (../shared/METHODS.md §8; stages/evaluate.py): π_k against a baseline on held-out prompts."""
 
     enabled: bool = Field(True, description="Run the evaluate stage at the end of every round (and round 0 where it compares two models).")
-    prompts: str = Field(
-        "data/eval_prompts.jsonl",
-        description="Held-out prompts (JSONL or Parquet: prompt, optional prompt_id); any also in data.prompts or "
-        "data.offline (same text) is refused and counted.",
+    prompts: DataSource = Field(
+        default_factory=lambda: DataSource(path="data/eval_prompts.jsonl"),
+        description="Held-out prompts, a data source like data.prompts (a file, folder or Hub id with split, name, "
+        "revision, columns; e.g. {path: tatsu-lab/alpaca_eval, name: alpaca_eval, columns: {prompt: instruction}}); "
+        "any also in data.prompts or data.offline (same text) is refused and counted.",
     )
     max_prompts: int | None = Field(None, gt=0, description="Evaluate only the first N held-out prompts (empty: all).")
     baseline: str = Field(
@@ -653,6 +710,8 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
+        for src in (self.data.prompts, self.data.offline, self.eval.prompts):  # data.on_bad_row, unless set per source
+            src._inherited_on_bad_row = self.data.on_bad_row
         if self.label.labeller == "python" and not self.label.python_reward:
             raise ValueError("label.python_reward must be set when label.labeller is 'python'")
         if self.label.labeller == "judge" and not self.label.judges:

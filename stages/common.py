@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
-import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +15,7 @@ from typing import Any
 from pipeline.compute import launch, memory
 from pipeline.config import ConfigError, RunConfig, load_config, resolve_runtime
 from pipeline.data.artifacts import MANIFEST_DIR, ArtifactError, StagePlan, execute
+from pipeline.data.datasets import skipped_rows
 from pipeline.data.models import check_model
 from pipeline.run import rounds
 
@@ -30,10 +31,58 @@ def parse_args(stage: str, argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def error_line(e: BaseException) -> str:
+    """One line for a stage's failure: the message of dice's own errors (they name the file, row or field); for an
+    OS error (a full disk, a permission, a read-only filesystem) the path, the errno's name and its text; for
+    anything else (a safetensors file that will not load, ...) the exception's type and message."""
+    if isinstance(e, (ConfigError, ArtifactError, ValueError, RuntimeError)) and not isinstance(e, OSError):
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # a message over several lines ("rank0 failed:\n<its error>", a config's fields) joined into one
+        joined = "".join(f"{line}{' ' if line.endswith(':') else '; '}" for line in lines[:-1]) + (lines[-1] if lines else "")
+        return joined or type(e).__name__
+    if isinstance(e, OSError) and e.errno is not None:
+        paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+        name = errno.errorcode.get(e.errno, str(e.errno))
+        return f"{paths + ': ' if paths else ''}{name} (errno {e.errno}): {e.strerror}"
+    return f"{type(e).__name__}: {e}"
+
+
+def remove_launcher_files(plan: StagePlan, stage: str) -> None:
+    """Delete what `pipeline.compute.launch.run` left for the stage's ranks (their config, job and stats files, any
+    rank's error) once the stage succeeded: they describe a launch, not the result, and the manifest holds that."""
+    d = plan.round_dir / MANIFEST_DIR
+    for suffix in ("config.yaml", "job.json", "stats.json"):
+        (d / f"{stage}.{suffix}").unlink(missing_ok=True)
+    for stale in d.glob(f"{stage}.rank*.error"):
+        stale.unlink(missing_ok=True)
+
+
+def warn_dropped(stage: str, k: int, cfg: RunConfig, stats: dict[str, Any]) -> None:
+    """Say in the log what a stage dropped that the user may not expect: prompts over model.max_prompt_tokens."""
+    n = stats.get("prompts_too_long") or 0
+    if n:
+        ids = stats.get("too_long_ids") or []
+        first = f"; first ids: {', '.join(map(str, ids[:5]))}" if ids else ""
+        print(f"warning: {stage} round {k}: {n} prompts dropped, longer than model.max_prompt_tokens="
+              f"{cfg.model.max_prompt_tokens} tokens (or the model's context) under the chat template{first}",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+
 def main(stage: str, fn: StageFn, argv: list[str] | None = None) -> None:
-    """Load the config, plan the stage, run it unless done, print its manifest summary as one JSON line."""
+    """Load the config, plan the stage, run it unless done, print its manifest summary as one JSON line.
+
+    Any failure ends the process with one line on stderr (`error_line`) and exit code 2; what earlier stages wrote is
+    untouched (every output is written to a temporary name and renamed, the manifest last)."""
     args = parse_args(stage, argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed deprecation noise in logs
+
+    def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
+        with skipped_rows() as skipped:
+            stats = fn(cfg, plan)
+        if skipped:  # rows left out of the datasets this stage read (on_bad_row: skip): label -> reason -> count
+            stats = {**stats, "rows_skipped": skipped}
+        return stats
+
     try:
         # device, dtype and bf16 made concrete (a GPU config without CUDA is refused here) before the plan's digest
         cfg = resolve_runtime(load_config(args.config, args.overrides))
@@ -41,20 +90,23 @@ def main(stage: str, fn: StageFn, argv: list[str] | None = None) -> None:
         for name, value in plan.inputs.items():
             if isinstance(value, str) and not value.startswith("hf://"):  # plans name models by str, files by Path
                 check_model(value, f"{stage} input {name!r}:")
-
-        def run() -> dict[str, Any]:
+        def planned_run() -> dict[str, Any]:
             memory.preflight(cfg, stage)  # a layout that cannot fit the GPUs is refused before anything loads
-            return fn(cfg, plan)
+            return run(cfg, plan)
 
-        manifest = execute(plan, run, force=args.force)
-    except (ConfigError, ArtifactError, ValueError, RuntimeError) as e:
+        manifest = execute(plan, planned_run, force=args.force)
+        if not manifest["skipped"]:
+            remove_launcher_files(plan, stage)
+    except Exception as e:  # noqa: BLE001 (one line, never a traceback; DICE_DEBUG=1 shows it)
         if os.environ.get("DICE_DEBUG"):
             raise
-        print(f"dice {stage}: error: {e}", file=sys.stderr)
+        print(f"dice {stage}: error: {error_line(e)}", file=sys.stderr)
         print("(set DICE_DEBUG=1 for the full traceback)", file=sys.stderr)
         sys.exit(2)
     status = "skipped (already done)" if manifest["skipped"] else f"done in {manifest['duration_s']:.1f}s"
     print(f"dice {stage} round {args.round_}: {status}")
+    if not manifest["skipped"]:
+        warn_dropped(stage, args.round_, cfg, manifest["stats"])
     print("DICE_STAGE_RESULT " + json.dumps({"stage": stage, "round": args.round_, "stats": manifest["stats"]}))
 
 
@@ -76,8 +128,10 @@ def worker_main(stage: str, worker: launch.Worker, argv: list[str] | None = None
     spec = json.loads(Path(args.worker).read_text())
     try:
         stats = worker(cfg, plan, **spec["job"])
-    except BaseException:  # record this rank's error for the launcher's message, then fail as usual
-        (plan.round_dir / MANIFEST_DIR / f"{stage}.rank{launch.rank()}.error").write_text(traceback.format_exc()[-4000:])
+    except BaseException as e:  # record this rank's error for the launcher's message (one line: the traceback is
+        # in the rank's output above it), then fail as usual
+        line = error_line(e) if isinstance(e, Exception) else type(e).__name__
+        (plan.round_dir / MANIFEST_DIR / f"{stage}.rank{launch.rank()}.error").write_text(line)
         raise
     if launch.rank() == 0:
         Path(spec["stats_file"]).write_text(json.dumps(stats))

@@ -321,6 +321,55 @@ def test_execute_reruns_when_an_output_is_deleted_or_changed(tmp_path):
     assert execute(plan, fn)["skipped"] is True and fn.calls == 3
 
 
+def _run_plan(run_dir: Path, outside: Path) -> StagePlan:
+    """Round 1 of the run in `run_dir`, reading round 0's checkpoint (inside the run) and a data file (outside)."""
+    return StagePlan(
+        stage="reference", round=1, round_dir=run_dir / "round-1",
+        inputs={"model": str(run_dir / "round-0" / "checkpoint"), "src": outside},
+        outputs={"out": run_dir / "round-1" / "out.parquet"}, config={"batch_size": 4},
+    )  # fmt: skip
+
+
+def test_a_moved_or_copied_run_folder_matches_its_manifests(tmp_path):
+    """Inputs inside the run folder (an earlier round's checkpoint or table) are recorded relative to the run, so a
+    copy of the run elsewhere is done stage by stage; an input outside the run is still compared by its path."""
+    import shutil
+
+    run = tmp_path / "runs" / "first"
+    (run / "round-0" / "checkpoint").mkdir(parents=True)
+    (run / "round-0" / "checkpoint" / "model.safetensors").write_bytes(b"weights")
+    outside = tmp_path / "data.txt"
+    outside.write_text("input v1")
+    fn = Stage(_run_plan(run, outside))
+    m = execute(_run_plan(run, outside), fn)
+    assert m["inputs"]["model"]["in_run"] == "round-0/checkpoint" and "in_run" not in m["inputs"]["src"]
+    copy = tmp_path / "elsewhere" / "second"
+    shutil.copytree(run, copy)
+    assert execute(_run_plan(copy, outside), fn)["skipped"] is True and fn.calls == 1
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    assert execute(_run_plan(moved, outside), fn)["skipped"] is True and fn.calls == 1
+    (copy / "round-0" / "checkpoint" / "model.safetensors").write_bytes(b"other weights")  # a different π_0 here
+    assert execute(_run_plan(copy, outside), fn)["skipped"] is False and fn.calls == 2
+
+
+def test_a_manifest_without_run_relative_paths_still_matches_in_place(tmp_path):
+    """Manifests written before inputs were recorded relative to the run compare by path: a run resumed in place
+    redoes nothing."""
+    run = tmp_path / "run"
+    (run / "round-0" / "checkpoint").mkdir(parents=True)
+    (run / "round-0" / "checkpoint" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "data.txt").write_text("x")
+    plan = _run_plan(run, tmp_path / "data.txt")
+    fn = Stage(plan)
+    execute(plan, fn)
+    old = json.loads(plan.manifest_path.read_text())
+    for record in old["inputs"].values():
+        record.pop("in_run", None)
+    plan.manifest_path.write_text(json.dumps(old))
+    assert execute(plan, fn)["skipped"] is True and fn.calls == 1
+
+
 def test_execute_force(tmp_path):
     plan = make_plan(tmp_path)
     fn = Stage(plan)

@@ -157,7 +157,8 @@ def test_export_is_what_trl_reads_and_scores(conversational_round, tiny_model, t
     assert ds.num_rows == n and {"prompt", "chosen", "rejected", "dice_ref_chosen_logps"} <= set(ds.column_names)
     args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-5,
                      precompute_ref_log_probs=True, use_cpu=True, bf16=False, report_to="none", logging_strategy="no",
-                     save_strategy="no", gradient_checkpointing=False, max_length=None, disable_tqdm=True)  # fmt: skip
+                     save_strategy="no", gradient_checkpointing=False, max_length=cfg.model.max_length,
+                     disable_tqdm=True)  # fmt: skip  (docs/data.md's recipe: the run's max_length)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=AutoTokenizer.from_pretrained(str(tiny_model)))
     theirs = trainer.train_dataset
@@ -219,12 +220,18 @@ B = {"role": "assistant", "content": "No idea."}
     "row, message",
     [
         ({"chosen": [{"role": "system", "content": "s"}, A], "rejected": [{"role": "system", "content": "s"}, B]},
-         "row 0: field 'chosen' (the turns before its answer): the conversation has no user turn"),
+         "row 0: the turns chosen and rejected share (the prompt): the conversation has no user turn"),
         ({"prompt": [U, A], "chosen": "x", "rejected": "y"}, "row 0: field 'prompt': the prompt ends with a assistant turn"),
         ({"chosen": [U, A], "rejected": [{"role": "user", "content": "Another question?"}, B]},
          "row 0: chosen and rejected repeat different prompt turns"),
         ({"chosen": [U, A, U], "rejected": [U, B]}, "field 'chosen' is a conversation that does not end with an assistant turn"),
-        ({"chosen": "x", "rejected": "y"}, "row 0: no 'prompt' field"),
+        ({"chosen": "x", "rejected": "y"}, "row 0: no 'prompt' field, and chosen and rejected share no beginning"),
+        ({"prompt": [{"role": "system", "content": " "}, U], "chosen": "x", "rejected": "y"},
+         "row 0: field 'prompt': message 0 (system) has empty content"),
+        ({"chosen": [U, {"role": "assistant", "content": ""}], "rejected": [U, B]},
+         "row 0: field 'chosen (its assistant turn)' must be a non-empty string"),
+        ({"chosen": [{"role": "user", "content": ""}, A], "rejected": [{"role": "user", "content": ""}, B]},
+         "row 0: field 'chosen': message 0 (user) has empty content"),
     ],
 )
 def test_bad_conversations_name_the_row(tmp_path, row, message):
@@ -278,3 +285,312 @@ def test_encode_many_is_encode(tiny_model):
     responses = [r["chosen"] for r in rows] + [r["rejected"] for r in rows[:10]]
     assert encode_many(tok, prompts, responses) == [encode(tok, p, y) for p, y in zip(prompts, responses)]
     assert encode_many(tok, [], []) == []
+
+
+# ---------------------------------------------------------------------------------------------- TRL, exactly
+
+
+def _pairs_table(rows: list[dict]) -> pa.Table:
+    """The columns of a REFERENCE table that the export reads."""
+    n = len(rows)
+    return pa.table({"pair_id": [f"p{i}" for i in range(n)], "prompt_id": [f"q{i}" for i in range(n)],
+                     "prompt": [r["prompt"] for r in rows], "prompt_messages": pa.nulls(n, pa.list_(pa.struct(
+                         [("role", pa.string()), ("content", pa.string())]))),
+                     "chosen": [r["chosen"] for r in rows], "rejected": [r["rejected"] for r in rows],
+                     "ref_chosen_logps": [-1.0] * n, "ref_rejected_logps": [-2.0] * n, "source": ["offline"] * n,
+                     "preference": [1.0] * n, "round": [1] * n})  # fmt: skip
+
+
+def test_trl_trains_on_dices_tokens_for_long_pairs_and_responses_ending_in_eos(tiny_model, tmp_path):
+    """docs/data.md's recipe gives DPOConfig the run's model.max_length: a pair longer than TRL's default of 1024
+    tokens then reaches TRL's collator whole, the same tokens dice scored (with the default it would be cut). A
+    response that already ends with EOS gets no second one, in TRL (it adds EOS only when missing) as in dice."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from pipeline.compute.logprobs import encode
+    from pipeline.run.export import trl_rows
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    shipped = _shipped("offline_prefs.jsonl")
+    long_answer = ""
+    for r in shipped:  # an answer of 1100-1900 tokens: over TRL's default, under the run's max_length
+        long_answer = f"{long_answer} {r['chosen']}".strip()
+        if len(tok(long_answer)["input_ids"]) > 1100:
+            break
+    rows = [{"prompt": shipped[0]["prompt"], "chosen": long_answer, "rejected": shipped[0]["rejected"]},
+            {"prompt": shipped[1]["prompt"], "chosen": shipped[1]["chosen"] + tok.eos_token, "rejected": shipped[1]["rejected"]}]  # fmt: skip
+    ours = [encode(tok, r["prompt"], r[side]) for r in rows for side in ("chosen", "rejected")]
+    assert 1100 < len(ours[0][0]) + len(ours[0][1]) < 2048  # longer than TRL's default max_length, within dice's
+    assert ours[2][1].count(tok.eos_token_id) == 1 and ours[2][1][-1] == tok.eos_token_id  # one EOS, not two
+    exported, bad = trl_rows(_pairs_table(rows), tok)
+    assert not bad
+    dice_max_length = 2048  # the GPU recipes' model.max_length
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), max_length=dice_max_length, precompute_ref_log_probs=False,
+                     use_cpu=True, bf16=False, report_to="none", disable_tqdm=True)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(exported), processing_class=tok)
+    examples = [trainer.train_dataset[i] for i in range(len(rows))]
+    batch = trainer.data_collator(examples)  # rows: chosen of each pair, then rejected of each
+    theirs = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    assert theirs == [p + y for p, y in (ours[0], ours[2], ours[1], ours[3])]
+    completions = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["completion_mask"])]
+    assert completions == [y for _, y in (ours[0], ours[2], ours[1], ours[3])]
+    # TRL's default would train on other tokens than dice scored: the long pair cut at 1024
+    assert DPOConfig.__dataclass_fields__["max_length"].default == 1024
+    cut = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=1024)(examples)
+    assert cut["attention_mask"][0].sum().item() == 1024 < len(theirs[0])
+
+
+def test_export_from_another_folder(tmp_path, tiny_model, monkeypatch):
+    """A run started with a relative runs_dir (runs/tiny/...) names its checkpoints relative to where it started;
+    `dice export` given the run's absolute path from another folder still finds the model that scored the round
+    (the manifest records it relative to the run)."""
+    import shutil
+
+    from pipeline.run.export import export_round
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    shutil.copytree(tiny_model, work / "models" / "tiny")
+    cfg = load_config(REPO / "conf/tiny.yaml", [
+        "runs_dir=runs", "model.policy=models/tiny", "model.build_tiny_if_missing=false", "rounds=1",
+        "round0.max_pairs=8", "offline_rounds=true", "data.offline_per_round=8", "eval.enabled=false",
+        f"data.prompts={REPO / 'data/prompts.jsonl'}", f"data.offline={REPO / 'data/offline_prefs.jsonl'}",
+    ])  # fmt: skip
+    shutil.copytree(tiny_model, rounds.model_of(cfg, 0))  # π_0 where round 0's training leaves it
+    for k, stage in ((0, "pairs"), (0, "reference"), (1, "pairs"), (1, "reference")):
+        plan = rounds.plan(cfg, k, stage)
+        module = importlib.import_module(f"stages.{stage}")
+        execute(plan, lambda: module.run(cfg, plan))
+    recorded = read_manifest(rounds.round_dir(cfg, 1) / ".dice/reference.json")["inputs"]["reference"]
+    assert recorded["path"] == "runs/tiny/round-0/checkpoint" and recorded["in_run"] == "round-0/checkpoint"
+    for k in (1, 0):  # round 0's reference is model.policy, a relative path outside the run
+        out = tmp_path / f"round{k}.parquet"
+        done = subprocess.run([str(BIN / "dice"), "export", str(work / cfg.run_dir), "--round", str(k), "--out", str(out)],
+                              cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert pq.read_metadata(out).num_rows == pq.read_metadata(rounds.round_dir(cfg, k) / "reference.parquet").num_rows
+        assert "DPOConfig(max_length=512)" in " ".join(done.stdout.split())
+    moved = tmp_path / "moved"
+    shutil.move(str(work / "runs" / "tiny"), moved)  # the whole run folder elsewhere: still exportable
+    monkeypatch.chdir(tmp_path)
+    assert export_round(moved, 1, "jsonl", tmp_path / "r1.jsonl")["model"] == str(moved / "round-0/checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------- the Hub
+
+
+@pytest.fixture
+def alpaca_eval_hub(offline_hub, tmp_path):
+    """tatsu-lab/alpaca_eval as the Hub holds it (a loading script, one JSON file per configuration, split `eval`),
+    in an offline Hugging Face cache; its instructions are made up here."""
+    repo = tmp_path / "alpaca_eval-repo"
+    repo.mkdir()
+    (repo / "alpaca_eval.py").write_text("raise SystemExit('a loading script: dice must never run it')\n")
+    rows = [{"instruction": f"Explain topic {i} in two sentences.", "output": f"Topic {i} is ...",
+             "generator": "text_davinci_003", "dataset": "helpful_base"} for i in range(805)]  # fmt: skip
+    (repo / "alpaca_eval.json").write_text(json.dumps(rows, indent=2))
+    (repo / "alpaca_eval_gpt4_baseline.json").write_text(json.dumps(rows[:5], indent=2))
+    (repo / "README.md").write_text("---\nlicense: cc-by-nc-4.0\n---\n# AlpacaEval\n")
+    hub_repo(offline_hub, "tatsu-lab/alpaca_eval", repo, "dataset")
+    return rows
+
+
+def test_alpaca_eval_is_read_from_the_hub_by_id(alpaca_eval_hub):
+    """Every GPU recipe evaluates on AlpacaEval's 805 instructions, read from the Hub by id and subset: the JSON file
+    the repository's script would read, never the script."""
+    from pipeline.data.artifacts import input_record
+    from pipeline.data.datasets import read_prompts
+
+    gpu = sorted((REPO / "conf/recipes/gpu").glob("*.yaml")) + [REPO / "conf/dice-llama3-8b.yaml"]
+    src = DataSource(path="tatsu-lab/alpaca_eval", name="alpaca_eval", columns={"prompt": "instruction"})
+    assert all(load_config(p).eval.prompts == src for p in gpu)
+    table = read_prompts(src)
+    assert table.num_rows == 805 and table.column("prompt").to_pylist()[:2] == [r["instruction"] for r in alpaca_eval_hub[:2]]
+    cfg = load_config(gpu[0])
+    plan = rounds.plan(cfg, 1, "evaluate")
+    assert plan.inputs["prompts"] == "hf://datasets/tatsu-lab/alpaca_eval"
+    assert input_record(StagePlan_like(plan))["prompts"]["revision"]  # fingerprinted by the snapshot's commit
+    with pytest.raises(ArtifactError, match=r"loading script \(alpaca_eval.py\), which dice never runs; name the subset"):
+        read_prompts(DataSource(path="tatsu-lab/alpaca_eval"))
+    with pytest.raises(ArtifactError, match=r"subset 'alpaca_eval' is the one file alpaca_eval.json: remove split='eval'"):
+        read_prompts(DataSource(path="tatsu-lab/alpaca_eval", name="alpaca_eval", split="eval"))
+
+
+def StagePlan_like(plan):
+    """`plan` with only its prompts input (its models do not exist here)."""
+    from pipeline.data.artifacts import StagePlan
+
+    return StagePlan(plan.stage, plan.round, plan.round_dir, {"prompts": plan.inputs["prompts"]}, {}, {})
+
+
+def test_a_stage_reads_the_commit_its_manifest_records(tmp_path, offline_hub):
+    """The manifest records the commit `main` resolved to when the stage started; a branch that moves while the
+    stage runs does not change what the stage reads."""
+    from pipeline.data.artifacts import StagePlan
+    from pipeline.data.datasets import plan_input, read_prompts
+
+    versions = {}
+    for v in ("1", "2"):
+        folder = tmp_path / f"v{v}"
+        folder.mkdir()
+        (folder / "train.jsonl").write_text("".join(json.dumps({"prompt": f"v{v} prompt {i}"}) + "\n" for i in range(3)))
+        versions[v] = folder
+    first = hub_repo(offline_hub, "dice-test/moving", versions["1"], "dataset", commit="1" * 40)
+    src = DataSource(path="dice-test/moving")
+    plan = StagePlan("generate", 1, tmp_path / "run" / "round-1", {"prompts": plan_input(src)}, {}, {})
+
+    def stage() -> dict:
+        hub_repo(offline_hub, "dice-test/moving", versions["2"], "dataset", commit="2" * 40)  # main moves meanwhile
+        return {"prompts": read_prompts(src).column("prompt").to_pylist()}
+
+    m = execute(plan, stage)
+    assert m["inputs"]["prompts"]["revision"] == first
+    assert m["stats"]["prompts"] == [f"v1 prompt {i}" for i in range(3)]
+
+
+def test_a_hub_download_fetches_only_the_split_asked_for(tmp_path, offline_hub, ufb_folder, monkeypatch):
+    """The Hub cannot be reached here: its two answers dice uses (the repository's commit and file list, then the
+    download of the files asked for) are played by a folder laid out as UltraFeedback binarized's repository, README
+    configs included. Only the README and the split asked for are downloaded."""
+    import fnmatch
+    import shutil
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    import huggingface_hub.constants as hf
+
+    from pipeline.data.datasets import read_offline
+
+    remote = tmp_path / "remote"
+    shutil.copytree(ufb_folder, remote)
+    (remote / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n"
+                                      "  - split: train_prefs\n    path: data/train_prefs-*\n"
+                                      "  - split: test_prefs\n    path: data/test_prefs-*\n---\n")  # fmt: skip
+    names = sorted(p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file())
+    commit = "3" * 40
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
+
+    def dataset_info(self, repo_id, *, revision=None, **kw):
+        return SimpleNamespace(sha=commit, siblings=[SimpleNamespace(rfilename=n) for n in names])
+
+    def snapshot_download(repo_id, *, repo_type=None, revision=None, allow_patterns=None, **kw):
+        dest = offline_hub / f"{repo_type}s--{repo_id.replace('/', '--')}" / "snapshots" / revision
+        for n in names:
+            if allow_patterns is None or any(fnmatch.fnmatch(n, p) for p in allow_patterns):
+                (dest / n).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(remote / n, dest / n)
+        return str(dest)
+
+    real_snapshot_download = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    table = read_offline(DataSource(path="dice-test/ultrafeedback", split="test_prefs"))
+    assert table.num_rows == pq.read_metadata(remote / "data/test_prefs-00000-of-00001.parquet").num_rows
+    snapshot = offline_hub / "datasets--dice-test--ultrafeedback" / "snapshots" / commit
+    on_disk = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
+    assert on_disk == ["README.md", "data/test_prefs-00000-of-00001.parquet"]
+    # offline (HF_HUB_OFFLINE=1 on a cluster node), the cache serves the split it holds, and says which it lacks
+    (offline_hub / "datasets--dice-test--ultrafeedback" / "refs").mkdir()
+    (offline_hub / "datasets--dice-test--ultrafeedback" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", None)  # never asked offline
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", real_snapshot_download)  # the real cache lookup
+    import pipeline.data.models
+
+    pipeline.data.models._resolved.clear()  # a new process
+    assert read_offline(DataSource(path="dice-test/ultrafeedback", split="test_prefs")).equals(table)
+    with pytest.raises(ArtifactError, match=r"\(split=train_prefs\): not in the local Hugging Face cache \(it holds "
+                                            r"data/test_prefs-00000-of-00001.parquet of this dataset\)"):
+        read_offline(DataSource(path="dice-test/ultrafeedback", split="train_prefs"))
+
+
+# ---------------------------------------------------------------------------------------------- dice data check
+
+# Mistral-style: roles must alternate user/assistant, a system message is refused (raise_exception, as Mistral's does)
+ALTERNATING = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+               "{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}{{ m['content'] }}</s>{% endif %}"
+               "{% endfor %}")  # fmt: skip
+
+
+def _tokenizer_only(tiny_model, dest: Path, template: str | None = None) -> Path:
+    """The tiny model's tokenizer and config, without weights (optionally with another chat template)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    if template is not None:
+        tok.chat_template = template
+    tok.save_pretrained(dest)
+    shutil.copy(tiny_model / "config.json", dest / "config.json")
+    return dest
+
+
+def test_data_check_names_the_row_a_chat_template_refuses(tmp_path, tiny_model):
+    """A Mistral-style template that requires alternating roles refuses a prompt with a system message: `dice data
+    check` names the file and line with the template's own message and exits 2; the other rows are measured."""
+    model = _tokenizer_only(tiny_model, tmp_path / "strict", ALTERNATING)
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "What is DPO?"}, {"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi?"}]},
+            {"prompt": "Name a river."}]  # fmt: skip
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = subprocess.run([str(BIN / "dice"), "data", "check", str(REPO / "conf/tiny.yaml"), f"model.policy={model}",
+                          "model.build_tiny_if_missing=false", f"data.prompts={prompts}",
+                          f"data.offline={REPO / 'data/offline_prefs.jsonl'}", "eval.enabled=false"],
+                         cwd=REPO, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert (f"{prompts}: line 2: the chat template of {model} refuses this prompt: Conversation roles must "
+            "alternate user/assistant") in out.stderr
+    assert "Traceback" not in out.stderr and "[INST] What is DPO? [/INST]" in out.stdout  # the first prompt, rendered
+
+
+def test_data_check_reads_a_hub_tokenizer_without_weights_at_model_revision(tmp_path, tiny_model, offline_hub,
+                                                                              multiturn_saved):  # fmt: skip
+    """A Hub policy's tokenizer is read from its tokenizer files alone (no weights in the cache), at model.revision:
+    `main` holds the alternating-roles template, which refuses these prompts; the pinned revision's accepts them."""
+    from transformers import AutoTokenizer
+
+    from pipeline.data.chat import prompts_of
+    from pipeline.data.datasets import read_prompts
+    from pipeline.run.datacheck import check_data
+
+    strict = hub_repo(offline_hub, "dice-test/chat", _tokenizer_only(tiny_model, tmp_path / "a", ALTERNATING), commit="a" * 40)
+    plain = hub_repo(offline_hub, "dice-test/chat", _tokenizer_only(tiny_model, tmp_path / "b"), commit="b" * 40)
+    (offline_hub / "models--dice-test--chat" / "refs" / "main").write_text(strict)
+    src = {"path": str(multiturn_saved), "split": "train", "columns": {"prompt": "conversation", "prompt_id": "id"}}
+    overrides = ["model.policy=dice-test/chat", "model.build_tiny_if_missing=false", f"data.prompts={json.dumps(src)}",
+                 f"data.offline={REPO / 'data/offline_prefs.jsonl'}", "eval.enabled=false"]  # fmt: skip
+    on_main = check_data(load_config(REPO / "conf/tiny.yaml", overrides))
+    assert on_main.errors and "30 prompts the chat template refuses" in on_main.errors[0]
+    pinned = check_data(load_config(REPO / "conf/tiny.yaml", [*overrides, f"model.revision={plain}"]))
+    assert not pinned.errors and pinned.datasets["data.prompts"]["rows"] == 30
+    tok = AutoTokenizer.from_pretrained(tmp_path / "b")
+    conv = prompts_of(read_prompts(DataSource(**src)))[0]
+    assert pinned.rendered == tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+
+
+def test_data_check_before_the_tiny_model_is_built_and_prompt_reuse(tmp_path, monkeypatch):
+    """On a fresh clone, models/tiny does not exist yet (built by the first run): the check still reads every dataset,
+    says the lengths wait for the model, and warns when the rounds would reuse prompts. Skipped rows are counted."""
+    from pipeline.run.datacheck import check_data
+
+    monkeypatch.chdir(tmp_path)
+    offline = tmp_path / "offline.jsonl"
+    offline.write_text((REPO / "data/offline_prefs.jsonl").read_text() + '{"prompt": "p", "chosen": "same", "rejected": "same"}\n')
+    cfg = load_config(None, [f"data.prompts={REPO / 'data/prompts.jsonl'}", f"data.offline={offline}", "rounds=3",
+                             "data.prompts_per_round=200", "data.on_bad_row=skip",
+                             f"eval.prompts={REPO / 'data/eval_prompts.jsonl'}"])  # fmt: skip
+    assert cfg.model.policy == "models/tiny" and cfg.model.build_tiny_if_missing and not Path("models").exists()
+    report = check_data(cfg)
+    assert report.datasets["data.prompts"]["rows"] == 320 and "built on the first run" in report.datasets["data.prompts"]["prompt_tokens"]
+    assert report.datasets["data.offline"]["rows dice cannot use (skipped)"] == "1 row (1 identical)"
+    assert not report.errors and report.rendered is None
+    assert any("320 usable prompts, but 3 rounds × prompts_per_round 200 need 600: from round 2 on" in w
+               for w in report.warnings)  # fmt: skip

@@ -230,8 +230,8 @@ def test_flow_under_prefect_harness_publishes_round_artifacts(run, tmp_path):
 
 
 def test_bad_input_fails_the_run_with_the_file_and_line(tmp_path, tiny_model):
-    """A broken offline set: `dice run` stops at round 0's pairs and ends with the file and line (Prefect's own
-    task log above it may hold a traceback; the last words are dice's)."""
+    """A broken offline set: `dice run` checks its data before round 0 and ends with the file and line, one line,
+    before anything ran."""
     offline = tmp_path / "offline.jsonl"
     lines = (REPO / "data/offline_prefs.jsonl").read_text().splitlines()[:5]
     offline.write_text("\n".join(lines + ['{"prompt": "p", "chosen": "same", "rejected": "same"}']) + "\n")
@@ -240,8 +240,8 @@ def test_bad_input_fails_the_run_with_the_file_and_line(tmp_path, tiny_model):
     save_config(cfg, conf)
     out = subprocess.run([DICE, "run", str(conf)], cwd=REPO, env=_env(tmp_path), capture_output=True, text=True,
                          timeout=300)  # fmt: skip
-    assert out.returncode == 1
-    tail = out.stderr[out.stderr.rindex("error: round 0 pairs failed"):]
+    assert out.returncode == 2
+    tail = out.stderr[out.stderr.rindex("error: "):]
     assert f"{offline}: line 6: chosen and rejected are identical" in tail and "Traceback" not in tail
     assert not (rounds.round_dir(cfg, 0) / "pairs.parquet").exists()
 

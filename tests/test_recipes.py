@@ -38,7 +38,7 @@ def test_every_recipe_has_a_gpu_twin():
         assert "/" in g.model.policy  # a hub model id, not the toy model
         # every recipe evaluates its rounds: the toy by its true reward on held-out prompts, the GPU twin with an
         # AI judge served over HTTP (`vllm serve`), its key read from an environment variable
-        assert t.eval.enabled and t.eval.python_metric == "pipeline.run.toy:true_rewards" and t.eval.prompts.startswith("data/toy/")
+        assert t.eval.enabled and t.eval.python_metric == "pipeline.run.toy:true_rewards" and t.eval.prompts.path.startswith("data/toy/")
         assert g.eval.enabled and g.eval.judges and all(j.backend == "http" and j.api_key_env for j in g.eval.judges)
 
 

@@ -4,7 +4,8 @@ One encoding serves every consumer, so the implicit reward of the label stage, t
 and the policy log-probs in training are all computed over exactly the same tokens:
     prompt tokens   = the chat template applied to the prompt (one user turn or a conversation: pipeline/data/chat.py),
                       with the generation prompt
-    response tokens = the response text tokenised without special tokens, followed by EOS
+    response tokens = the response text tokenised without special tokens, followed by EOS unless the text already
+                      ends with the EOS token (as TRL adds it, so an exported pair is the same tokens there)
 `logp(π, x, y)` is the sum (or mean) over response tokens of log π(y_t | x, y_<t); prompt tokens are masked.
 """
 
@@ -36,10 +37,16 @@ def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
+def _eos(tokenizer, response: str) -> list[int]:
+    """The EOS id to append to `response`: none when the text already ends with the EOS token (it tokenises to it)."""
+    eos = tokenizer.eos_token
+    return [] if eos and response.endswith(eos) else [tokenizer.eos_token_id]
+
+
 def encode(tokenizer, prompt: Prompt, response: str) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids + EOS) for one pair."""
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    return prompt_ids(tokenizer, prompt), response_ids + [tokenizer.eos_token_id]
+    return prompt_ids(tokenizer, prompt), response_ids + _eos(tokenizer, response)
 
 
 def encode_many(tokenizer, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[tuple[list[int], list[int]]]:
@@ -56,9 +63,8 @@ def encode_many(tokenizer, prompts: Sequence[Prompt], responses: Sequence[str]) 
     else:
         ids = [prompt_ids(tokenizer, p) for p in distinct.values()]
     by_prompt = dict(zip(distinct, ids))
-    eos = tokenizer.eos_token_id
     response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"] if len(responses) else []
-    return [(by_prompt[k], r + [eos]) for k, r in zip(keys, response_ids)]
+    return [(by_prompt[k], r + _eos(tokenizer, y)) for k, r, y in zip(keys, response_ids, responses)]
 
 
 def collate(

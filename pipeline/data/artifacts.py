@@ -50,9 +50,26 @@ def write_parquet(table: pa.Table, path: Path, schema: pa.Schema) -> int:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         tmp.replace(path)
+    except OSError as e:
+        raise with_path(e, path) from e
     finally:
         tmp.unlink(missing_ok=True)
     return table.num_rows
+
+
+def with_path(e: OSError, path: Path) -> OSError:
+    """`e` naming `path` when it names no file (pyarrow's and fsync's errors do not): a full disk says where.
+
+    pyarrow reports an OS error as text ("... [errno 28] No space left on device"): its errno is read back from it."""
+    if e.filename is not None:
+        return e
+    code = e.errno
+    if code is None:
+        import re
+
+        found = re.search(r"errno (\d+)", str(e), re.IGNORECASE)
+        code = int(found.group(1)) if found else None
+    return OSError(code, os.strerror(code) if code else str(e), str(path))
 
 
 def _with_optional(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -142,6 +159,11 @@ class StagePlan:
     def manifest_path(self) -> Path:
         return self.round_dir / MANIFEST_DIR / f"{self.stage}.json"
 
+    @property
+    def run_dir(self) -> Path:
+        """The run folder the round lives in: inputs inside it are recorded relative to it (`input_record`)."""
+        return self.round_dir.parent
+
 
 def _config_digest(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -150,8 +172,12 @@ def _config_digest(config: dict[str, Any]) -> str:
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise with_path(e, path) from e
 
 
 def read_manifest(path: Path) -> dict[str, Any] | None:
@@ -169,7 +195,7 @@ def is_done(plan: StagePlan, inputs: dict[str, dict[str, str]] | None = None) ->
     m = read_manifest(plan.manifest_path)
     if m is None or m.get("config_digest") != _config_digest(plan.config):
         return False
-    if m.get("inputs", {}) != (inputs if inputs is not None else input_record(plan)):
+    if not same_inputs(m.get("inputs", {}), inputs if inputs is not None else input_record(plan)):
         return False
     for name, out in plan.outputs.items():
         rec = m.get("outputs", {}).get(name)
@@ -185,22 +211,50 @@ def plan_digest(plan: StagePlan) -> str:
 
 
 def input_record(plan: StagePlan) -> dict[str, dict[str, str]]:
-    """The plan's inputs as a manifest records them: name -> {path, fingerprint}, plus the resolved `revision`
-    (commit) of a Hub model or dataset, which is then its fingerprint: a branch that moved is another input."""
-    return {name: _record(p) for name, p in plan.inputs.items()}
+    """The plan's inputs as a manifest records them: name -> {path, fingerprint}, plus
+    - `revision`: the commit a Hub model or dataset resolved to, which is then its fingerprint (a branch that moved
+      is another input);
+    - `in_run`: for a file or folder inside the run folder (an earlier round's checkpoint or table), its path
+      relative to the run folder. That, not the path, is what is compared: a run folder moved or copied elsewhere
+      still matches its manifests, and its finished stages are not redone;
+    - `abs_path`: for a relative path outside the run (`models/tiny`), where it pointed (not compared)."""
+    return {name: _record(p, plan.run_dir) for name, p in plan.inputs.items()}
 
 
-def _record(p: Path | str) -> dict[str, str]:
-    from pipeline.data.models import HUB_PREFIX, hub_commit, hub_folder, local_model, looks_local
+def _record(p: Path | str, run_dir: Path) -> dict[str, str]:
+    from pipeline.data.models import HUB_PREFIX, dataset_commit, hub_commit, local_model, looks_local
 
     if isinstance(p, str) and p.startswith(HUB_PREFIX):
-        folder = hub_folder(p)
-    elif isinstance(p, str) and not Path(p).exists() and not looks_local(p):
+        repo, _, rev = p.removeprefix(HUB_PREFIX).partition("@")
+        commit = dataset_commit(repo, rev or None)
+        return {"path": p, "fingerprint": f"hub:{commit}", "revision": commit}
+    if isinstance(p, str) and not Path(p).exists() and not looks_local(p):
         folder = Path(local_model(p))
-    else:
-        return {"path": str(p), "fingerprint": fingerprint(p)}
-    commit = hub_commit(folder)
-    return {"path": str(p), "fingerprint": f"hub:{commit}" if commit else fingerprint(folder), "revision": commit or ""}
+        commit = hub_commit(folder)
+        return {"path": p, "fingerprint": f"hub:{commit}" if commit else fingerprint(folder), "revision": commit or ""}
+    record = {"path": str(p), "fingerprint": fingerprint(p)}
+    inside = os.path.relpath(os.path.abspath(p), os.path.abspath(run_dir))
+    if inside != os.curdir and not inside.startswith(os.pardir + os.sep) and inside != os.pardir:
+        record["in_run"] = Path(inside).as_posix()
+    elif not os.path.isabs(p):  # where a relative path pointed, for readers started elsewhere (dice export)
+        record["abs_path"] = os.path.abspath(p)
+    return record
+
+
+def same_inputs(recorded: dict[str, dict[str, str]], current: dict[str, dict[str, str]]) -> bool:
+    """Whether a manifest's input record matches the plan's: the same names with the same fingerprints (and Hub
+    commits), each where it was: inside the run at the same place relative to the run, else at the same path. A
+    manifest written before `in_run` existed is compared by path."""
+    if recorded.keys() != current.keys():
+        return False
+    for name, now in current.items():
+        then = recorded[name]
+        if then.get("fingerprint") != now.get("fingerprint") or then.get("revision", "") != now.get("revision", ""):
+            return False
+        where = "in_run" if "in_run" in then and "in_run" in now else "path"
+        if then.get(where) != now.get(where):
+            return False
+    return True
 
 
 def execute(plan: StagePlan, fn: Callable[[], dict[str, Any]], *, force: bool = False) -> dict[str, Any]:

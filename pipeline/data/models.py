@@ -13,6 +13,7 @@ A local path that does not exist is an error at once, never a Hub lookup with ne
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 HUB_PREFIX = "hf://datasets/"  # how a plan names a Hub dataset input: hf://datasets/<id>@<revision>
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -90,12 +91,14 @@ def split_revision(name: str) -> tuple[str, str | None]:
     return repo, rev or None
 
 
-def _snapshot(repo: str, revision: str | None, repo_type: str, what: str, ignore: list[str] | None = None) -> Path:
+def _snapshot(repo: str, revision: str | None, repo_type: str, what: str, ignore: list[str] | None = None,
+              allow: list[str] | None = None, local_only: bool = False) -> Path:  # fmt: skip
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(repo, repo_type=repo_type, revision=revision, ignore_patterns=ignore))
+        return Path(snapshot_download(repo, repo_type=repo_type, revision=revision, ignore_patterns=ignore,
+                                      allow_patterns=allow, local_files_only=local_only))  # fmt: skip
     except LocalEntryNotFoundError as e:
         raise ValueError(
             f"{what} {repo}{'@' + revision if revision else ''}: not in the local Hugging Face cache and the Hub "
@@ -105,7 +108,14 @@ def _snapshot(repo: str, revision: str | None, repo_type: str, what: str, ignore
         raise ValueError(f"{what} {repo}: could not be fetched from the Hub ({type(e).__name__}: {e})") from None
 
 
-_resolved: dict[str, str] = {}
+# Memory of what this process resolved, so that every read of one name gets the commit its fingerprint recorded
+# (a branch that moves mid-stage must not make a stage read other data than its manifest names): model name ->
+# snapshot folder, "tokenizer:<name>" -> folder, "dataset:<id>@<revision>" -> (commit, file names or None).
+_resolved: dict[str, Any] = {}
+
+# What AutoTokenizer reads from a model repository: `dice data check` measures prompts without the weights.
+TOKENIZER_PATTERNS = ["tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model",
+                      "chat_template*", "config.json", "generation_config.json"]  # fmt: skip
 
 
 def local_model(name: str, what: str = "model") -> str:
@@ -123,18 +133,79 @@ def local_model(name: str, what: str = "model") -> str:
     return _resolved[name]
 
 
-def local_dataset(name: str, revision: str | None, what: str) -> Path:
-    """The local snapshot folder of a Hub dataset (downloaded once; the cache serves HF_HUB_OFFLINE=1)."""
-    return _snapshot(name, revision, "dataset", what)
+def local_tokenizer(name: str, what: str = "model") -> str:
+    """The local folder holding a model's tokenizer: the model folder itself when local (it must exist), else its Hub
+    snapshot at the revision in `name` with the tokenizer and config files alone, never the weights."""
+    name = str(name)
+    if looks_local(name):
+        if not Path(name).expanduser().is_dir():
+            raise ValueError(f"{what} {name}: the folder does not exist")
+        return name
+    if name in _resolved:  # the whole model is here already
+        return _resolved[name]
+    key = f"tokenizer:{name}"
+    if key not in _resolved:
+        repo, rev = split_revision(name)
+        _resolved[key] = str(_snapshot(repo, rev, "model", what, allow=TOKENIZER_PATTERNS))
+    return _resolved[key]
+
+
+def _hub_offline() -> bool:
+    import huggingface_hub.constants
+
+    return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def dataset_info(repo: str, revision: str | None, what: str = "dataset") -> tuple[str, list[str] | None]:
+    """(commit, the repository's file names) of a Hub dataset at `revision` (empty: main), asked of the Hub once per
+    process; offline (HF_HUB_OFFLINE=1) or with the Hub unreachable, the local cache answers (file names None: what
+    the cache holds is what there is). Every later call for the same (repo, revision) gets the same commit: the one
+    the stage's manifest records is the one it reads."""
+    key = f"dataset:{repo}@{revision or ''}"
+    if key in _resolved:
+        return _resolved[key]
+    info = None
+    if not _hub_offline():
+        import httpx
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        try:
+            info = HfApi().dataset_info(repo, revision=revision)
+        except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as e:
+            raise ValueError(f"{what} {repo}{'@' + revision if revision else ''}: {type(e).__name__} on the Hub "
+                             f"({str(e).splitlines()[0]})") from None  # fmt: skip
+        except (HfHubHTTPError, OSError, httpx.HTTPError):
+            info = None  # unreachable: the local cache may hold it
+    if info is not None and info.sha:
+        found: tuple[str, list[str] | None] = (info.sha, [s.rfilename for s in info.siblings or []])
+    else:
+        folder = _snapshot(repo, revision, "dataset", what, local_only=True)
+        found = (hub_commit(folder) or str(folder.name), None)
+    _resolved[key] = found
+    return found
+
+
+def dataset_commit(repo: str, revision: str | None, what: str = "dataset") -> str:
+    """The commit a Hub dataset's `revision` resolves to (`dataset_info`): its fingerprint in the manifests."""
+    return dataset_info(repo, revision, what)[0]
+
+
+def dataset_snapshot(repo: str, commit: str, files: list[str] | None, what: str = "dataset") -> Path:
+    """The local snapshot folder of a Hub dataset at `commit`, holding at least `files` (downloaded once; None: the
+    whole repository, or offline what the cache holds)."""
+    import glob
+
+    allow = None if files is None else [glob.escape(f) for f in files]
+    return _snapshot(repo, commit, "dataset", what, allow=allow, local_only=_hub_offline())
 
 
 def hub_commit(folder: str | Path) -> str | None:
     """The commit of a huggingface_hub snapshot folder (…/snapshots/<commit>), or None for any other folder."""
     p = Path(folder)
     return p.name if p.parent.name == "snapshots" and len(p.name) == 40 else None
-
-
-def hub_folder(plan_path: str) -> Path:
-    """The local snapshot folder of a plan's hf://datasets/<id>[@revision] input."""
-    repo, _, rev = plan_path.removeprefix(HUB_PREFIX).partition("@")
-    return local_dataset(repo, rev or None, "dataset")

@@ -1,9 +1,11 @@
 """A round's preference data for other trainers, tokenised exactly as dice scored it (`dice export`).
 
-dice scores a pair as [chat template of the prompt, with the generation prompt] + [response tokens + EOS]
-(`pipeline.compute.logprobs.encode`). TRL's DPOTrainer (1.16) tokenises a *standard* example as
-    prompt_ids = tokenizer(prompt), prompt+chosen = tokenizer(prompt + chosen + eos_token),
-and takes the completion after their common prefix. So the export writes `prompt` as the chat template rendered to
+dice scores a pair as [chat template of the prompt, with the generation prompt] + [response tokens + EOS, unless
+the response already ends with EOS] (`pipeline.compute.logprobs.encode`). TRL's DPOTrainer (1.16) tokenises a
+*standard* example as
+    prompt_ids = tokenizer(prompt), prompt+chosen = tokenizer(prompt + chosen (+ eos_token unless chosen ends with it)),
+and takes the completion after their common prefix; its collator then cuts every sequence at DPOConfig.max_length
+(1024 unless set), so a trainer must be given the run's model.max_length, which `export_round` returns. So the export writes `prompt` as the chat template rendered to
 text (without a leading BOS string when the tokenizer adds BOS itself), `chosen`/`rejected` as the response texts,
 and checks, pair by pair, that those calls give exactly dice's token ids; a pair that would not (a tokenizer that
 merges tokens across the prompt/response boundary) is an error naming it, never a silent mismatch. TRL's
@@ -48,6 +50,29 @@ def trl_prompt(tokenizer, prompt, ids: list[int]) -> str | None:
     return None
 
 
+def trl_completion(response: str, eos: str) -> str:
+    """The completion text TRL tokenises after the prompt: the response with EOS appended unless it ends with it."""
+    return response if response.endswith(eos) else response + eos
+
+
+def reference_model(run_dir: Path, record: dict[str, str]) -> str:
+    """The model a round's reference stage scored with, from its manifest's input record: inside the run folder it
+    is found relative to the run (`in_run`), so a run exported from another folder, or moved, still finds it; a
+    relative path outside the run where it pointed when the run recorded it (`abs_path`)."""
+    if "in_run" in record:
+        return str(Path(run_dir) / record["in_run"])
+    path = record["path"]
+    if not Path(path).exists() and Path(record.get("abs_path", path)).exists():
+        return record["abs_path"]  # a relative path outside the run, from the folder the run started in
+    parts = Path(path).parts
+    if not Path(path).exists() and len(parts) >= 2 and parts[-2].startswith("round-"):
+        # a manifest written before `in_run` was recorded, naming a checkpoint relative to where the run started
+        candidate = Path(run_dir) / parts[-2] / parts[-1]
+        if candidate.exists():
+            return str(candidate)
+    return path
+
+
 def trl_rows(reference: pa.Table, tokenizer) -> tuple[list[dict[str, Any]], list[str]]:
     """Export rows of a REFERENCE table and the pairs whose tokens TRL would not reproduce (pair_id: why)."""
     from pipeline.compute.logprobs import encode
@@ -63,7 +88,7 @@ def trl_rows(reference: pa.Table, tokenizer) -> tuple[list[dict[str, Any]], list
         if text is None:
             bad.append(f"{d['pair_id'][i]}: the rendered prompt does not tokenise to dice's prompt tokens")
             continue
-        ok = all(tokenizer(text + y + eos)["input_ids"] == p_ids + ids
+        ok = all(tokenizer(text + trl_completion(y, eos))["input_ids"] == p_ids + ids
                  for y, ids in ((d["chosen"][i], c_ids), (d["rejected"][i], r_ids)))  # fmt: skip
         if not ok:
             bad.append(f"{d['pair_id'][i]}: prompt + response tokenise differently together than apart")
@@ -78,7 +103,9 @@ def trl_rows(reference: pa.Table, tokenizer) -> tuple[list[dict[str, Any]], list
 
 
 def export_round(run_dir: str | Path, k: int, fmt: Format, out: str | Path) -> dict[str, Any]:
-    """Write round k's training pairs (reference.parquet) as `fmt` at `out`; returns what was written.
+    """Write round k's training pairs (reference.parquet) as `fmt` at `out`; returns what was written, with the
+    run's `max_length` (the reference stage dropped longer pairs; give it to TRL's DPOConfig, whose default of 1024
+    would cut longer ones).
 
     trl: one Parquet file (`load_dataset("parquet", data_files=out)`); jsonl: one JSON-lines file; hf: a
     `datasets.save_to_disk` folder. All three hold the same columns (EXPORT_COLUMNS).
@@ -94,7 +121,7 @@ def export_round(run_dir: str | Path, k: int, fmt: Format, out: str | Path) -> d
     manifest = read_manifest(rd / MANIFEST_DIR / "reference.json")
     if manifest is None:
         raise ArtifactError(f"{rd}: the reference stage has not finished (no {MANIFEST_DIR}/reference.json)")
-    model = manifest["inputs"]["reference"]["path"]  # the model (and tokenizer) that scored these pairs
+    model = reference_model(Path(run_dir), manifest["inputs"]["reference"])  # the model (and tokenizer) that scored them
     table = read_parquet(rd / "reference.parquet", schemas.REFERENCE)
     tokenizer = AutoTokenizer.from_pretrained(local_model(model))
     rows, bad = trl_rows(table, tokenizer)
@@ -123,4 +150,5 @@ def export_round(run_dir: str | Path, k: int, fmt: Format, out: str | Path) -> d
         Dataset(exported).save_to_disk(str(out))
     else:
         raise ValueError(f"--format {fmt!r}: choose trl, jsonl or hf")
-    return {"rows": len(rows), "model": model, "format": fmt, "out": str(out)}
+    return {"rows": len(rows), "model": model, "format": fmt, "out": str(out),
+            "max_length": manifest.get("config", {}).get("max_length")}  # fmt: skip

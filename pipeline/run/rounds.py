@@ -119,10 +119,12 @@ def training_reference(cfg: RunConfig, k: int) -> int:
     return k - 1
 
 
-def _source(key: str, src) -> dict:
-    """A dataset's split, subset, revision and column map for a plan's config (its path is an input); nothing when
-    all are defaults, so a plain file's stages keep the digests they had before these options existed."""
-    extra = src.model_dump(mode="json", exclude={"path"}, exclude_defaults=True)
+def _source(key: str, src: DataSource) -> dict:
+    """A dataset's split, subset, revision, column map and skipping of bad rows for a plan's config (its path is an
+    input); nothing when all are defaults, so a plain file's stages keep the digests they had before these options
+    existed."""
+    form = src.plan_form()
+    extra = {k: v for k, v in form.items() if k != "path"} if isinstance(form, dict) else {}
     return {key: extra} if extra else {}
 
 
@@ -243,7 +245,7 @@ def _eval_plan(cfg: RunConfig, k: int, rd: Path, policy: str, policy_role: str, 
     kind, base, base_role = baseline
     inputs: dict[str, Path | str] = {
         "policy": policy,
-        "prompts": plan_input(DataSource(path=ev.prompts)),
+        "prompts": plan_input(ev.prompts),
         # the overlap check refuses held-out prompts that the run trains on
         "train_prompts": plan_input(cfg.data.prompts),
         "offline": plan_input(cfg.data.offline),
@@ -263,12 +265,14 @@ def _eval_plan(cfg: RunConfig, k: int, rd: Path, policy: str, policy_role: str, 
             inputs[f"template:{jid}"] = Path(j.template)
     if ev.reward_model:
         inputs["reward_model"] = ev.reward_model
+    eval_cfg = ev.model_dump(mode="json", exclude={"enabled", "stop_after_no_gain", "min_gain"})
+    eval_cfg["prompts"] = ev.prompts.plan_form()  # a plain path, as it always was, unless more is set
     return StagePlan(
         EVAL_STAGE, k, rd,
         inputs=inputs,
         outputs={"eval": rd / OUTPUT_FILES[EVAL_STAGE]["eval"]},
         config={
-            "eval": ev.model_dump(mode="json", exclude={"enabled", "stop_after_no_gain", "min_gain"}),
+            "eval": eval_cfg,
             "seed": cfg.seed,
             "stop": cfg.generate.stop,
             "stop_token_ids": cfg.generate.stop_token_ids,
