@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="dice: iterative self-alignment rounds (DICE) on vLLM, DeepSpeed and Prefect.")
-console = Console()
+console = Console(soft_wrap=True)  # printed lines never folded at the terminal width (tables still fit it)
 err = Console(stderr=True, soft_wrap=True)  # error lines stay whole (paths are long; users grep them)
 
 
@@ -403,7 +403,11 @@ def _print_eval(manifest: dict[str, Any], path: Path) -> None:
     st = manifest["stats"]
     ci = lambda v: f"  [{v[0]:.3f}, {v[1]:.3f}]" if v else ""  # noqa: E731
     status = "already done, skipped" if manifest.get("skipped") else f"done in {manifest['duration_s']:.1f}s"
-    table = Table(title=f"{manifest['inputs']['policy']['path']} vs {st['baseline_path']} ({status})")
+    # the status and the two sides on lines of their own (plain print: a terminal's width never folds them)
+    print(f"evaluate: {status}")
+    print(f"model:    {manifest['inputs']['policy']['path']}")
+    print(f"baseline: {st['baseline_path']}")
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     rows = [

@@ -278,7 +278,7 @@ def _shard_run(deployment: str, config_path: str, k: int, shards: list[int]) -> 
     except ObjectNotFound:
         raise RuntimeError(
             f"generate.shard_deployment: the Prefect server has no deployment {deployment!r} (deploy it first: "
-            "prefect --no-prompt deploy --name generate-shards; README, Generation)"
+            "prefect --no-prompt deploy --name generate-shards; docs/stages.md, generate)"
         ) from None
     if run.state is None or not run.state.is_completed():
         raise RuntimeError(f"round {k}: flow run {run.name} ({run.id}) of {deployment} for shards {shards} ended "

@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 
 
 class LossType(str, Enum):
-    """Preference losses (../shared/METHODS.md §2-5), implemented in pipeline/method/losses.py. DICE trains `dpo`."""
+    """Preference losses (docs/methods.md), implemented in pipeline/method/losses.py. DICE trains `dpo`."""
 
     DPO = "dpo"  # sigmoid DPO; conservative DPO with label_smoothing > 0 (§1, §5)
     IPO = "ipo"  # offline IPO on per-token-averaged log-probs (§5)
@@ -275,7 +275,7 @@ def _check_url(url: str) -> None:
 
 
 class JudgeConfig(_Section):
-    """One AI annotator (../shared/METHODS.md §6): a backend, a pairwise template, and how to reach it."""
+    """One AI annotator (docs/methods.md, Labellers): a backend, a pairwise template, and how to reach it."""
 
     id: str | None = Field(
         None, pattern=r"^[A-Za-z0-9._:-]+$", description="Annotator id in preferences.parquet (empty: judge-<index>)."
@@ -547,7 +547,7 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    """Per-round evaluation (../shared/METHODS.md §8; stages/evaluate.py): π_k against a baseline on held-out prompts."""
+    """Per-round evaluation (docs/methods.md, Evaluation metrics; stages/evaluate.py): π_k against a baseline on held-out prompts."""
 
     enabled: bool = Field(True, description="Run the evaluate stage at the end of every round (and round 0 where it compares two models).")
     prompts: DataSource = Field(
@@ -852,6 +852,18 @@ def resolve_runtime(cfg: RunConfig, cuda: int | None = None) -> RunConfig:
             f"run {cfg.name}: device is cuda, but CUDA is not usable on this machine: {why}. Run it on a CUDA GPU "
             "machine, or set device=auto (or cpu) to run on the CPU"
         )
+    return settled(cfg, cuda)
+
+
+def settled(cfg: RunConfig, cuda: int | None = None) -> RunConfig:
+    """`device: auto`, `model.dtype: auto` and `train.bf16: empty` made what this machine runs (bf16 on a usable CUDA
+    GPU unless device=cpu, else float32), with no check and no change to the environment. `rounds.plan` plans from
+    it, so every reader of a run (the flow, a stage process, a worker's shards, `dice eval`, a test holding the
+    config it wrote) fingerprints the same work; a config already settled is returned as it is."""
+    if cfg.device != "auto" and cfg.model.dtype != "auto" and cfg.train.bf16 is not None:
+        return cfg
+    if cuda is None:
+        cuda = 0 if cfg.device == "cpu" else cuda_status()[0]
     on_gpu = bool(cuda) and cfg.device != "cpu"
     model = cfg.model.model_copy(
         update={"dtype": ("bfloat16" if on_gpu else "float32") if cfg.model.dtype == "auto" else cfg.model.dtype}

@@ -372,7 +372,7 @@ def _shard_main(argv: list[str]) -> None:
     """`--shards i,j,…`: generate only those shards of the round (no responses.parquet, no manifest)."""
     import argparse
 
-    from pipeline.config import ConfigError, load_config
+    from pipeline.config import ConfigError, load_config, resolve_runtime
     from pipeline.data.artifacts import ArtifactError
     from pipeline.run import rounds
 
@@ -385,7 +385,7 @@ def _shard_main(argv: list[str]) -> None:
     ap.add_argument("--shards", required=True, help="comma-separated shard indices")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = resolve_runtime(load_config(args.config, args.overrides))  # as every stage process: see stages.common
         plan = rounds.plan(cfg, args.round_, "generate")
         ids = [int(s) for s in args.shards.split(",") if s.strip()]
         n = round_shards(cfg, plan).count

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import DataSource, RunConfig
+from pipeline.config import DataSource, RunConfig, settled
 from pipeline.data.artifacts import StagePlan
 from pipeline.data.datasets import plan_input
 from pipeline.data.models import with_revision
@@ -133,7 +133,8 @@ def _out(cfg: RunConfig, k: int, stage: str) -> dict[str, Path]:
 
 
 def plan(cfg: RunConfig, k: int, stage: str) -> StagePlan:
-    """The StagePlan of `stage` in round `k`."""
+    """The StagePlan of `stage` in round `k` (`dtype: auto` and the like planned as this machine runs them)."""
+    cfg = settled(cfg)
     if stage not in stages_of_round(cfg, k):
         raise ValueError(f"round {k} has no stage {stage!r} (stages: {', '.join(stages_of_round(cfg, k)) or 'none'})")
     rd = round_dir(cfg, k)
@@ -288,6 +289,7 @@ def _eval_plan(cfg: RunConfig, k: int, rd: Path, policy: str, policy_role: str, 
 def standalone_eval_plan(cfg: RunConfig, model: str, baseline: str, out: Path) -> StagePlan:
     """`dice eval --model A --baseline B --out DIR`: A against B (a model, or a reference-outputs file) with the
     config's eval settings, written to DIR/eval.parquet with its manifest in DIR/.dice (round −1: no run)."""
+    cfg = settled(cfg)
     is_file = Path(baseline).is_file()
     base = ("file", baseline, "reference outputs") if is_file else ("model", baseline, "baseline")
     judge = model if is_file else baseline
