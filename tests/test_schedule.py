@@ -19,9 +19,10 @@ def _prefect(env, *args, check=True):
 
 def test_scheduled_deployment_continues_a_run_one_round_per_tick(prefect_server, tmp_path, tiny_model, perturbed_model):
     env = prefect_server
-    # round0.mode=skip (the tiny model is π_0, a perturbed copy π_-1): each tick is one DICE round, nothing else
-    cfg = tiny_config(tmp_path / "runs", tiny_model, name="nightly", **{"data.prompts_per_round": 6,
-                      "round0.mode": "skip", "model.reference": str(perturbed_model)})  # fmt: skip
+    # round0.mode=skip (the tiny model is π_0, a perturbed copy π_-1) and offline rounds (pairs → reference → train:
+    # what the schedule does does not depend on the stages a round has): each tick is one round, nothing else
+    cfg = tiny_config(tmp_path / "runs", tiny_model, name="nightly", offline_rounds="true", **{
+                      "data.offline_per_round": 16, "round0.mode": "skip", "model.reference": str(perturbed_model)})  # fmt: skip
     save_config(cfg, tmp_path / "nightly.yaml")
     pool = "dice-test-pool"
     _prefect(env, "work-pool", "create", pool, "--type", "process")
@@ -42,10 +43,10 @@ def test_scheduled_deployment_continues_a_run_one_round_per_tick(prefect_server,
         _prefect(env, "deployment", "delete", "dice/iterate", check=False)  # no more ticks
         stop(worker)
         log.close()
-    # a later tick continued the run: round 1 was not redone, round 2 generated from round 1's checkpoint
+    # a later tick continued the run: round 1 was not redone, round 2 trained from round 1's checkpoint
     assert {p.name: p.read_text() for p in (rounds.round_dir(cfg, 1) / ".dice").glob("*.json")} == manifests
-    gen = json.loads((rounds.round_dir(cfg, 2) / ".dice/generate.json").read_text())
-    assert gen["inputs"]["policy"]["path"] == str(rounds.round_dir(cfg, 1) / "checkpoint")
+    train = json.loads((rounds.round_dir(cfg, 2) / ".dice/train.json").read_text())
+    assert train["inputs"]["init"]["path"] == str(rounds.round_dir(cfg, 1) / "checkpoint")
 
 
 def test_gpu_stages_queue_for_gpu_slots(prefect_server, tmp_path, tiny_model):
