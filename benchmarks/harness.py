@@ -45,6 +45,28 @@ def child_env(**defaults: str) -> dict[str, str]:
     return env
 
 
+def git_state() -> dict[str, Any]:
+    """The commit measured, and the files of `stages/` and `pipeline/` that differed from it (uncommitted edits)."""
+    def git(*a: str) -> str:
+        run = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
+        return run.stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "uncommitted": git("status", "--porcelain", "stages", "pipeline").splitlines()}
+
+
+def versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """Installed version of each package ("not installed" where missing)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def one(pkg: str) -> str:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {pkg: one(pkg) for pkg in packages}
+
+
 def cpu_jiffies(pid: int) -> tuple[int, int]:
     """(busy jiffies of the whole machine, CPU jiffies of process `pid`): their difference is the others' work."""
     try:
