@@ -207,8 +207,10 @@ def dice_computed_tokens(pairs: list[dict[str, Any]], args: argparse.Namespace, 
 
 def trainer_env(args: argparse.Namespace) -> dict[str, str]:
     """The same thread count for both trainers; on the CPU, DeepSpeed's CPU accelerator and no GPU visible."""
-    cpu = {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}
-    return child_env(OMP_NUM_THREADS=str(os.cpu_count() or 1), **cpu)
+    env = child_env(OMP_NUM_THREADS=str(os.cpu_count() or 1), **({"DS_ACCELERATOR": "cpu"} if args.device == "cpu" else {}))
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
 
 
 def summarize(child: dict[str, Any], tokens: list[int], computed: list[int], warmup: int) -> dict[str, Any]:
