@@ -113,16 +113,11 @@ def percentiles(values: list[int]) -> dict[str, float]:
 
 
 def length_stats(pairs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    prompt = [len(p["enc_c"][0]) for p in pairs]
-    chosen = [len(p["enc_c"][1]) for p in pairs]
-    rejected = [len(p["enc_r"][1]) for p in pairs]
+    """Percentiles of the prompt, chosen, rejected and whole-pair token counts (what both trainers see)."""
+    prompt, chosen, rejected = ([len(p[k][i]) for p in pairs] for k, i in (("enc_c", 0), ("enc_c", 1), ("enc_r", 1)))
     per_pair = [2 * a + b + c for a, b, c in zip(prompt, chosen, rejected)]
-    return {
-        "prompt_tokens": percentiles(prompt),
-        "chosen_tokens": percentiles(chosen),
-        "rejected_tokens": percentiles(rejected),
-        "pair_tokens (prompt+chosen + prompt+rejected)": percentiles(per_pair),
-    }
+    return {"prompt_tokens": percentiles(prompt), "chosen_tokens": percentiles(chosen),
+            "rejected_tokens": percentiles(rejected), "pair_tokens (prompt+chosen + prompt+rejected)": percentiles(per_pair)}  # fmt: skip
 
 
 def score_reference(model_path: Path, pairs: list[dict[str, Any]], device: str) -> float:
@@ -286,6 +281,7 @@ def run_trl(args, model: Path, pairs, rep: int = 0) -> dict[str, Any]:
 
 
 def trl_worker(spec: dict[str, Any]) -> None:
+    """TRL's DPOTrainer on the pairs file, at its best settings, on `spec["device"]`; a line per step, then RESULT."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
