@@ -303,7 +303,7 @@ def main() -> None:
         print(f"{name:<20} {median_tps[name]:15.0f} {rs[0]['tokens']:8d}   " + ", ".join(f"{x:.0f}" for x in tps[name]))
     print(f"transformers baseline = its best batch size in each repeat: {', '.join(best_hf_batch)}")
     for k, v in per_repeat.items():
-        print(ratio_line(f"{k}, run by run", v))
+        print(ratio_line(f"{k} run by run", v))
     Path(args.out).write_text(json.dumps({
         "settings": vars(args) | {"shard_size": shard, "model": str(model), "reference": str(ref)},
         "versions": versions(("torch", "transformers", "vllm")), "commit": git_state()["commit"][:7],

@@ -545,8 +545,8 @@ def main(argv: list[str] | None = None) -> None:
     if "trl" in results:
         for k in (k for k in results if k != "trl"):
             pair_ratios[f"{k} / trl"] = q = repeat_ratios(runs[k], runs["trl"])
-            print(ratio_line(f"{k} / trl tokens/s, run by run", q["tokens_per_s_runs"]))
-            print(ratio_line(f"{k} / trl peak RSS, run by run", q["peak_rss_runs"]))
+            print(ratio_line(f"{k} / trl tokens/s run by run", q["tokens_per_s_runs"]))
+            print(ratio_line(f"{k} / trl peak RSS run by run", q["peak_rss_runs"]))
         print(f"TRL kept no reference model (precompute_ref_log_probs): {all(r['ref_model_is_none'] for r in runs['trl'])}")
         print(f"tokens over all steps (must match): { {k: r['all_steps_tokens'] for k, r in results.items()} }")
     for k, r in results.items():
