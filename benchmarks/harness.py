@@ -47,9 +47,12 @@ def child_env(**defaults: str) -> dict[str, str]:
 
 def git_state() -> dict[str, Any]:
     """The commit measured, and the files of `stages/` and `pipeline/` that differed from it (uncommitted edits)."""
+
     def git(*a: str) -> str:
-        run = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
-        return run.stdout.strip()
+        try:
+            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=30, check=False).stdout.strip()
+        except (OSError, subprocess.SubprocessError):  # no git here, or it hung
+            return ""
 
     return {"commit": git("rev-parse", "HEAD"), "uncommitted": git("status", "--porcelain", "stages", "pipeline").splitlines()}
 
@@ -58,13 +61,13 @@ def versions(packages: tuple[str, ...]) -> dict[str, str]:
     """Installed version of each package ("not installed" where missing)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    def one(pkg: str) -> str:
+    out = {}
+    for pkg in packages:
         try:
-            return version(pkg)
+            out[pkg] = version(pkg)
         except PackageNotFoundError:
-            return "not installed"
-
-    return {pkg: one(pkg) for pkg in packages}
+            out[pkg] = "not installed"
+    return out
 
 
 def cpu_jiffies(pid: int) -> tuple[int, int]:

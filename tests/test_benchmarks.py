@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
+import sys
 
 import pytest
 
-from benchmarks.harness import alternate, median, middle, ratio_line, ratios
+from benchmarks.harness import alternate, median, middle, ratio_line, ratios, run_child
 from tests.conftest import BIN, REPO
 
 SHAPE = ["--hidden", "64", "--intermediate", "128", "--layers", "2", "--heads", "4", "--kv-heads", "2",
@@ -34,6 +36,18 @@ def test_harness_alternates_and_takes_the_median_of_per_repeat_ratios():
     assert middle([{"t": 3}, {"t": 1}, {"t": 4}, {"t": 2}], "t") == {"t": 2}
     with pytest.raises(ValueError, match="same repeat"):
         ratios([1.0, 2.0], [1.0])
+
+
+def test_harness_child_gives_its_result_line_step_times_and_log(tmp_path):
+    """run_child reads the child's RESULT line, timestamps each step line in order, keeps the whole output in the
+    log, and a failing child raises with the log's tail."""
+    code = "print('BENCH_STEP 1'); print('noise'); print('BENCH_STEP 2'); print('BENCH_RESULT {\"tokens\": [3, 4]}')"
+    child = run_child([sys.executable, "-c", code], tmp_path / "child.log", re.compile(r"^BENCH_STEP (\d+)"))
+    assert child["result"] == {"tokens": [3, 4]}
+    assert len(child["step_ends"]) == len(child["step_cpu"]) == 2 and child["step_ends"][0] <= child["step_ends"][1]
+    assert "noise" in (tmp_path / "child.log").read_text() and child["peak_rss_mib"] > 0
+    with pytest.raises(RuntimeError, match=r"exited with 3(.|\n)*the last words"):
+        run_child([sys.executable, "-c", "print('the last words'); raise SystemExit(3)"], tmp_path / "fail.log")
 
 
 def _bench(tmp_path, script: str, *args: str) -> dict:
