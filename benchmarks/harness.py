@@ -58,7 +58,9 @@ def git_state() -> dict[str, Any]:
 
 
 def versions(packages: tuple[str, ...]) -> dict[str, str]:
-    """Installed version of each package ("not installed" where missing)."""
+    """Installed version of each package: its distribution's, else its module's `__version__` (vLLM's CPU build is
+    installed under another distribution name), else "not installed"."""
+    import importlib.util
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
@@ -66,7 +68,8 @@ def versions(packages: tuple[str, ...]) -> dict[str, str]:
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
-            out[pkg] = "not installed"
+            found = importlib.util.find_spec(pkg) is not None
+            out[pkg] = str(getattr(importlib.import_module(pkg), "__version__", "?")) if found else "not installed"
     return out
 
 
