@@ -22,8 +22,8 @@ What it does (benchmarks/README.md has the settings and a measured run):
    - mixture: `pipeline.method.mixture.MixtureSampler` (β = 0.5, KV cache for both models, batched) against
      `naive_mixture_generate` (one sequence at a time, both models over the whole prefix at every token) on a
      small subset (`--mix-prompts`, `--mix-max-tokens`): the naive loop is quadratic.
-3. Prints every run's tokens/s, each repeat's ratios (contenders run back to back) and their median, and writes
-   `benchmarks/out/generate_throughput.json`.
+3. Prints every run's tokens/s, each repeat's ratios (contenders run back to back, `benchmarks.harness.alternate`)
+   and their median, and writes `benchmarks/out/generate_throughput.json`.
 
 Bars (issue 5): dice ≥ 0.9× raw vLLM, ≥ 2× transformers generate.
 """
@@ -32,21 +32,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-OUT = REPO / "benchmarks" / "out"
-RESULT = "BENCH_RESULT "
+from benchmarks.harness import OUT, RESULT, alternate, git_state, median, middle, ratio_line, ratios, run_child  # noqa: I001
+from benchmarks.harness import versions
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -201,56 +197,16 @@ def worker_mixture(conf: str, ref: str, mode: str, n_prompts: int, max_tokens: i
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def child_env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
-           "PYTHONWARNINGS": "ignore::FutureWarning"}  # fmt: skip
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def cpu_busy_share(seconds: float = 2.0) -> float:
-    """Share of all CPUs busy over a short sample (everything but idle and iowait)."""
-
-    def busy() -> tuple[int, int]:
-        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(f) - f[3] - f[4], sum(f)
-
-    b0, t0 = busy()
-    time.sleep(seconds)
-    b1, t1 = busy()
-    return (b1 - b0) / max(t1 - t0, 1)
-
-
-def wait_quiet(limit_s: float) -> float:
-    """Wait (up to `limit_s`) until the CPUs are < 10% busy; returns the last busy share seen."""
-    deadline = time.perf_counter() + limit_s
-    while True:
-        share = cpu_busy_share()
-        if share < 0.1 or time.perf_counter() > deadline:
-            return share
-        time.sleep(8)
-
-
-def run_child(cmd: list[str], log: Path, wait_s: float) -> dict[str, Any]:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    busy_before = wait_quiet(wait_s) if wait_s else cpu_busy_share(1.0)
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, check=False)
-    log.write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(cmd[:5])} ... exited with {proc.returncode}; log {log}:\n{proc.stderr[-3000:]}"
-        )
-    line = next(x for x in proc.stdout.splitlines()[::-1] if x.startswith((RESULT, "DICE_STAGE_RESULT ")))
-    payload = json.loads(line.split(" ", 1)[1])
+def run(cmd: list[str], log: Path, wait_s: float) -> dict[str, Any]:
+    """One contender's run (`harness.run_child`): its tokens, timed seconds and tokens/s, the dice stage's from its
+    own result line (first shard's start to last shard's end), with the CPUs' foreign share before it started."""
+    child = run_child(cmd, log, wait_s=wait_s)
+    payload = child["result"]
     if "stats" in payload:  # the dice stage's own result line
         s = payload["stats"]
         payload = {"tokens": s["generated_tokens"], "wall_s": s["generation_s"], "tokens_per_s": s["tokens_per_s"],
                    "shards": s["shards"]}  # fmt: skip
-    payload.update(
-        process_wall_s=time.perf_counter() - started, busy_before=busy_before, log=str(log.relative_to(REPO))
-    )
-    return payload
+    return {**payload, **{k: child[k] for k in ("process_wall_s", "busy_before", "peak_rss_mib", "log")}}
 
 
 def main() -> None:
@@ -317,59 +273,45 @@ def main() -> None:
     if not args.no_mixture:
         commands["mixture (KV cache)"] = [*me, "--worker", "mix-cached", *common]
         commands["mixture (naive)"] = [*me, "--worker", "mix-naive", *common]
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in commands}
-    for r in range(args.repeats):
-        for name, cmd in commands.items():
-            res = run_child(
-                cmd,
-                OUT / "logs" / f"generate-{name.split()[0]}-{name.count('naive')}-{r}.log",
-                args.wait_quiet,
-            )
-            runs[name].append(res)
+
+    def contender(name: str, cmd: list[str]):
+        def one(r: int) -> dict[str, Any]:
+            res = run(cmd, OUT / "logs" / f"generate-{name.split()[0]}-{name.count('naive')}-{r}.log", args.wait_quiet)
+            busy = "n/a" if res["busy_before"] is None else f"{100 * res['busy_before']:.0f}%"
             print(f"  {name:<20} run {r + 1}: {res['tokens_per_s']:8.0f} tokens/s ({res['tokens']} tokens, "
                   f"{res['wall_s']:.1f} s timed, {res['process_wall_s']:.0f} s process, "
-                  f"CPU {100 * res['busy_before']:.0f}% busy before)", flush=True)  # fmt: skip
+                  f"CPU {busy} used by others before)", flush=True)  # fmt: skip
+            return res
+
+        return one
+
+    runs = alternate({name: contender(name, cmd) for name, cmd in commands.items()}, args.repeats)
     # Run by run (contenders ran back to back, so the machine's drift hits them alike): the ratios of repeat r, and
     # their median. The transformers baseline of a repeat is its best batch size in that repeat.
+    tps = {name: [x["tokens_per_s"] for x in rs] for name, rs in runs.items()}
     hf_names = [n for n in runs if n.startswith("transformers")]
-    per_repeat: dict[str, list[float]] = {"dice / vllm": [], "dice / transformers": [], "vllm / transformers": []}
+    best_hf_batch = [max(hf_names, key=lambda n: tps[n][r]) for r in range(args.repeats)]
+    hf = [tps[n][r] for r, n in enumerate(best_hf_batch)]
+    per_repeat = {"dice / vllm": ratios(tps["dice"], tps["vllm"]), "dice / transformers": ratios(tps["dice"], hf),
+                  "vllm / transformers": ratios(tps["vllm"], hf)}  # fmt: skip
     if not args.no_mixture:
-        per_repeat["mixture KV cache / naive"] = []
-    best_hf_batch = []
-    for r in range(args.repeats):
-        tps = {n: rs[r]["tokens_per_s"] for n, rs in runs.items()}
-        hf = max(hf_names, key=lambda n: tps[n])
-        best_hf_batch.append(hf)
-        per_repeat["dice / vllm"].append(tps["dice"] / tps["vllm"])
-        per_repeat["dice / transformers"].append(tps["dice"] / tps[hf])
-        per_repeat["vllm / transformers"].append(tps["vllm"] / tps[hf])
-        if not args.no_mixture:
-            per_repeat["mixture KV cache / naive"].append(tps["mixture (KV cache)"] / tps["mixture (naive)"])
-    median = {name: float(sorted(rs, key=lambda x: x["tokens_per_s"])[(len(rs) - 1) // 2]["tokens_per_s"])
-              for name, rs in runs.items()}  # fmt: skip
+        per_repeat["mixture KV cache / naive"] = ratios(tps["mixture (KV cache)"], tps["mixture (naive)"])
+    median_tps = {name: float(middle(rs, "tokens_per_s")["tokens_per_s"]) for name, rs in runs.items()}
     print()
     print(f"{'contender':<20} {'median tokens/s':>15} {'tokens':>8}   tokens/s of every run")
     for name, rs in runs.items():
-        print(f"{name:<20} {median[name]:15.0f} {rs[0]['tokens']:8d}   " + ", ".join(f"{x['tokens_per_s']:.0f}" for x in rs))
+        print(f"{name:<20} {median_tps[name]:15.0f} {rs[0]['tokens']:8d}   " + ", ".join(f"{x:.0f}" for x in tps[name]))
     print(f"transformers baseline = its best batch size in each repeat: {', '.join(best_hf_batch)}")
-    ratios = {k: float(np.median(v)) for k, v in per_repeat.items()}
     for k, v in per_repeat.items():
-        print(f"{k}: run by run " + ", ".join(f"x{x:.2f}" for x in v) + f"; median x{ratios[k]:.2f}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                            check=False).stdout.strip()  # fmt: skip
-    import torch
-    import transformers
-    import vllm
-
+        print(ratio_line(f"{k} run by run", v))
     Path(args.out).write_text(json.dumps({
         "settings": vars(args) | {"shard_size": shard, "model": str(model), "reference": str(ref)},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "vllm": vllm.__version__},
-        "commit": commit, "model_build_s": build_s, "runs": runs, "median_tokens_per_s": median,
-        "ratios_per_repeat": per_repeat, "ratios": ratios, "transformers_best_batch": best_hf_batch,
+        "versions": versions(("torch", "transformers", "vllm")), "commit": git_state()["commit"][:7],
+        "model_build_s": build_s, "runs": runs, "median_tokens_per_s": median_tps, "ratios_per_repeat": per_repeat,
+        "ratios": {k: median(v) for k, v in per_repeat.items()}, "transformers_best_batch": best_hf_batch,
         "total_s": time.perf_counter() - t0,
     }, indent=2))  # fmt: skip
     print(f"wrote {args.out} ({time.perf_counter() - t0:.0f} s in all)")
-
 
 if __name__ == "__main__":
     main()

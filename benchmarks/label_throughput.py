@@ -43,8 +43,6 @@ import argparse
 import json
 import os
 import random
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,7 +52,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.train_throughput import DATA, OUT, add_model_args, build_model, percentiles, shown, wait_quiet  # noqa: E402
+from benchmarks.harness import OUT, alternate, child_env, median, ratio_line, ratios, run_child, shown, wait_quiet  # noqa: I001
+from benchmarks.train_throughput import DATA, add_model_args, build_model, percentiles  # the train benchmark's model
 
 
 def build_groups(tokenizer, args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -193,18 +192,12 @@ def stage_processes(args: argparse.Namespace, model: Path, rows: list[tuple[str,
         write_parquet(table, rounds.round_dir(cfg, 1) / "responses.parquet", schemas.RESPONSES)
         conf = root / f"p{n}.yaml"
         save_config(cfg, conf)
-        env = {**os.environ, "TQDM_DISABLE": "1"}
+        env = child_env()  # no OMP_NUM_THREADS: dice's launcher splits the cores between its ranks
         if args.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
-        if args.wait_quiet:
-            wait_quiet(args.wait_quiet)
-        t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "stages.label", str(conf), "--round", "1", "--force"], cwd=REPO,
-                              env=env, capture_output=True, text=True)  # fmt: skip
-        wall = time.perf_counter() - t
-        if proc.returncode != 0:
-            sys.exit(f"the label stage on {n} processes failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        stats = json.loads(proc.stdout.split("DICE_STAGE_RESULT ")[1])["stats"]
+        child = run_child([sys.executable, "-m", "stages.label", str(conf), "--round", "1", "--force"],
+                          OUT / "logs" / f"label-stage-p{n}.log", wait_s=args.wait_quiet or None, env=env)  # fmt: skip
+        stats, wall = child["result"]["stats"], child["process_wall_s"]
         rate = stats["tokens_per_s"]
         out[str(n)] = {"tokens_per_s": rate, "per_process": rate / n, "scoring_s": stats["scoring_s"], "stage_s": wall,
                        "scored_tokens": stats["scored_tokens"]}  # fmt: skip
@@ -255,7 +248,7 @@ def vllm_worker(args: argparse.Namespace, model: str, inp: str, out: str) -> Non
     for (p, r), res in zip(encoded, results):
         seq = p + r  # position t's entry is log P(token t | tokens < t); the response starts at len(p)
         logps.append(sum(res.prompt_logprobs[t][seq[t]].logprob for t in range(len(p), len(seq))))
-    Path(out).write_text(json.dumps({"logps": logps, "seconds": statistics.median(times), "seconds_runs": times}))
+    Path(out).write_text(json.dumps({"logps": logps, "seconds": median(times), "seconds_runs": times}))
 
 
 def vllm_scorer(args, model: Path, encoded, dice_logps, dice_model, tok, tokens: int) -> dict[str, Any]:
@@ -272,12 +265,9 @@ def vllm_scorer(args, model: Path, encoded, dice_logps, dice_model, tok, tokens:
     got: dict[str, Any] = {}
     for role, path in (("policy", model), ("reference", ref)):
         res = OUT / f"vllm_scorer_{role}.json"
-        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-        proc = subprocess.run([sys.executable, __file__, "--vllm-worker", str(path), str(inp), str(res),
-                               "--repeats", str(args.repeats), "--dtype", args.dtype], cwd=REPO, env=env,
-                              capture_output=True, text=True)  # fmt: skip
-        if proc.returncode != 0:
-            sys.exit(f"vLLM scoring failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        run_child([sys.executable, __file__, "--vllm-worker", str(path), str(inp), str(res), "--repeats",
+                   str(args.repeats), "--dtype", args.dtype], OUT / "logs" / f"label-vllm-{role}.log",
+                  env=child_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"))  # fmt: skip
         got[role] = json.loads(res.read_text())
     vllm = {role: np.asarray(got[role]["logps"]) for role in got}
     delta = np.abs(vllm["policy"] - dice["policy"])
@@ -370,25 +360,26 @@ def main(argv: list[str] | None = None) -> None:
     score(model, encoded[:64], tok.pad_token_id, args.batch_size, packing=False)
     batched_logps(naive_model, encoded[:32], args.batch_size, tok.pad_token_id)
     naive_logps(naive_model, encoded[:16])
-    runs: dict[str, list[float]] = {k: [] for k in scorers}
     logps: dict[str, Any] = {}
-    for rep in range(args.repeats):
-        for name, fn in scorers.items():
+
+    def timed(name: str, fn):
+        def one(rep: int) -> float:
             if args.wait_quiet:
                 wait_quiet(args.wait_quiet)
             t = time.perf_counter()
             logps[name] = fn()  # returns numpy on the CPU: the device's work is done when it returns
-            runs[name].append(time.perf_counter() - t)
-            print(f"  run {rep + 1}/{args.repeats} {name}: {tokens / runs[name][-1]:.0f} tokens/s", flush=True)
+            seconds = time.perf_counter() - t
+            print(f"  run {rep + 1}/{args.repeats} {name}: {tokens / seconds:.0f} tokens/s", flush=True)
+            return seconds
 
+        return one
+
+    runs = alternate({name: timed(name, fn) for name, fn in scorers.items()}, args.repeats)
     # repeat i of every scorer ran back to back, so ratios are taken within a repeat; the table shows each scorer's
     # median time and the median of the per-repeat ratios, and every repeat's ratio is printed
-    med = {k: statistics.median(v) for k, v in runs.items()}
-    per_rep = {
-        base: {k: [runs[base][i] / runs[k][i] for i in range(args.repeats)] for k in scorers}
-        for base in ("naive", "batched")
-    }
-    ratio = {base: {k: statistics.median(v) for k, v in r.items()} for base, r in per_rep.items()}
+    med = {k: median(v) for k, v in runs.items()}
+    per_rep = {base: {k: ratios(runs[base], runs[k]) for k in scorers} for base in ("naive", "batched")}
+    ratio = {base: {k: median(v) for k, v in r.items()} for base, r in per_rep.items()}
     diffs = {k: float(np.max(np.abs(logps[k] - logps["naive"]))) for k in scorers if k != "naive"}
     flops = linear_flops(model, encoded, args.batch_size)
     peak = gemm_peak(model.config.hidden_size, model.config.intermediate_size, device)
@@ -402,10 +393,9 @@ def main(argv: list[str] | None = None) -> None:
         every = ", ".join(f"{tokens / s:.0f}" for s in runs[k])
         print(f"{k:<14} {tokens / med[k]:>9.0f} {med[k]:>8.2f} {ratio['naive'][k]:>8.2f}x {ratio['batched'][k]:>9.2f}x "
               f"{d:>22} {rate:>15} {share:>13}   {every}")  # fmt: skip
-    shown_runs = lambda xs: ", ".join(f"x{x:.2f}" for x in xs)  # noqa: E731
-    print(f"dice / batched per repeat: {shown_runs(per_rep['batched']['dice'])}; median x{ratio['batched']['dice']:.2f}")
-    print(f"dice / naive per repeat: {shown_runs(per_rep['naive']['dice'])}; median x{ratio['naive']['dice']:.2f} (bar: x5); "
-          f"the same log-probs: max |Δ| {diffs['dice']:.2e}")  # fmt: skip
+    print(ratio_line("dice / batched per repeat", per_rep["batched"]["dice"]))
+    print(ratio_line("dice / naive per repeat", per_rep["naive"]["dice"]) + f" (bar: x5); the same log-probs: max |Δ| "
+          f"{diffs['dice']:.2e}")  # fmt: skip
     # the roofline: with dice's linear-layer FLOPs, the naive time / x at the GEMM peak bounds any ratio here
     bound = med["naive"] / (flops["dice"] / peak)
     print(f"GEMM peak of this machine (float32, {model.config.hidden_size}x{model.config.intermediate_size} MLP shape): "

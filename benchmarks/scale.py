@@ -42,7 +42,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-OUT = Path(os.environ.get("DICE_BENCH_OUT") or REPO / "benchmarks" / "out").resolve()
+from benchmarks.harness import OUT, RESULT, run_child
+
 STAGES = ("label", "pairs", "reference (data)", "train (data)")
 MAX_TOKENS, CHARS_PER_TOKEN = 2048, 4
 
@@ -205,16 +206,13 @@ def child(stage: str, conf: str) -> None:
         extra = {"pairs": len(examples), **dropped}
     wall = time.perf_counter() - started
     result = {"wall_s": wall, "imports_mb": imports_mb, "peak_rss_mb": _status_mb("VmHWM"), **extra}
-    print("SCALE_RESULT " + json.dumps(result), flush=True)
+    print(RESULT + json.dumps(result), flush=True)
 
 
-def run_child(stage: str, conf: Path) -> dict[str, Any]:
-    """The stage's data path in a fresh process: its result, with its own peak RSS."""
-    proc = subprocess.run([sys.executable, __file__, "--child", stage, str(conf)], cwd=REPO, capture_output=True,
-                          text=True)  # fmt: skip
-    if proc.returncode != 0:
-        sys.exit(f"{stage} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.split("SCALE_RESULT ")[1])
+def run_stage(stage: str, conf: Path) -> dict[str, Any]:
+    """The stage's data path in a fresh process (`harness.run_child`): its result, with its own peak RSS."""
+    log = OUT / "logs" / f"scale-{stage.split()[0]}.log"
+    return run_child([sys.executable, __file__, "--child", stage, str(conf)], log)["result"]
 
 
 def input_mb(stage: str, conf: Path) -> tuple[float, int]:
@@ -273,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
             if stage == "train (data)":
                 write_reference_input(conf)
             size_mb, rows = input_mb(stage, conf)
-            r = run_child(stage, conf)
+            r = run_stage(stage, conf)
             r.update(stage=stage, prompts=n_prompts, k=k, input_rows=rows, input_mb=size_mb,
                      growth=(r["peak_rss_mb"] - r["imports_mb"]) / size_mb)  # fmt: skip
             per_m = r["wall_s"] / (n_prompts * k) * 1e6

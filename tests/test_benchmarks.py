@@ -7,12 +7,47 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
+import sys
 
+import pytest
+
+from benchmarks.harness import alternate, median, middle, ratio_line, ratios, run_child
 from tests.conftest import BIN, REPO
 
 SHAPE = ["--hidden", "64", "--intermediate", "128", "--layers", "2", "--heads", "4", "--kv-heads", "2",
          "--vocab", "512", "--sft-steps", "1"]  # fmt: skip
+
+
+def test_harness_alternates_and_takes_the_median_of_per_repeat_ratios():
+    """Contenders run in turn within each repeat (A B, A B, A B); repeat i's ratio pairs A's run i with B's run i, and
+    the headline is their median, never the best of A over the best of B (here 30/10 = x3.00)."""
+    order = []
+    runs = alternate({"a": lambda r: order.append(("a", r)) or [10.0, 30.0, 20.0][r],
+                      "b": lambda r: order.append(("b", r)) or [5.0, 20.0, 4.0][r]}, 3)  # fmt: skip
+    assert order == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+    assert runs == {"a": [10.0, 30.0, 20.0], "b": [5.0, 20.0, 4.0]}
+    per = ratios(runs["a"], runs["b"])
+    assert per == [2.0, 1.5, 5.0] and median(per) == 2.0  # sorted 1.5, 2.0, 5.0
+    assert median([1.0, 2.0, 4.0, 8.0]) == 3.0  # an even count: the mean of the two middle ratios
+    assert ratio_line("a / b", per) == "a / b: x2.00, x1.50, x5.00; median x2.00"
+    # the median run is one that happened: the lower middle for an even count
+    assert middle([{"t": 3}, {"t": 1}, {"t": 4}, {"t": 2}], "t") == {"t": 2}
+    with pytest.raises(ValueError, match="same repeat"):
+        ratios([1.0, 2.0], [1.0])
+
+
+def test_harness_child_gives_its_result_line_step_times_and_log(tmp_path):
+    """run_child reads the child's RESULT line, timestamps each step line in order, keeps the whole output in the
+    log, and a failing child raises with the log's tail."""
+    code = "print('BENCH_STEP 1'); print('noise'); print('BENCH_STEP 2'); print('BENCH_RESULT {\"tokens\": [3, 4]}')"
+    child = run_child([sys.executable, "-c", code], tmp_path / "child.log", re.compile(r"^BENCH_STEP (\d+)"))
+    assert child["result"] == {"tokens": [3, 4]}
+    assert len(child["step_ends"]) == len(child["step_cpu"]) == 2 and child["step_ends"][0] <= child["step_ends"][1]
+    assert "noise" in (tmp_path / "child.log").read_text() and child["peak_rss_mib"] > 0
+    with pytest.raises(RuntimeError, match=r"exited with 3(.|\n)*the last words"):
+        run_child([sys.executable, "-c", "print('the last words'); raise SystemExit(3)"], tmp_path / "fail.log")
 
 
 def _bench(tmp_path, script: str, *args: str) -> dict:
