@@ -152,8 +152,8 @@ class _VllmSampler:
         results = self.llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids], params, use_tqdm=False)
         return [
             [
-                {"text": o.text, "num_tokens": len(o.token_ids), "finish_reason": o.finish_reason or "unknown",
-                 "cumulative_logprob": o.cumulative_logprob}
+                {"text": o.text, "token_ids": list(o.token_ids), "num_tokens": len(o.token_ids),
+                 "finish_reason": o.finish_reason or "unknown", "cumulative_logprob": o.cumulative_logprob}
                 for o in r.outputs
             ]
             for r in results
@@ -210,8 +210,8 @@ class _MixtureSampler:
                                         max_tokens=g.max_tokens, batch_size=g.mixture_batch_size,
                                         stop_check=self._stop_check if g.stop else None)  # fmt: skip
         return [
-            [{"text": self._text(s.token_ids), "num_tokens": len(s.token_ids), "finish_reason": s.finish_reason,
-              "cumulative_logprob": s.cumulative_logprob} for s in samples]
+            [{"text": self._text(s.token_ids), "token_ids": s.token_ids, "num_tokens": len(s.token_ids),
+              "finish_reason": s.finish_reason, "cumulative_logprob": s.cumulative_logprob} for s in samples]
             for samples in results
         ]  # fmt: skip
 
@@ -233,6 +233,23 @@ def _load_tokenizer(cfg: RunConfig, policy: str):
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ValueError(f"model {policy}: its tokenizer could not be loaded ({e})") from e
+
+
+def reencoded_differently(tokenizer, cols: dict[str, list]) -> dict[str, int]:
+    """How many of a shard's responses would not give back the sampled tokens if their text were tokenised again
+    (`pipeline.compute.logprobs.encode`, what scoring did before token ids were stored): all of them, and those not
+    cut at the token limit (cut ones end without EOS and never become pairs). Stop strings, tokens that merge
+    differently and the prompt/response boundary are the usual causes; label, reference and train score the
+    sampled ids whatever this says."""
+    from pipeline.compute.logprobs import encode_many
+
+    prompts = [t if m is None else m for t, m in zip(cols["prompt"], cols["prompt_messages"])]
+    again = encode_many(tokenizer, prompts, cols["response"]) if prompts else []
+    differs = [list(p) != list(pi) or list(r) != list(ri)
+               for (p, r), pi, ri in zip(again, cols["prompt_token_ids"], cols["response_token_ids"])]  # fmt: skip
+    cut = [f == "length" for f in cols["finish_reason"]]
+    return {"reencoded_differently": sum(differs),
+            "reencoded_differently_not_cut": sum(d and not c for d, c in zip(differs, cut))}  # fmt: skip
 
 
 def generate_shards(cfg: RunConfig, plan: StagePlan, shard_ids: list[int], *, llm: Any = None,
@@ -272,7 +289,7 @@ def generate_shards(cfg: RunConfig, plan: StagePlan, shard_ids: list[int], *, ll
             seeds = [prompt_seed(cfg.seed, k, pid) for pid, _, _, _ in kept]
             outputs = sampler.sample([ids for _, _, ids, _ in kept], seeds) if kept else []
             cols: dict[str, list] = {name: [] for name in schemas.RESPONSES.names}
-            for (pid, text, _, prompt), seed, outs in zip(kept, seeds, outputs):
+            for (pid, text, ids, prompt), seed, outs in zip(kept, seeds, outputs):
                 for j, out in enumerate(outs):
                     cols["prompt_id"].append(pid)
                     cols["prompt"].append(text)
@@ -286,12 +303,16 @@ def generate_shards(cfg: RunConfig, plan: StagePlan, shard_ids: list[int], *, ll
                     cols["seed"].append(seed)
                     cols["model"].append(policy)
                     cols["round"].append(k)
+                    cols["prompt_token_ids"].append(ids)  # what the engine received
+                    cols["response_token_ids"].append(out["token_ids"])  # what it sampled
+            seconds = round(time.monotonic() - started, 3)
+            differ = reencoded_differently(tokenizer, cols)
             rec = shards.write(
                 i, pa.table(cols, schema=schemas.RESPONSES), schemas.RESPONSES,
                 prompts_total=end - start, prompts=len(kept), prompts_too_long=len(too_long),
                 too_long_ids=[pid for pid, _, _, _ in too_long][:20], responses=len(cols["prompt_id"]),
-                tokens=sum(cols["num_tokens"]), finish_length=cols["finish_reason"].count("length"),
-                seconds=round(time.monotonic() - started, 3), started_at=started_at,
+                tokens=sum(cols["num_tokens"]), finish_length=cols["finish_reason"].count("length"), **differ,
+                seconds=seconds, started_at=started_at,
             )  # fmt: skip
             records.append(rec)
             if on_done is not None:
@@ -356,6 +377,9 @@ def run(cfg: RunConfig, plan: StagePlan, llm: Any = None) -> dict[str, Any]:
         "too_long_ids": [pid for r in records for pid in r["too_long_ids"]][:20],
         "responses": rows,
         "finish_length": sum(r["finish_length"] for r in records),
+        # responses whose text, tokenised again, is not the sampled tokens (scoring uses the sampled ones)
+        "reencoded_differently": sum(r.get("reencoded_differently", 0) for r in records),
+        "reencoded_differently_not_cut": sum(r.get("reencoded_differently_not_cut", 0) for r in records),
         "mean_tokens": n_tokens / max(rows, 1),
         "generated_tokens": n_tokens,
         "shards": shards.count,

@@ -15,8 +15,12 @@ import pyarrow as pa
 
 # A conversation: TRL's conversational format, [{role, content}, ...]
 MESSAGES = pa.list_(pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())]))
-# Columns added after files of earlier versions were written: read as nulls when absent (resume keeps working).
-OPTIONAL = {"prompt_messages": MESSAGES}
+# Token ids: a sequence of one model's tokenizer.
+TOKEN_IDS = pa.list_(pa.int32())
+# Columns added after files of earlier versions were written: read as nulls when absent (resume keeps working: a
+# row without token ids is tokenised from its text, as before ids were stored).
+OPTIONAL = {"prompt_messages": MESSAGES, "prompt_token_ids": TOKEN_IDS, "response_token_ids": TOKEN_IDS,
+            "chosen_token_ids": TOKEN_IDS, "rejected_token_ids": TOKEN_IDS}
 
 PROMPTS = pa.schema(
     [
@@ -50,6 +54,9 @@ RESPONSES = pa.schema(
         pa.field("seed", pa.int64(), nullable=False),  # the prompt's sampling seed
         pa.field("model", pa.string(), nullable=False),  # the policy that generated it
         pa.field("round", pa.int32(), nullable=False),
+        # what the engine received and sampled, scored and trained on as they are (the text is for people):
+        pa.field("prompt_token_ids", TOKEN_IDS),  # the prompt under the policy's chat template, as the engine got it
+        pa.field("response_token_ids", TOKEN_IDS),  # the sampled tokens, EOS included when sampled (num_tokens of them)
     ]
 )
 
@@ -105,6 +112,11 @@ PAIRS = pa.schema(
         pa.field("preference", pa.float64(), nullable=False),
         pa.field("annotators", pa.int32(), nullable=False),
         pa.field("round", pa.int32(), nullable=False),
+        # the tokens scored and trained on: generated pairs' as sampled (responses.parquet); null for offline pairs
+        # here, which the reference stage tokenises once (every row of reference.parquet has them)
+        pa.field("prompt_token_ids", TOKEN_IDS),
+        pa.field("chosen_token_ids", TOKEN_IDS),  # response tokens, EOS included (appended to offline texts)
+        pa.field("rejected_token_ids", TOKEN_IDS),
     ]
 )
 
