@@ -79,11 +79,12 @@ def trl_rows(reference: pa.Table, tokenizer) -> tuple[list[dict[str, Any]], list
     """Export rows of a REFERENCE table and the pairs whose tokens TRL would not reproduce (pair_id: why)."""
     from pipeline.compute.logprobs import encode, encode_rows, stored_ids
 
-    ids_columns = ["prompt_token_ids", "chosen_token_ids", "rejected_token_ids"]
+    ids_columns = [c for c in ("prompt_token_ids", "chosen_token_ids", "rejected_token_ids") if c in reference.column_names]
     d = reference.drop_columns(ids_columns).to_pydict()
-    p_all, c_all, r_all = (stored_ids(reference[c]) for c in ids_columns)
     prompts = prompts_of(reference)
     n = len(prompts)
+    p_all, c_all, r_all = (stored_ids(reference[c]) if c in ids_columns else [None] * n
+                           for c in ("prompt_token_ids", "chosen_token_ids", "rejected_token_ids"))  # fmt: skip
     # the tokens dice scored: the stored ids (generated pairs: as sampled), the texts' for a file without them
     scored = encode_rows(tokenizer, prompts * 2, d["chosen"] + d["rejected"], p_all * 2, c_all + r_all)
     rows, bad = [], []
@@ -113,7 +114,7 @@ def trl_rows(reference: pa.Table, tokenizer) -> tuple[list[dict[str, Any]], list
     return rows, bad
 
 
-def export_round(run_dir: str | Path, k: int, fmt: Format, out: str | Path) -> dict[str, Any]:
+def export_round(run_dir: str | Path, k: int, fmt: Format, out: str | Path, skip_inexact: bool = False) -> dict[str, Any]:
     """Write round k's training pairs (reference.parquet) as `fmt` at `out`; returns what was written, with the
     run's `max_length` (the reference stage dropped longer pairs; give it to TRL's DPOConfig, whose default of 1024
     would cut longer ones).
@@ -121,8 +122,12 @@ def export_round(run_dir: str | Path, k: int, fmt: Format, out: str | Path) -> d
     trl: one Parquet file (`load_dataset("parquet", data_files=out)`); jsonl: one JSON-lines file; hf: a
     `datasets.save_to_disk` folder. All three hold the same columns (EXPORT_COLUMNS).
 
+    skip_inexact: leave out the pairs whose tokens would differ in TRL (counted in `skipped`, the first named in
+    `skipped_first`) instead of failing.
+
     Raises:
-        ArtifactError: the round has no reference.parquet, or a pair's tokens would differ in TRL.
+        ArtifactError: the round has no reference.parquet, or a pair's tokens would differ in TRL (without
+            skip_inexact; or every pair would).
     """
     from transformers import AutoTokenizer
 
@@ -136,10 +141,11 @@ def export_round(run_dir: str | Path, k: int, fmt: Format, out: str | Path) -> d
     table = read_parquet(rd / "reference.parquet", schemas.REFERENCE)
     tokenizer = AutoTokenizer.from_pretrained(local_model(model))
     rows, bad = trl_rows(table, tokenizer)
-    if bad:
+    if bad and (not skip_inexact or not rows):
         raise ArtifactError(
             f"{rd / 'reference.parquet'}: {len(bad)} of {table.num_rows} pairs would be tokenised differently by "
             f"TRL than dice scored them with {model}'s tokenizer; first: " + "; ".join(bad[:3])
+            + ("" if skip_inexact else " (--skip-inexact exports the others)")
         )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -161,5 +167,5 @@ def export_round(run_dir: str | Path, k: int, fmt: Format, out: str | Path) -> d
         Dataset(exported).save_to_disk(str(out))
     else:
         raise ValueError(f"--format {fmt!r}: choose trl, jsonl or hf")
-    return {"rows": len(rows), "model": model, "format": fmt, "out": str(out),
-            "max_length": manifest.get("config", {}).get("max_length")}  # fmt: skip
+    return {"rows": len(rows), "model": model, "format": fmt, "out": str(out), "skipped": len(bad),
+            "skipped_first": bad[:3], "max_length": manifest.get("config", {}).get("max_length")}  # fmt: skip
