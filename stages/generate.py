@@ -6,6 +6,9 @@ Reads the prompt file and π_{k-1} (and π_0 for IPO-MD's mixture); writes `resp
   the paper uses a fresh part of the prompt set per iteration. Each prompt goes through the chat template
   (`pipeline.compute.logprobs.prompt_ids`); prompts longer than `model.max_prompt_tokens` or than the model's context
   are dropped and counted (`prompts_too_long`, the first ids in `too_long_ids`).
+- Tokens: each row keeps the prompt's ids as the engine received them and the sampled ids (EOS included when
+  sampled): label, reference and train score exactly those, never the text tokenised again. How many texts would
+  not have tokenised back to them is counted (`reencoded_differently`, `reencoded_differently_not_cut`).
 - Seeds: each prompt has its own seed, from (run seed, round, prompt_id), so its samples do not depend on
   which prompts share its batch: same seeds and config, same responses.
 - Shards (pipeline/data/shards.py, shared with label and reference): the round's prompts are cut into shards of
@@ -146,9 +149,9 @@ class _VllmSampler:
         g = self.cfg.generate
         params = [
             SamplingParams(n=g.num_samples, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens, seed=s,
-                           stop=g.stop or None, stop_token_ids=g.stop_token_ids or None, logprobs=0)
+                           stop=g.stop or None, stop_token_ids=g.stop_token_ids or None)
             for s in seeds
-        ]  # fmt: skip
+        ]  # fmt: skip  (no per-token log-prob objects: the sampled ids are kept, and label scores them)
         results = self.llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids], params, use_tqdm=False)
         return [
             [

@@ -22,7 +22,9 @@ Round k ≥ 1 (../shared/METHODS.md §1.3-1.5, §7), from `labels.parquet` (and,
 or σ(r_chosen − r_rejected) (`pairs.preference_from_rewards`; auto: σ for a reward model).
 Round 0 (offline DPO): the offline set itself (capped by `round0.max_pairs`).
 
-Writes `pairs.parquet` (PAIRS). Sampling of replay pairs is seeded by (seed, round). Only the label columns it
+Writes `pairs.parquet` (PAIRS), generated pairs with the token ids they were sampled as (`prompt_token_ids`,
+`chosen_token_ids`, `rejected_token_ids`, carried from labels.parquet in Arrow; null for offline pairs, which the
+reference stage tokenises once). Sampling of replay pairs is seeded by (seed, round). Only the label columns it
 needs are read, and response texts are compared in Arrow, so a round of 1M responses stays a few seconds.
 
     python -m stages.pairs conf/tiny.yaml --round 1

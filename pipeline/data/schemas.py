@@ -50,7 +50,9 @@ RESPONSES = pa.schema(
         pa.field("num_tokens", pa.int32(), nullable=False),  # generated tokens, EOS included when emitted
         pa.field("num_chars", pa.int32(), nullable=False),
         pa.field("finish_reason", pa.string(), nullable=False),  # "stop" (EOS/stop string) or "length"
-        pa.field("cumulative_logprob", pa.float64()),  # vLLM's sum of sampled-token log-probs
+        # the mixture sampler's sum of sampled-token log-probs; null from vLLM (asking it costs a Python object per
+        # token, and labels.parquet's policy_logp is that sum over the same ids)
+        pa.field("cumulative_logprob", pa.float64()),
         pa.field("seed", pa.int64(), nullable=False),  # the prompt's sampling seed
         pa.field("model", pa.string(), nullable=False),  # the policy that generated it
         pa.field("round", pa.int32(), nullable=False),
