@@ -105,7 +105,7 @@ def test_two_gpu_label_and_reference_match_cpu(make_config, tmp_path, perturbed_
               "reference.shard_size": 2, "data.prompts_per_round": 12}  # fmt: skip
     cpu = make_config(**common, runs_dir=str(tmp_path / "cpu"), **{"model.dtype": "float32", "label.num_processes": 1,
                                                                      "reference.num_processes": 1})  # fmt: skip
-    _responses(rounds.round_dir(cpu, 1) / "responses.parquet")
+    _responses(rounds.round_dir(cpu, 1) / "responses.parquet", cpu.model.policy)
     _stage_process(tmp_path, "label", cpu, cpu=True)
     _stage_process(tmp_path, "pairs", cpu, cpu=True)
     _stage_process(tmp_path, "reference", cpu, cpu=True)
@@ -147,7 +147,7 @@ def test_two_gpu_vllm_judge_engines_match_one(make_config, tmp_path):
             "round0.mode": "skip", "label.labeller": "judge", "label.judges": "[{id: self, backend: vllm}]",
             "label.shard_size": 3, "label.engine.data_parallel_size": dp, "label.engine.kv_cache_memory_bytes": "null",
             "label.engine.gpu_memory_utilization": 0.3, "data.prompts_per_round": 12})  # fmt: skip
-        _responses(rounds.round_dir(cfg, 1) / "responses.parquet")
+        _responses(rounds.round_dir(cfg, 1) / "responses.parquet", cfg.model.policy)
         stats = _stage_process(tmp_path, "label", cfg)
         assert stats["engines"] == dp and rounds.gpus_used(cfg, "label") == dp
         prefs[dp] = pd.read_parquet(rounds.round_dir(cfg, 1) / "preferences.parquet")
@@ -238,7 +238,7 @@ def test_ranks_use_their_own_gpu_named_by_uuid(make_config, tmp_path, perturbed_
     uuids = _gpu_uuids()[:2][::-1]
     cfg = make_config(**{"runs_dir": str(tmp_path / "runs"), "round0.mode": "skip", "model.reference": str(perturbed_model),
                          "label.num_processes": 2, "label.shard_size": 1, "data.prompts_per_round": 12})  # fmt: skip
-    _responses(rounds.round_dir(cfg, 1) / "responses.parquet")
+    _responses(rounds.round_dir(cfg, 1) / "responses.parquet", cfg.model.policy)
     conf = tmp_path / "label.yaml"
     save_config(cfg, conf)
     seen: dict[int, set[str]] = {}
