@@ -4,8 +4,10 @@ Column names follow the conventions other preference trainers read: `prompt`/`ch
 pairs and TRL's `ref_chosen_logps`/`ref_rejected_logps` for precomputed reference log-probs. The prompt a model
 saw is `prompt_messages` (a conversation, TRL's conversational format) when it is more than one user turn, else
 `prompt` itself (pipeline/data/chat.py); `prompt` is always its readable text. To hand a round to another trainer
-with the exact tokens dice scored, use `dice export` (README, Exporting rounds). Strings are plain `string` (not
-large/dictionary) and the one nested type is the list of {role, content} structs of `prompt_messages`, so pandas,
+with the exact tokens dice scored, use `dice export` (README, Exporting rounds). The tokens themselves travel as
+`*_token_ids` (list<int32>): generate stores what the engine received and sampled, and every later stage scores and
+trains on those ids, never on the text tokenised again. Strings are plain `string` (not large/dictionary) and the
+nested types are the list of {role, content} structs of `prompt_messages` and the lists of token ids, so pandas,
 polars, duckdb and `datasets` all open the files unchanged.
 """
 
