@@ -241,9 +241,9 @@ def _load_tokenizer(cfg: RunConfig, policy: str):
 def reencoded_differently(tokenizer, cols: dict[str, list]) -> dict[str, int]:
     """How many of a shard's responses would not give back the sampled tokens if their text were tokenised again
     (`pipeline.compute.logprobs.encode`, what scoring did before token ids were stored): all of them, and those not
-    cut at the token limit (cut ones end without EOS and never become pairs). Stop strings, tokens that merge
-    differently and the prompt/response boundary are the usual causes; label, reference and train score the
-    sampled ids whatever this says."""
+    cut at the token limit (cut ones end without EOS, which the text's encoding appends, and never become pairs).
+    Tokens the tokenizer would merge differently, partial characters decoded as U+FFFD and stop strings are the
+    usual causes; label, reference and train score the sampled ids whatever this says."""
     from pipeline.compute.logprobs import encode_many
 
     prompts = [t if m is None else m for t, m in zip(cols["prompt"], cols["prompt_messages"])]
