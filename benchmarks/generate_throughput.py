@@ -122,7 +122,7 @@ def worker_vllm(conf: str) -> dict[str, Any]:
     from vllm import SamplingParams, TokensPrompt
 
     params = [SamplingParams(n=g.num_samples, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
-                             seed=s, logprobs=0) for s in seeds]  # fmt: skip
+                             seed=s) for s in seeds]  # fmt: skip  (as stages/generate.py asks)
     started = time.perf_counter()
     outs = llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids], params, use_tqdm=False)
     wall = time.perf_counter() - started

@@ -13,9 +13,13 @@ such a round synthetically (no model, no GPU) and runs, each in a fresh process 
 - pairs: the real stage (`stages.pairs.run`), DICE's settings (best vs worst, min_valid 8, α in characters,
   replay γ = 0.5 from an offline set of max(61,000, 2 × prompts) pairs, so every generated pair is kept);
 - reference (data): what the reference stage's ranks do before any forward pass, summed over all shards:
-  read pairs.parquet, cut it into shards of whole prompts, tokenize every chosen and rejected response after its
-  prompt's chat template (`stages.reference._pairs_by_shard`, `_encode_pairs`) with the tiny model's tokenizer;
-- train (data): `stages.train.load_pairs`, the training stage's read and tokenization of reference.parquet.
+  read pairs.parquet, cut it into shards of whole prompts, take the generated pairs' token ids and tokenize the
+  offline pairs after their prompt's chat template (`stages.reference._pairs_by_shard`, `_encode_pairs`) with the
+  tiny model's tokenizer;
+- train (data): `stages.train.load_pairs`, the training stage's read of reference.parquet's token ids.
+
+Responses carry token ids as generate stores them (random ids of the texts' token counts, so nothing reads them
+as text); reference.parquet has every pair's ids, as the reference stage writes it.
 
 Lengths are UltraFeedback-like: prompts log-normal around 250 characters (σ 0.9, 20-4,000), responses
 log-normal around 1,000 characters (σ 0.85) with a long tail cut at 2,048 tokens (8,192 characters: such
@@ -74,6 +78,15 @@ def _texts(rng, corpus: str, lengths) -> list[str]:
     return [corpus[s : s + n] for s, n in zip(starts.tolist(), lengths.tolist())]
 
 
+def _ids(seqs: list) -> Any:
+    """A list<int32> column of int32 arrays, built from one concatenation (not a Python int per token)."""
+    import numpy as np
+    import pyarrow as pa
+
+    offsets = np.r_[0, np.cumsum([len(x) for x in seqs])].astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(seqs) if seqs else np.zeros(0, np.int32)))
+
+
 def build_round(root: Path, n_prompts: int, k: int, seed: int, n_offline: int) -> Path:
     """round-1/responses.parquet, an offline set of n_offline pairs, the tokenizer, and the config; returns the config."""
     import numpy as np
@@ -101,6 +114,8 @@ def build_round(root: Path, n_prompts: int, k: int, seed: int, n_offline: int) -
     rd.mkdir(parents=True, exist_ok=True)
     prompt_len = np.clip(rng.lognormal(math.log(250), 0.9, n_prompts), 20, 4000).astype(int)
     prompts = [f"Question {i}: {t}" for i, t in enumerate(_texts(rng, corpus, prompt_len))]
+    # token ids as generate stores them (random ids of the texts' token counts: no stage reads them as text)
+    prompt_ids = [rng.integers(4, 2048, n // CHARS_PER_TOKEN + 8, dtype=np.int32) for n in prompt_len]
     with pq.ParquetWriter(rd / "responses.parquet", schemas.RESPONSES, compression="zstd") as w:
         step = max(1, 50_000 // k)  # prompts per row group
         for s in range(0, n_prompts, step):
@@ -119,6 +134,8 @@ def build_round(root: Path, n_prompts: int, k: int, seed: int, n_offline: int) -
                 "finish_reason": np.where(cut, "length", "stop").tolist(), "cumulative_logprob": -1.5 * tokens,
                 "seed": np.repeat(idx, k).astype(np.int64), "model": ["synthetic"] * n, "round": np.ones(n, np.int32),
                 "prompt_messages": pa.nulls(n, schemas.MESSAGES),  # single user turns
+                "prompt_token_ids": _ids([prompt_ids[i] for i in idx for _ in range(k)]),
+                "response_token_ids": _ids([rng.integers(4, 2048, t, dtype=np.int32) for t in tokens]),
             }, schema=schemas.RESPONSES))  # fmt: skip
     offline_len = np.clip(rng.lognormal(math.log(250), 0.9, n_offline), 20, 4000).astype(int)
     offline_prompt = [f"Offline {i}: {t}" for i, t in enumerate(_texts(rng, corpus, offline_len))]
@@ -150,6 +167,14 @@ def write_reference_input(conf: Path) -> None:
     c = pa.compute.utf8_length(t["chosen"]).to_numpy() // CHARS_PER_TOKEN + 1
     r = pa.compute.utf8_length(t["rejected"]).to_numpy() // CHARS_PER_TOKEN + 1
     rng = np.random.default_rng(0)
+    # every row of reference.parquet has its ids (the reference stage tokenised the offline pairs): random ones of
+    # those lengths where pairs.parquet has none
+    p = pa.compute.utf8_length(t["prompt"]).to_numpy() // CHARS_PER_TOKEN + 8
+    for name, lengths in (("prompt_token_ids", p), ("chosen_token_ids", c), ("rejected_token_ids", r)):
+        have = t[name].is_valid().to_numpy(zero_copy_only=False)
+        stored = t[name].to_pylist()
+        filled = [x if h else rng.integers(4, 2048, n, dtype=np.int32) for x, h, n in zip(stored, have, lengths)]
+        t = t.set_column(t.schema.get_field_index(name), name, _ids([np.asarray(x, np.int32) for x in filled]))
     for name, value in (("chosen_tokens", c.astype(np.int32)), ("rejected_tokens", r.astype(np.int32)),
                         ("ref_chosen_logps", -1.5 * c + rng.normal(size=n)), ("ref_rejected_logps", -1.5 * r + rng.normal(size=n))):  # fmt: skip
         t = t.append_column(name, pa.array(value))
@@ -198,7 +223,7 @@ def child(stage: str, conf: str) -> None:
         texts, shards, _ = reference._pairs_by_shard(cfg, plan)
         n_tokens = 0
         for idx in shards:  # what the ranks do between them, before their forward passes
-            c, r, fits = reference._encode_pairs(tokenizer, texts, idx, cfg.model.max_length)
+            c, r, fits, _ = reference._encode_pairs(tokenizer, texts, idx, cfg.model.max_length)
             n_tokens += sum(len(x[0]) + len(x[1]) for x in c + r)
         extra = {"pairs": sum(len(s) for s in shards), "shards": len(shards), "tokens": n_tokens}
     else:

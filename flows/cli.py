@@ -494,6 +494,8 @@ def export(
     round_: int = typer.Option(..., "--round", help="The round whose training pairs (reference.parquet) to export."),
     fmt: str = typer.Option("trl", "--format", help="trl (Parquet for TRL's DPOTrainer), jsonl, or hf (a save_to_disk folder)."),
     out: Path = typer.Option(..., help="Output file (trl, jsonl) or folder (hf)."),
+    skip_inexact: bool = typer.Option(False, "--skip-inexact", help="Leave out (and count) the pairs whose text TRL "
+                                      "would tokenise into other ids than dice scored, instead of failing."),
 ) -> None:
     """Export a round's pairs so another trainer sees exactly the tokens dice scored (docs/data.md, Exporting rounds)."""
     from rich.markup import escape
@@ -505,12 +507,15 @@ def export(
         err.print(f"[red]error:[/red] --format {fmt!r}: choose trl, jsonl or hf")
         raise typer.Exit(2)
     try:
-        done = export_round(run_dir, round_, fmt, out)  # type: ignore[arg-type]
+        done = export_round(run_dir, round_, fmt, out, skip_inexact)  # type: ignore[arg-type]
     except (ArtifactError, ValueError, OSError) as e:
         err.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
     console.print(f"{done['rows']} pairs of {run_dir} round {round_} written to {done['out']} ({fmt}; tokens checked "
                   f"against {done['model']}'s tokenizer)")  # fmt: skip
+    if done["skipped"]:
+        console.print(f"{done['skipped']} pairs left out: TRL would tokenise them into other ids than dice scored; "
+                      f"first: {escape('; '.join(done['skipped_first']))}")  # fmt: skip
     if done.get("max_length"):
         console.print(f"train with DPOConfig(max_length={done['max_length']}) (the run's model.max_length): TRL's "
                       "default of 1024 would cut longer pairs")  # fmt: skip

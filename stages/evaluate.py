@@ -175,7 +175,8 @@ def model_responses(
                                 ("prompt_messages", messages_column([conv])[0]), ("sample_idx", j),
                                 ("response", out.text), ("num_tokens", len(out.token_ids)), ("num_chars", len(out.text)),
                                 ("finish_reason", out.finish_reason or "unknown"), ("cumulative_logprob", None),
-                                ("seed", seed), ("model", model), ("round", plan.round)):  # fmt: skip
+                                ("seed", seed), ("model", model), ("round", plan.round),
+                                ("prompt_token_ids", ids[i]), ("response_token_ids", list(out.token_ids))):  # fmt: skip
                 cols[name].append(value)
     table = pa.table(cols, schema=schemas.RESPONSES)
     write_parquet(table, path, schemas.RESPONSES)

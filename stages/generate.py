@@ -6,6 +6,9 @@ Reads the prompt file and π_{k-1} (and π_0 for IPO-MD's mixture); writes `resp
   the paper uses a fresh part of the prompt set per iteration. Each prompt goes through the chat template
   (`pipeline.compute.logprobs.prompt_ids`); prompts longer than `model.max_prompt_tokens` or than the model's context
   are dropped and counted (`prompts_too_long`, the first ids in `too_long_ids`).
+- Tokens: each row keeps the prompt's ids as the engine received them and the sampled ids (EOS included when
+  sampled): label, reference and train score exactly those, never the text tokenised again. How many texts would
+  not have tokenised back to them is counted (`reencoded_differently`, `reencoded_differently_not_cut`).
 - Seeds: each prompt has its own seed, from (run seed, round, prompt_id), so its samples do not depend on
   which prompts share its batch: same seeds and config, same responses.
 - Shards (pipeline/data/shards.py, shared with label and reference): the round's prompts are cut into shards of
@@ -146,14 +149,14 @@ class _VllmSampler:
         g = self.cfg.generate
         params = [
             SamplingParams(n=g.num_samples, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens, seed=s,
-                           stop=g.stop or None, stop_token_ids=g.stop_token_ids or None, logprobs=0)
+                           stop=g.stop or None, stop_token_ids=g.stop_token_ids or None)
             for s in seeds
-        ]  # fmt: skip
+        ]  # fmt: skip  (no per-token log-prob objects: the sampled ids are kept, and label scores them)
         results = self.llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids], params, use_tqdm=False)
         return [
             [
-                {"text": o.text, "num_tokens": len(o.token_ids), "finish_reason": o.finish_reason or "unknown",
-                 "cumulative_logprob": o.cumulative_logprob}
+                {"text": o.text, "token_ids": list(o.token_ids), "num_tokens": len(o.token_ids),
+                 "finish_reason": o.finish_reason or "unknown", "cumulative_logprob": o.cumulative_logprob}
                 for o in r.outputs
             ]
             for r in results
@@ -210,8 +213,8 @@ class _MixtureSampler:
                                         max_tokens=g.max_tokens, batch_size=g.mixture_batch_size,
                                         stop_check=self._stop_check if g.stop else None)  # fmt: skip
         return [
-            [{"text": self._text(s.token_ids), "num_tokens": len(s.token_ids), "finish_reason": s.finish_reason,
-              "cumulative_logprob": s.cumulative_logprob} for s in samples]
+            [{"text": self._text(s.token_ids), "token_ids": s.token_ids, "num_tokens": len(s.token_ids),
+              "finish_reason": s.finish_reason, "cumulative_logprob": s.cumulative_logprob} for s in samples]
             for samples in results
         ]  # fmt: skip
 
@@ -233,6 +236,23 @@ def _load_tokenizer(cfg: RunConfig, policy: str):
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ValueError(f"model {policy}: its tokenizer could not be loaded ({e})") from e
+
+
+def reencoded_differently(tokenizer, cols: dict[str, list]) -> dict[str, int]:
+    """How many of a shard's responses would not give back the sampled tokens if their text were tokenised again
+    (`pipeline.compute.logprobs.encode`, what scoring did before token ids were stored): all of them, and those not
+    cut at the token limit (cut ones end without EOS, which the text's encoding appends, and never become pairs).
+    Tokens the tokenizer would merge differently, partial characters decoded as U+FFFD and stop strings are the
+    usual causes; label, reference and train score the sampled ids whatever this says."""
+    from pipeline.compute.logprobs import encode_many
+
+    prompts = [t if m is None else m for t, m in zip(cols["prompt"], cols["prompt_messages"])]
+    again = encode_many(tokenizer, prompts, cols["response"]) if prompts else []
+    differs = [list(p) != list(pi) or list(r) != list(ri)
+               for (p, r), pi, ri in zip(again, cols["prompt_token_ids"], cols["response_token_ids"])]  # fmt: skip
+    cut = [f == "length" for f in cols["finish_reason"]]
+    return {"reencoded_differently": sum(differs),
+            "reencoded_differently_not_cut": sum(d and not c for d, c in zip(differs, cut))}  # fmt: skip
 
 
 def generate_shards(cfg: RunConfig, plan: StagePlan, shard_ids: list[int], *, llm: Any = None,
@@ -272,7 +292,7 @@ def generate_shards(cfg: RunConfig, plan: StagePlan, shard_ids: list[int], *, ll
             seeds = [prompt_seed(cfg.seed, k, pid) for pid, _, _, _ in kept]
             outputs = sampler.sample([ids for _, _, ids, _ in kept], seeds) if kept else []
             cols: dict[str, list] = {name: [] for name in schemas.RESPONSES.names}
-            for (pid, text, _, prompt), seed, outs in zip(kept, seeds, outputs):
+            for (pid, text, ids, prompt), seed, outs in zip(kept, seeds, outputs):
                 for j, out in enumerate(outs):
                     cols["prompt_id"].append(pid)
                     cols["prompt"].append(text)
@@ -286,12 +306,16 @@ def generate_shards(cfg: RunConfig, plan: StagePlan, shard_ids: list[int], *, ll
                     cols["seed"].append(seed)
                     cols["model"].append(policy)
                     cols["round"].append(k)
+                    cols["prompt_token_ids"].append(ids)  # what the engine received
+                    cols["response_token_ids"].append(out["token_ids"])  # what it sampled
+            seconds = round(time.monotonic() - started, 3)
+            differ = reencoded_differently(tokenizer, cols)
             rec = shards.write(
                 i, pa.table(cols, schema=schemas.RESPONSES), schemas.RESPONSES,
                 prompts_total=end - start, prompts=len(kept), prompts_too_long=len(too_long),
                 too_long_ids=[pid for pid, _, _, _ in too_long][:20], responses=len(cols["prompt_id"]),
-                tokens=sum(cols["num_tokens"]), finish_length=cols["finish_reason"].count("length"),
-                seconds=round(time.monotonic() - started, 3), started_at=started_at,
+                tokens=sum(cols["num_tokens"]), finish_length=cols["finish_reason"].count("length"), **differ,
+                seconds=seconds, started_at=started_at,
             )  # fmt: skip
             records.append(rec)
             if on_done is not None:
@@ -356,6 +380,9 @@ def run(cfg: RunConfig, plan: StagePlan, llm: Any = None) -> dict[str, Any]:
         "too_long_ids": [pid for r in records for pid in r["too_long_ids"]][:20],
         "responses": rows,
         "finish_length": sum(r["finish_length"] for r in records),
+        # responses whose text, tokenised again, is not the sampled tokens (scoring uses the sampled ones)
+        "reencoded_differently": sum(r.get("reencoded_differently", 0) for r in records),
+        "reencoded_differently_not_cut": sum(r.get("reencoded_differently_not_cut", 0) for r in records),
         "mean_tokens": n_tokens / max(rows, 1),
         "generated_tokens": n_tokens,
         "shards": shards.count,

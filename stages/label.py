@@ -1,7 +1,9 @@
 """Stage `label`: score every response.
 
 labeller = implicit_reward (DICE, ../shared/METHODS.md §1.2): r = β·[logp(π_{k-1}, x, y) − logp(π_{k-2}, x, y)],
-the current policy against its own reference, both scored over the same tokens (pipeline.compute.logprobs.encode).
+the current policy against its own reference, both scored over the same tokens: the ids generate sampled
+(responses.parquet's `prompt_token_ids`/`response_token_ids`; the text tokenised for a round written without them,
+pipeline.compute.logprobs.encode_rows).
 labeller = python: the function named in `label.python_reward`, called on batches of (prompts, responses).
 labeller = reward_model: a sequence-classification model's score r, each text re-encoded with the reward
 model's own tokenizer and chat template (pipeline/method/rewards.py); pairs take p = σ(r_1 − r_2).
@@ -93,13 +95,13 @@ def _preflight(cfg: RunConfig, plan: StagePlan) -> None:
 
 
 def _scorer(cfg: RunConfig, plan: StagePlan, role: str):
-    """This rank's scorer under one model, fn(prompts, responses) -> (scores, too_long mask, scored tokens), and the
-    share of the model's weights this rank holds.
+    """This rank's scorer under one model, fn(rows of responses.parquet) -> (scores, too_long mask, scored tokens),
+    and the share of the model's weights this rank holds.
 
     The model is loaded whole on this rank's device, or (label.zero_stage 3) partitioned across the ranks; then every
     call is a collective and each rank must make the same calls (the worker pads with empty ones)."""
     from pipeline.compute import launch, zero3
-    from pipeline.compute.logprobs import ResponseScorer, encode_many, load_causal_lm, score
+    from pipeline.compute.logprobs import ResponseScorer, encode_rows, load_causal_lm, score, stored_ids
     from pipeline.method.rewards import load_reward_model, reward_model_ids, score_reward_model
 
     lab, path, device = cfg.label, str(plan.inputs[role]), launch.device()
@@ -109,7 +111,9 @@ def _scorer(cfg: RunConfig, plan: StagePlan, role: str):
         context = getattr(model.config, "max_position_embeddings", None) or cfg.model.max_length
         limit = min(cfg.model.max_length, context)
 
-        def reward(prompts: list[str], responses: list[str]):
+        def reward(part: pa.Table):
+            # the reward model's own tokenizer and template, on the texts (what the model was trained to read)
+            prompts, responses = prompts_of(part), part["response"].to_pylist()
             encoded = [reward_model_ids(tokenizer, p, r, lab.reward_model_format, path) for p, r in zip(prompts, responses)]
             too_long = np.array([len(x) > limit for x in encoded], dtype=bool)
             ok = np.flatnonzero(~too_long)
@@ -121,8 +125,10 @@ def _scorer(cfg: RunConfig, plan: StagePlan, role: str):
     model, tokenizer = load_causal_lm(path, cfg.model.dtype, cfg.model.trust_remote_code, device, lab.zero_stage)
     zero = zero3.scoring(ResponseScorer(model), model.config) if lab.zero_stage == 3 else {}
 
-    def logps(prompts: list[str], responses: list[str]):
-        encoded = encode_many(tokenizer, prompts, responses)
+    def logps(part: pa.Table):
+        # the sampled tokens as generated (responses.parquet's ids); texts only for rows written without them
+        encoded = encode_rows(tokenizer, prompts_of(part), part["response"].to_pylist(),
+                              stored_ids(part["prompt_token_ids"]), stored_ids(part["response_token_ids"]))  # fmt: skip
         too_long = np.array([len(p) + len(r) > cfg.model.max_length for p, r in encoded], dtype=bool)
         ok = np.flatnonzero(~too_long)
         scores = np.full(len(encoded), np.nan)
@@ -142,9 +148,9 @@ def _score_worker(cfg: RunConfig, plan: StagePlan, todo: dict[str, list[int]], d
     if zero3:
         launch.init_distributed()
     rank, world = launch.rank(), launch.world()
-    texts = read_parquet(plan.inputs["responses"], schemas.RESPONSES).select(
-        ["prompt_id", "prompt", "prompt_messages", "response"]
-    )
+    ids_columns = ["prompt_token_ids", "response_token_ids"] if cfg.label.labeller == "implicit_reward" else []
+    texts = read_parquet(plan.inputs["responses"], schemas.RESPONSES,
+                         columns=["prompt_id", "prompt", "prompt_messages", "response", *ids_columns])  # fmt: skip
     ids = texts["prompt_id"].to_pylist()
     rows = group_shards(ids, cfg.label.shard_size)
     n_prompts = [len({ids[j] for j in r}) for r in rows]
@@ -166,9 +172,8 @@ def _score_worker(cfg: RunConfig, plan: StagePlan, todo: dict[str, list[int]], d
             i = mine[step] if step < len(mine) else None
             idx = rows[i] if i is not None else np.zeros(0, np.int64)
             started, started_at = time.monotonic(), time.time()
-            part = texts.take(idx)
-            # what the models see: the conversation where there is one
-            scores, too_long, tokens = fn(prompts_of(part), part["response"].to_pylist())
+            part = texts.take(idx)  # what the models see: the sampled ids, or the conversation where there is one
+            scores, too_long, tokens = fn(part)
             if i is None:
                 continue
             seconds = round(time.monotonic() - started, 3)

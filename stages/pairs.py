@@ -22,7 +22,9 @@ Round k ≥ 1 (../shared/METHODS.md §1.3-1.5, §7), from `labels.parquet` (and,
 or σ(r_chosen − r_rejected) (`pairs.preference_from_rewards`; auto: σ for a reward model).
 Round 0 (offline DPO): the offline set itself (capped by `round0.max_pairs`).
 
-Writes `pairs.parquet` (PAIRS). Sampling of replay pairs is seeded by (seed, round). Only the label columns it
+Writes `pairs.parquet` (PAIRS), generated pairs with the token ids they were sampled as (`prompt_token_ids`,
+`chosen_token_ids`, `rejected_token_ids`, carried from labels.parquet in Arrow; null for offline pairs, which the
+reference stage tokenises once). Sampling of replay pairs is seeded by (seed, round). Only the label columns it
 needs are read, and response texts are compared in Arrow, so a round of 1M responses stays a few seconds.
 
     python -m stages.pairs conf/tiny.yaml --round 1
@@ -46,7 +48,9 @@ from pipeline.method.length import best_worst, replay_counts, search_alpha, sear
 
 # The LABELS columns pairs reads (the log-prob and bookkeeping columns are not needed).
 LABEL_COLUMNS = ["prompt_id", "prompt", "prompt_messages", "sample_idx", "response", "num_tokens", "num_chars", "finish_reason",
-                 "reward", "label_error"]  # fmt: skip
+                 "reward", "label_error", "prompt_token_ids", "response_token_ids"]  # fmt: skip
+# The token-id columns of PAIRS: Arrow arrays from labels to pairs.parquet (never a Python int per token).
+ID_COLUMNS = ("prompt_token_ids", "chosen_token_ids", "rejected_token_ids")
 # Python's str.isspace() characters, as an RE2 class (checked over every code point in tests/test_pairs_table.py)
 WHITESPACE = r"\s\x{0b}\x{1c}-\x{1f}\x{85}\p{Z}"
 
@@ -70,7 +74,16 @@ def _offline_rows(offline: pa.Table, idx: np.ndarray, k: int) -> dict[str, list]
         "preference": [1.0] * n,
         "annotators": [1] * n,
         "round": [k] * n,
+        # tokenised once, by the reference stage (it has the model's tokenizer)
+        **{c: pa.nulls(n, schemas.TOKEN_IDS) for c in ID_COLUMNS},
     }
+
+
+def _ids(labels: pa.Table, name: str, rows: np.ndarray) -> pa.Array:
+    """The `name` token ids of label rows `rows` (nulls for a labels table written without ids)."""
+    if name not in labels.column_names:
+        return pa.nulls(len(rows), schemas.TOKEN_IDS)
+    return _take(labels[name], rows).cast(schemas.TOKEN_IDS)
 
 
 PairKey = tuple[str, int, int]  # (prompt_id, idx_a, idx_b) of a compared pair, idx_a < idx_b
@@ -261,6 +274,10 @@ def generated_pairs(
         "preference": prefs.tolist(),
         "annotators": annotators.tolist(),
         "round": [k] * len(w),
+        # the sampled tokens, carried as they are to the reference and train stages
+        "prompt_token_ids": _ids(labels, "prompt_token_ids", w),
+        "chosen_token_ids": _ids(labels, "response_token_ids", w),
+        "rejected_token_ids": _ids(labels, "response_token_ids", l_),
     }
     stats = {
         "strategy": pcfg.strategy,
@@ -331,13 +348,14 @@ def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     n_gen, n_off = replay_counts(n_gen_all, offline.num_rows, cfg.pairs.replay_ratio)
     if n_gen < n_gen_all:
         pick = np.sort(rng.choice(n_gen_all, size=n_gen, replace=False))
-        gen = {c: [v[i] for i in pick] for c, v in gen.items()}
+        gen = {c: v.take(pa.array(pick)) if c in ID_COLUMNS else [v[i] for i in pick] for c, v in gen.items()}
     # offline pairs only from prompts the sampled generated pairs do not use (the reference's rule)
     used = set(gen["prompt"])
     eligible = np.array([i for i, p in enumerate(offline["prompt"].to_pylist()) if p not in used], dtype=np.int64)
     off_idx = np.sort(rng.choice(eligible, size=min(n_off, len(eligible)), replace=False)) if n_off else np.array([], np.int64)
     off = _offline_rows(offline, off_idx, k)
-    table = pa.table({c: gen[c] + off[c] for c in schemas.PAIRS.names}, schema=schemas.PAIRS)
+    table = pa.table({c: pa.concat_arrays([gen[c], off[c]]) if c in ID_COLUMNS else gen[c] + off[c]
+                      for c in schemas.PAIRS.names}, schema=schemas.PAIRS)  # fmt: skip
     rows = write_parquet(table, plan.outputs["pairs"], schemas.PAIRS)
     cl, rl = np.array(gen["chosen_len"], float), np.array(gen["rejected_len"], float)
     cr, rr = np.array(gen["chosen_reward"], float), np.array(gen["rejected_reward"], float)

@@ -12,8 +12,13 @@ every N-th missing shard, writing each as it finishes to `.dice/reference-shards
 stage run again scores only the missing shards, on any number of processes. `reference.zero_stage: 3` partitions
 the model's weights across the ranks (ZeRO-3 inference, pipeline/compute/zero3.py) for a model larger than one GPU.
 
-Writes `reference.parquet` (REFERENCE = PAIRS + token counts + `ref_chosen_logps`/`ref_rejected_logps`,
-TRL's column names: the file is a DPO dataset with precomputed reference log-probs for other trainers too).
+Tokens: a generated pair is scored on the ids it was sampled as (pairs.parquet's `prompt_token_ids`,
+`chosen_token_ids`, `rejected_token_ids`); an offline pair (or one written before ids were stored) is tokenised
+here, once, in one batch per shard, and its ids are written with it, so training never tokenises again.
+
+Writes `reference.parquet` (REFERENCE = PAIRS with every pair's token ids + token counts + `ref_chosen_logps`/
+`ref_rejected_logps`, TRL's column names: the file is a DPO dataset with precomputed reference log-probs for other
+trainers too).
 
     python -m stages.reference conf/tiny.yaml --round 1
 """
@@ -27,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.compute import launch
 from pipeline.config import RunConfig
@@ -35,33 +41,53 @@ from pipeline.data.artifacts import StagePlan, plan_digest, read_parquet, write_
 from pipeline.data.chat import prompts_of
 from pipeline.data.shards import Progress, Shards, assign, group_shards
 
-# A shard's rows: the pair's row in pairs.parquet, its response token counts, reference log-probs and whether it fits.
+# A shard's rows: the pair's row in pairs.parquet, its response token counts, reference log-probs, whether it fits,
+# and the token ids of a pair tokenised here (an offline pair: null for pairs that came with ids).
 SCORES = pa.schema([("row", pa.int64()), ("chosen_tokens", pa.int32()), ("rejected_tokens", pa.int32()),
-                    ("ref_chosen", pa.float64()), ("ref_rejected", pa.float64()), ("fits", pa.bool_())])  # fmt: skip
+                    ("ref_chosen", pa.float64()), ("ref_rejected", pa.float64()), ("fits", pa.bool_()),
+                    ("prompt_token_ids", schemas.TOKEN_IDS), ("chosen_token_ids", schemas.TOKEN_IDS),
+                    ("rejected_token_ids", schemas.TOKEN_IDS)])  # fmt: skip
+ID_COLUMNS = ["prompt_token_ids", "chosen_token_ids", "rejected_token_ids"]
 
 
 def _pairs_by_shard(cfg: RunConfig, plan: StagePlan) -> tuple[pa.Table, list[np.ndarray], list[int]]:
-    """The pairs' texts (prompt, chosen, rejected; in Arrow), the rows of each shard (whole prompts), and each
-    shard's number of prompts."""
-    pairs = read_parquet(plan.inputs["pairs"], schemas.PAIRS).select(
-        ["prompt_id", "prompt", "prompt_messages", "chosen", "rejected"]
-    )
+    """The pairs' texts and token ids (prompt, chosen, rejected; in Arrow), the rows of each shard (whole prompts),
+    and each shard's number of prompts."""
+    pairs = read_parquet(plan.inputs["pairs"], schemas.PAIRS,
+                         columns=["prompt_id", "prompt", "prompt_messages", "chosen", "rejected", *ID_COLUMNS])  # fmt: skip
     ids = pairs["prompt_id"].to_pylist()
     rows = group_shards(ids, cfg.reference.shard_size)
     return pairs.drop_columns(["prompt_id"]), rows, [len({ids[j] for j in r}) for r in rows]
 
 
 def _encode_pairs(tokenizer, texts: pa.Table, idx: np.ndarray, max_length: int):
-    """(chosen encodings, rejected encodings, fits mask) of the pairs `idx` (pipeline.compute.logprobs.encode); only
-    these pairs' texts become Python strings."""
-    from pipeline.compute.logprobs import encode_many
+    """(chosen encodings, rejected encodings, fits mask, mask of the pairs tokenised here) of the pairs `idx`.
+
+    A pair with token ids (generated: as sampled) is scored on them; one without (offline, or written before ids
+    were stored) is tokenised here from its texts (pipeline.compute.logprobs.encode_rows), every such pair of the
+    shard in one batch; only these pairs' texts become Python strings."""
+    from pipeline.compute.logprobs import encode_rows, stored_ids
 
     taken = texts.take(idx)
-    part, prompts = taken.to_pydict(), prompts_of(taken)  # the conversation where the pair has one
-    both = encode_many(tokenizer, prompts * 2, part["chosen"] + part["rejected"])  # each prompt rendered once
+    p_ids, c_ids, r_ids = (stored_ids(taken[c]) for c in ID_COLUMNS)
+    fresh = np.array([p is None or c is None or r is None or not len(c) or not len(r)
+                      for p, c, r in zip(p_ids, c_ids, r_ids)], dtype=bool)  # fmt: skip
+    p_ids = [None if f else p for f, p in zip(fresh, p_ids)]
+    prompts = prompts_of(taken)  # the conversation where the pair has one
+    both = encode_rows(tokenizer, prompts * 2, taken["chosen"].to_pylist() + taken["rejected"].to_pylist(),
+                       p_ids * 2, c_ids + r_ids)  # fmt: skip  (each prompt rendered once)
     c, r = both[: len(prompts)], both[len(prompts) :]
     fits = np.array([max(len(a[0]) + len(a[1]), len(b[0]) + len(b[1])) <= max_length for a, b in zip(c, r)], dtype=bool)
-    return c, r, fits
+    return c, r, fits, fresh
+
+
+def _tokenised_here(c: list, r: list, fresh: np.ndarray) -> dict[str, pa.Array]:
+    """The ID_COLUMNS of a shard: the ids of the pairs tokenised here, null for those that came with ids."""
+    def column(seqs: list) -> pa.Array:
+        return pa.array([s if f else None for s, f in zip(seqs, fresh)], schemas.TOKEN_IDS)
+
+    return {"prompt_token_ids": column([x[0] for x in c]), "chosen_token_ids": column([x[1] for x in c]),
+            "rejected_token_ids": column([x[1] for x in r])}  # fmt: skip
 
 
 def _score_worker(cfg: RunConfig, plan: StagePlan, todo: list[int], digest: str) -> dict[str, Any]:
@@ -90,7 +116,7 @@ def _score_worker(cfg: RunConfig, plan: StagePlan, todo: list[int], digest: str)
         i = mine[step] if step < len(mine) else None
         idx = rows[i] if i is not None else np.zeros(0, np.int64)
         started, started_at = time.monotonic(), time.time()
-        c, r, fits = _encode_pairs(tokenizer, texts, idx, cfg.model.max_length)
+        c, r, fits, fresh = _encode_pairs(tokenizer, texts, idx, cfg.model.max_length)
         ok = np.flatnonzero(fits)
         # packed (reference.packing): each pair's prompt once, chosen and rejected after it, no padding (exact)
         logps = score(model, [c[j] for j in ok] + [r[j] for j in ok], tokenizer.pad_token_id, ref.batch_size,
@@ -103,7 +129,8 @@ def _score_worker(cfg: RunConfig, plan: StagePlan, todo: list[int], digest: str)
         seconds = round(time.monotonic() - started, 3)
         table = pa.table({"row": idx, "chosen_tokens": [len(x[1]) for x in c], "rejected_tokens": [len(x[1]) for x in r],
                           "ref_chosen": pa.array(ref_c, mask=np.isnan(ref_c)),
-                          "ref_rejected": pa.array(ref_r, mask=np.isnan(ref_r)), "fits": fits}, schema=SCORES)  # fmt: skip
+                          "ref_rejected": pa.array(ref_r, mask=np.isnan(ref_r)), "fits": fits,
+                          **_tokenised_here(c, r, fresh)}, schema=SCORES)  # fmt: skip
         shards.write(i, table, SCORES, sequences=2 * len(idx), tokens=tokens, seconds=seconds, started_at=started_at)
         progress.shard_done(i, n_prompts[i], 2 * len(idx), tokens, seconds)
     progress.close()
@@ -149,6 +176,9 @@ def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     finite = fits & np.isfinite(ref_c) & np.isfinite(ref_r)
     keep = np.flatnonzero(finite)
     out = pairs.take(pa.array(keep, pa.int64()))
+    for name in ID_COLUMNS:  # every pair's ids: those it came with, else those tokenised here (offline pairs)
+        ids = pc.coalesce(pairs[name].combine_chunks(), got[name].combine_chunks().cast(schemas.TOKEN_IDS))
+        out = out.set_column(out.schema.get_field_index(name), name, ids.take(pa.array(keep, pa.int64())))
     out = out.append_column("chosen_tokens", got["chosen_tokens"].take(keep))
     out = out.append_column("rejected_tokens", got["rejected_tokens"].take(keep))
     out = out.append_column("ref_chosen_logps", pa.array(ref_c[keep], pa.float64()))

@@ -58,11 +58,13 @@ def load_pairs(path: Path, tokenizer, cfg: RunConfig) -> tuple[list[dict[str, An
     an empty file. Pairs with chosen == rejected (zero signal) and pairs over `model.max_length` are
     dropped and counted. Each example holds the (prompt, response) ids of chosen and rejected, their
     reference log-probs in the configured reduction, the smoothed preference p̂ (ipo_soft, irepo), and
-    for sr_dpo/sr_ipo the ids of both responses after the quality-prefixed prompt.
+    for sr_dpo/sr_ipo the ids of both responses after the quality-prefixed prompt. The ids are reference.parquet's
+    (the sampled tokens of generated pairs, offline pairs as the reference stage tokenised them); a file written
+    before ids were stored is tokenised here, as it was then.
     """
     import torch
 
-    from pipeline.compute.logprobs import encode_many
+    from pipeline.compute.logprobs import encode_prompts, encode_rows, stored_ids
     from pipeline.data.chat import prompts_of, with_prefix
     from pipeline.method.losses import SR_QUALITY_PREFIX, smooth_preference
 
@@ -76,22 +78,29 @@ def load_pairs(path: Path, tokenizer, cfg: RunConfig) -> tuple[list[dict[str, An
             raise ValueError(f"{path}: column {col} is not finite in row {bad[0]} ({len(bad)} rows); re-run the reference stage")
     refined = t.loss in (LossType.SR_DPO, LossType.SR_IPO)
 
-    def encoded(prompts: list, chosen: list[str], rejected: list[str]) -> tuple[list, list]:
-        # (chosen, rejected) encodings, each prompt rendered once; int32 arrays, 4 bytes a token (a Python list
-        # costs ~36): the examples live for the whole training
+    def encoded(prompts: list, chosen: list[str], rejected: list[str], ids: list[list]) -> tuple[list, list]:
+        # (chosen, rejected) encodings: the pairs' token ids as the reference stage scored them (`ids`: the prompt,
+        # chosen and rejected columns), the texts tokenised only for pairs written without them (each prompt rendered
+        # once); int32 arrays, 4 bytes a token (a Python list costs ~36): the examples live for the whole training
+        p_ids, c_ids, r_ids = ids
         both = [(np.asarray(p, np.int32), np.asarray(y, np.int32))
-                for p, y in encode_many(tokenizer, prompts * 2, chosen + rejected)]  # fmt: skip
+                for p, y in encode_rows(tokenizer, prompts * 2, chosen + rejected, p_ids * 2, c_ids + r_ids)]  # fmt: skip
         return both[: len(prompts)], both[len(prompts) :]
 
     examples, identical, too_long = [], 0, 0
     columns = ["prompt", "prompt_messages", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps", "chosen_tokens",
                "rejected_tokens", "annotators", "preference"]  # fmt: skip
-    for batch in table.select(columns).to_batches(max_chunksize=2048):  # the texts become Python strings a batch at a time
-        d, prompts = batch.to_pydict(), prompts_of(batch)  # the conversation where the pair has one
-        chosen, rejected = encoded(prompts, d["chosen"], d["rejected"])
-        if refined:  # Δ's forward passes see P ⊕ x (METHODS §4), before the last user turn's text
-            prefixed = [with_prefix(p, SR_QUALITY_PREFIX) for p in prompts]
-            chosen_p, rejected_p = encoded(prefixed, d["chosen"], d["rejected"])
+    id_columns = ["prompt_token_ids", "chosen_token_ids", "rejected_token_ids"]
+    for batch in table.select(columns + id_columns).to_batches(max_chunksize=2048):  # texts: Python a batch at a time
+        d, prompts = batch.select(columns).to_pydict(), prompts_of(batch)  # the conversation where the pair has one
+        ids = [stored_ids(batch.column(c)) for c in id_columns]
+        chosen, rejected = encoded(prompts, d["chosen"], d["rejected"], ids)
+        if refined:  # Δ's forward passes see P ⊕ x (METHODS §4), before the last user turn's text: that prompt is
+            # tokenised here, the responses are the same ids
+            prefixed = [np.asarray(p, np.int32) for p in encode_prompts(tokenizer, [with_prefix(p, SR_QUALITY_PREFIX)
+                                                                                    for p in prompts])]  # fmt: skip
+            chosen_p = [(p, y) for p, (_, y) in zip(prefixed, chosen)]
+            rejected_p = [(p, y) for p, (_, y) in zip(prefixed, rejected)]
         for i in range(batch.num_rows):
             if d["chosen"][i] == d["rejected"][i]:
                 identical += 1

@@ -81,11 +81,13 @@ def test_label_implicit_reward(make_config, llm, tiny_model, perturbed_model):
     np.testing.assert_allclose(labels.reward, 0.25 * (labels.policy_logp - labels.reference_logp), rtol=1e-12)
     assert labels.reward.std() > 0
 
-    # one row by hand: log_softmax over a single unpadded sequence, summed over the response positions
+    # one row by hand: log_softmax over a single unpadded sequence, summed over the response positions, over the
+    # tokens generate sampled (the prompt as the engine got it: the chat template of the prompt)
     row = labels.iloc[3]
     for path, column in ((tiny_model, "policy_logp"), (perturbed_model, "reference_logp")):
         model, tok = _model_and_tokenizer(path)
-        p_ids, r_ids = encode(tok, row.prompt, row.response)
+        p_ids, r_ids = row.prompt_token_ids.tolist(), row.response_token_ids.tolist()
+        assert p_ids == encode(tok, row.prompt, row.response)[0] and len(r_ids) == row.num_tokens
         ids = torch.tensor([p_ids + r_ids])
         with torch.no_grad():
             logp = torch.log_softmax(model(ids).logits[0].double(), -1)

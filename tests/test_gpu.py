@@ -32,8 +32,8 @@ pytestmark = [
 
 def test_cuda_vllm_generate_and_score(make_config, perturbed_model, tiny_model):
     """The generate stage on CUDA vLLM (bf16) and the label stage's implicit rewards on the GPU, checked against a
-    float32 CPU scoring of the same texts: a broken GPU path (wrong logits, wrong masking) cannot pass."""
-    from pipeline.compute.logprobs import encode, load_causal_lm, score
+    float32 CPU scoring of the same sampled tokens: a broken GPU path (wrong logits, wrong masking) cannot pass."""
+    from pipeline.compute.logprobs import load_causal_lm, score
     from stages import generate, label
 
     cfg = make_config(**{"round0.mode": "skip", "model.reference": str(perturbed_model),
@@ -47,7 +47,7 @@ def test_cuda_vllm_generate_and_score(make_config, perturbed_model, tiny_model):
     cpu = {}
     for name, path in (("policy", tiny_model), ("reference", perturbed_model)):
         model, tok = load_causal_lm(str(path), "float32", device=torch.device("cpu"))
-        enc = [encode(tok, p, r) for p, r in zip(labels.prompt, labels.response)]
+        enc = [(list(p), list(r)) for p, r in zip(labels.prompt_token_ids, labels.response_token_ids)]  # as sampled
         cpu[name] = score(model, enc, tok.pad_token_id, 16)
     tokens = labels.num_tokens.to_numpy()
     for name in ("policy", "reference"):
@@ -56,10 +56,6 @@ def test_cuda_vllm_generate_and_score(make_config, perturbed_model, tiny_model):
     reward = labels.reward.to_numpy()
     reward_cpu = cfg.train.beta * (cpu["policy"] - cpu["reference"])
     assert reward.std() > 0 and np.corrcoef(reward, reward_cpu)[0, 1] > 0.95
-    # vLLM's own sampled-token log-probs (bf16) agree with the float32 scoring of what it generated (EOS included)
-    stopped = labels.finish_reason.to_numpy() == "stop"
-    gap = np.abs(labels.cumulative_logprob.to_numpy() - cpu["policy"]) / tokens
-    assert np.median(gap[stopped]) < 0.05
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
@@ -109,7 +105,7 @@ def test_two_gpu_label_and_reference_match_cpu(make_config, tmp_path, perturbed_
               "reference.shard_size": 2, "data.prompts_per_round": 12}  # fmt: skip
     cpu = make_config(**common, runs_dir=str(tmp_path / "cpu"), **{"model.dtype": "float32", "label.num_processes": 1,
                                                                      "reference.num_processes": 1})  # fmt: skip
-    _responses(rounds.round_dir(cpu, 1) / "responses.parquet")
+    _responses(rounds.round_dir(cpu, 1) / "responses.parquet", cpu.model.policy)
     _stage_process(tmp_path, "label", cpu, cpu=True)
     _stage_process(tmp_path, "pairs", cpu, cpu=True)
     _stage_process(tmp_path, "reference", cpu, cpu=True)
@@ -151,7 +147,7 @@ def test_two_gpu_vllm_judge_engines_match_one(make_config, tmp_path):
             "round0.mode": "skip", "label.labeller": "judge", "label.judges": "[{id: self, backend: vllm}]",
             "label.shard_size": 3, "label.engine.data_parallel_size": dp, "label.engine.kv_cache_memory_bytes": "null",
             "label.engine.gpu_memory_utilization": 0.3, "data.prompts_per_round": 12})  # fmt: skip
-        _responses(rounds.round_dir(cfg, 1) / "responses.parquet")
+        _responses(rounds.round_dir(cfg, 1) / "responses.parquet", cfg.model.policy)
         stats = _stage_process(tmp_path, "label", cfg)
         assert stats["engines"] == dp and rounds.gpus_used(cfg, "label") == dp
         prefs[dp] = pd.read_parquet(rounds.round_dir(cfg, 1) / "preferences.parquet")
@@ -242,7 +238,7 @@ def test_ranks_use_their_own_gpu_named_by_uuid(make_config, tmp_path, perturbed_
     uuids = _gpu_uuids()[:2][::-1]
     cfg = make_config(**{"runs_dir": str(tmp_path / "runs"), "round0.mode": "skip", "model.reference": str(perturbed_model),
                          "label.num_processes": 2, "label.shard_size": 1, "data.prompts_per_round": 12})  # fmt: skip
-    _responses(rounds.round_dir(cfg, 1) / "responses.parquet")
+    _responses(rounds.round_dir(cfg, 1) / "responses.parquet", cfg.model.policy)
     conf = tmp_path / "label.yaml"
     save_config(cfg, conf)
     seen: dict[int, set[str]] = {}

@@ -57,18 +57,27 @@ LAUNCH_TIMEOUT_S = 600  # a 2-process launch takes tens of seconds here; a hang 
 LOGPS = {"labels": ["policy_logp", "reference_logp", "reward"], "reference": ["ref_chosen_logps", "ref_rejected_logps"]}
 
 
-def _responses(path: Path) -> None:
+def _responses(path: Path, model: Path) -> None:
     """Round 1's responses.parquet: 12 prompts of the shipped offline set × K = 4 answers of varied length (its own
-    chosen and rejected and two drawn from the set), adjacent per prompt as the generate stage writes them."""
+    chosen and rejected and two drawn from the set), adjacent per prompt as the generate stage writes them. Every
+    other prompt's rows carry token ids (as generate stores them: the ranks score those), the others none (a round
+    written before ids were stored: the ranks tokenise the text); the pairs then carry ids into the reference stage."""
+    from transformers import AutoTokenizer
+
+    from pipeline.compute.logprobs import encode
+
+    tok = AutoTokenizer.from_pretrained(model)
     rows = [json.loads(line) for line in (REPO / "data/offline_prefs.jsonl").read_text().splitlines() if line.strip()]
     pool = [r[side] for r in rows for side in ("chosen", "rejected")]
     rng = random.Random(0)
     out = []
     for i, row in enumerate(rows[:N_PROMPTS]):
         for j, text in enumerate([row["chosen"], row["rejected"], *rng.sample(pool, K - 2)]):
+            p_ids, r_ids = encode(tok, row["prompt"], text) if i % 2 == 0 else (None, None)
             out.append({"prompt_id": f"p{i}", "prompt": row["prompt"], "sample_idx": j, "response": text,
                         "num_tokens": max(len(text) // 4, 1), "num_chars": len(text), "finish_reason": "stop",
-                        "cumulative_logprob": -1.0, "seed": 0, "model": "m", "round": 1})  # fmt: skip
+                        "cumulative_logprob": -1.0, "seed": 0, "model": "m", "round": 1, "prompt_token_ids": p_ids,
+                        "response_token_ids": r_ids})  # fmt: skip
     write_parquet(pa.Table.from_pylist(out, schema=schemas.RESPONSES), path, schemas.RESPONSES)
 
 
@@ -86,13 +95,17 @@ def setting(tmp_path_factory, tiny_model, perturbed_model):
             "label.reward_model": str(rm), **over})  # fmt: skip
 
     one = config("one")
-    _responses(rounds.round_dir(one, 1) / "responses.parquet")
+    _responses(rounds.round_dir(one, 1) / "responses.parquet", tiny_model)
     tables = {}
     for stage, mod in (("label", label), ("pairs", pairs), ("reference", reference)):
         plan = rounds.plan(one, 1, stage)
         execute(plan, lambda: mod.run(one, plan))
     tables["labels"] = pd.read_parquet(rounds.round_dir(one, 1) / "labels.parquet")
     tables["reference"] = pd.read_parquet(rounds.round_dir(one, 1) / "reference.parquet")
+    # every pair leaves with its ids (generated ones as stored, the rest tokenised by the reference stage); the
+    # layouts below must write the same (`_same` compares every column)
+    assert tables["reference"][["prompt_token_ids", "chosen_token_ids", "rejected_token_ids"]].notna().all().all()
+    assert tables["labels"]["response_token_ids"].notna().sum() == N_PROMPTS // 2 * K
     rm_one = config("one-rm", **{"label.labeller": "reward_model"})
     shutil.copytree(rounds.round_dir(one, 1), rounds.round_dir(rm_one, 1))
     plan = rounds.plan(rm_one, 1, "label")

@@ -1,9 +1,13 @@
 """Tokenising (prompt, response) pairs and computing per-sequence response log-probs.
 
 One encoding serves every consumer, so the implicit reward of the label stage, the reference log-probs
-and the policy log-probs in training are all computed over exactly the same tokens:
+and the policy log-probs in training are all computed over exactly the same tokens. A generated response is its
+token ids as the engine received and sampled them (`prompt_token_ids`, `response_token_ids` of responses.parquet,
+carried into pairs.parquet and reference.parquet): text is never tokenised again, which would not always give
+back the sampled tokens. A text without stored ids (an offline pair, a round written before ids were stored) is
+tokenised once (`encode_many`, `encode_rows`):
     prompt tokens   = the chat template applied to the prompt (one user turn or a conversation: pipeline/data/chat.py),
-                      with the generation prompt
+                      with the generation prompt (what generation gives the engine: `prompt_ids`)
     response tokens = the response text tokenised without special tokens, followed by EOS unless the text already
                       ends with the EOS token (as TRL adds it, so an exported pair is the same tokens there)
 `logp(π, x, y)` is the sum (or mean) over response tokens of log π(y_t | x, y_<t); prompt tokens are masked.
@@ -49,9 +53,9 @@ def encode(tokenizer, prompt: Prompt, response: str) -> tuple[list[int], list[in
     return prompt_ids(tokenizer, prompt), response_ids + _eos(tokenizer, response)
 
 
-def encode_many(tokenizer, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[tuple[list[int], list[int]]]:
-    """`encode` for many pairs at once, with the same ids: each distinct prompt is rendered and tokenised once, and
-    the texts go to the tokenizer in batches (its Rust side, not one Python call per text)."""
+def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """`prompt_ids` of many prompts, with the same ids: each distinct prompt is rendered and tokenised once, and the
+    rendered texts go to the tokenizer in one batch (its Rust side, not one Python call per text)."""
     keys = [p if isinstance(p, str) else repr(as_messages(p)) for p in prompts]
     distinct: dict[str, Prompt] = {}  # key -> the prompt, in first-seen order
     for k, p in zip(keys, prompts):
@@ -63,8 +67,48 @@ def encode_many(tokenizer, prompts: Sequence[Prompt], responses: Sequence[str]) 
     else:
         ids = [prompt_ids(tokenizer, p) for p in distinct.values()]
     by_prompt = dict(zip(distinct, ids))
+    return [by_prompt[k] for k in keys]
+
+
+def encode_many(tokenizer, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+    """`encode` for many pairs at once, with the same ids: each distinct prompt is rendered and tokenised once, and
+    the texts go to the tokenizer in batches (its Rust side, not one Python call per text)."""
     response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"] if len(responses) else []
-    return [(by_prompt[k], r + _eos(tokenizer, y)) for k, r, y in zip(keys, response_ids, responses)]
+    return [(p, r + _eos(tokenizer, y)) for p, r, y in zip(encode_prompts(tokenizer, prompts), response_ids, responses)]
+
+
+def stored_ids(column) -> list[np.ndarray | None]:
+    """Each row's token ids from a list<int32> column (pyarrow Array or ChunkedArray) as int32 arrays that view the
+    column's buffer (no Python list per token), None where the row has none."""
+    import pyarrow as pa
+
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    out: list[np.ndarray | None] = []
+    for chunk in chunks:
+        if pa.types.is_null(chunk.type) or chunk.null_count == len(chunk):
+            out += [None] * len(chunk)
+            continue
+        values = chunk.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+        offsets = chunk.offsets.to_numpy()  # into chunk.values, the slice's own offset included
+        valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+        out += [values[offsets[i] : offsets[i + 1]] if valid[i] else None for i in range(len(chunk))]
+    return out
+
+
+def encode_rows(tokenizer, prompts: Sequence[Prompt], responses: Sequence[str],
+                prompt_token_ids: Sequence | None = None, response_token_ids: Sequence | None = None) -> list[tuple]:  # fmt: skip
+    """(prompt ids, response ids) of each row: its stored ids where it has both (`stored_ids`: a generated
+    response exactly as the engine received and sampled it), else its texts through `encode_many` (offline pairs,
+    rows written before ids were stored), all such rows in one batch."""
+    n = len(responses)
+    p_ids = prompt_token_ids if prompt_token_ids is not None else [None] * n
+    r_ids = response_token_ids if response_token_ids is not None else [None] * n
+    out: list[tuple] = [(p, r) if p is not None and r is not None and len(r) else None for p, r in zip(p_ids, r_ids)]
+    todo = [i for i, x in enumerate(out) if x is None]
+    if todo:
+        for i, enc in zip(todo, encode_many(tokenizer, [prompts[i] for i in todo], [responses[i] for i in todo])):
+            out[i] = enc
+    return out
 
 
 def collate(

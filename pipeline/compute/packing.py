@@ -181,8 +181,8 @@ def group_by_prompt(encoded: Sequence[tuple[Sequence[int], Sequence[int]]]) -> l
 
     Returns [(prompt ids, [indices of its responses])]."""
     groups: dict[tuple[int, ...], list[int]] = {}
-    for i, (prompt, _) in enumerate(encoded):
-        groups.setdefault(tuple(prompt), []).append(i)
+    for i, (prompt, _) in enumerate(encoded):  # ids as lists or arrays (stored ids): the same prompt either way
+        groups.setdefault(tuple(prompt.tolist() if isinstance(prompt, np.ndarray) else prompt), []).append(i)
     return [(list(p), idx) for p, idx in groups.items()]
 
 

@@ -4,8 +4,10 @@ Column names follow the conventions other preference trainers read: `prompt`/`ch
 pairs and TRL's `ref_chosen_logps`/`ref_rejected_logps` for precomputed reference log-probs. The prompt a model
 saw is `prompt_messages` (a conversation, TRL's conversational format) when it is more than one user turn, else
 `prompt` itself (pipeline/data/chat.py); `prompt` is always its readable text. To hand a round to another trainer
-with the exact tokens dice scored, use `dice export` (README, Exporting rounds). Strings are plain `string` (not
-large/dictionary) and the one nested type is the list of {role, content} structs of `prompt_messages`, so pandas,
+with the exact tokens dice scored, use `dice export` (README, Exporting rounds). The tokens themselves travel as
+`*_token_ids` (list<int32>): generate stores what the engine received and sampled, and every later stage scores and
+trains on those ids, never on the text tokenised again. Strings are plain `string` (not large/dictionary) and the
+nested types are the list of {role, content} structs of `prompt_messages` and the lists of token ids, so pandas,
 polars, duckdb and `datasets` all open the files unchanged.
 """
 
@@ -15,8 +17,12 @@ import pyarrow as pa
 
 # A conversation: TRL's conversational format, [{role, content}, ...]
 MESSAGES = pa.list_(pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())]))
-# Columns added after files of earlier versions were written: read as nulls when absent (resume keeps working).
-OPTIONAL = {"prompt_messages": MESSAGES}
+# Token ids: a sequence of one model's tokenizer.
+TOKEN_IDS = pa.list_(pa.int32())
+# Columns added after files of earlier versions were written: read as nulls when absent (resume keeps working: a
+# row without token ids is tokenised from its text, as before ids were stored).
+OPTIONAL = {"prompt_messages": MESSAGES, "prompt_token_ids": TOKEN_IDS, "response_token_ids": TOKEN_IDS,
+            "chosen_token_ids": TOKEN_IDS, "rejected_token_ids": TOKEN_IDS}
 
 PROMPTS = pa.schema(
     [
@@ -46,10 +52,15 @@ RESPONSES = pa.schema(
         pa.field("num_tokens", pa.int32(), nullable=False),  # generated tokens, EOS included when emitted
         pa.field("num_chars", pa.int32(), nullable=False),
         pa.field("finish_reason", pa.string(), nullable=False),  # "stop" (EOS/stop string) or "length"
-        pa.field("cumulative_logprob", pa.float64()),  # vLLM's sum of sampled-token log-probs
+        # the mixture sampler's sum of sampled-token log-probs; null from vLLM (asking it costs a Python object per
+        # token, and labels.parquet's policy_logp is that sum over the same ids)
+        pa.field("cumulative_logprob", pa.float64()),
         pa.field("seed", pa.int64(), nullable=False),  # the prompt's sampling seed
         pa.field("model", pa.string(), nullable=False),  # the policy that generated it
         pa.field("round", pa.int32(), nullable=False),
+        # what the engine received and sampled, scored and trained on as they are (the text is for people):
+        pa.field("prompt_token_ids", TOKEN_IDS),  # the prompt under the policy's chat template, as the engine got it
+        pa.field("response_token_ids", TOKEN_IDS),  # the sampled tokens, EOS included when sampled (num_tokens of them)
     ]
 )
 
@@ -105,6 +116,11 @@ PAIRS = pa.schema(
         pa.field("preference", pa.float64(), nullable=False),
         pa.field("annotators", pa.int32(), nullable=False),
         pa.field("round", pa.int32(), nullable=False),
+        # the tokens scored and trained on: generated pairs' as sampled (responses.parquet); null for offline pairs
+        # here, which the reference stage tokenises once (every row of reference.parquet has them)
+        pa.field("prompt_token_ids", TOKEN_IDS),
+        pa.field("chosen_token_ids", TOKEN_IDS),  # response tokens, EOS included (appended to offline texts)
+        pa.field("rejected_token_ids", TOKEN_IDS),
     ]
 )
 

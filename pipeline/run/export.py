@@ -1,14 +1,16 @@
 """A round's preference data for other trainers, tokenised exactly as dice scored it (`dice export`).
 
-dice scores a pair as [chat template of the prompt, with the generation prompt] + [response tokens + EOS, unless
-the response already ends with EOS] (`pipeline.compute.logprobs.encode`). TRL's DPOTrainer (1.16) tokenises a
+dice scores a pair on its token ids: a generated response as it was sampled, an offline one as [chat template of the
+prompt, with the generation prompt] + [response tokens + EOS, unless the response already ends with EOS]
+(`pipeline.compute.logprobs.encode`); both are stored in reference.parquet. TRL's DPOTrainer (1.16) tokenises a
 *standard* example as
     prompt_ids = tokenizer(prompt), prompt+chosen = tokenizer(prompt + chosen (+ eos_token unless chosen ends with it)),
 and takes the completion after their common prefix; its collator then cuts every sequence at DPOConfig.max_length
 (1024 unless set), so a trainer must be given the run's model.max_length, which `export_round` returns. So the export writes `prompt` as the chat template rendered to
 text (without a leading BOS string when the tokenizer adds BOS itself), `chosen`/`rejected` as the response texts,
-and checks, pair by pair, that those calls give exactly dice's token ids; a pair that would not (a tokenizer that
-merges tokens across the prompt/response boundary) is an error naming it, never a silent mismatch. TRL's
+and checks, pair by pair, that those calls give exactly the token ids dice scored; a pair that would not (a
+sampled response whose text tokenises to other ids, or a tokenizer that merges tokens across the prompt/response
+boundary) is an error naming it and why, never a silent mismatch. TRL's
 *conversational* format would not match: chat templates that put text after EOS (Zephyr's newline) make TRL
 train on tokens dice never scored.
 
@@ -75,23 +77,33 @@ def reference_model(run_dir: Path, record: dict[str, str]) -> str:
 
 def trl_rows(reference: pa.Table, tokenizer) -> tuple[list[dict[str, Any]], list[str]]:
     """Export rows of a REFERENCE table and the pairs whose tokens TRL would not reproduce (pair_id: why)."""
-    from pipeline.compute.logprobs import encode
+    from pipeline.compute.logprobs import encode, encode_rows, stored_ids
 
-    d = reference.to_pydict()
+    ids_columns = [c for c in ("prompt_token_ids", "chosen_token_ids", "rejected_token_ids") if c in reference.column_names]
+    d = reference.drop_columns(ids_columns).to_pydict()
     prompts = prompts_of(reference)
+    n = len(prompts)
+    p_all, c_all, r_all = (stored_ids(reference[c]) if c in ids_columns else [None] * n
+                           for c in ("prompt_token_ids", "chosen_token_ids", "rejected_token_ids"))  # fmt: skip
+    # the tokens dice scored: the stored ids (generated pairs: as sampled), the texts' for a file without them
+    scored = encode_rows(tokenizer, prompts * 2, d["chosen"] + d["rejected"], p_all * 2, c_all + r_all)
     rows, bad = [], []
     eos = tokenizer.eos_token
     for i, prompt in enumerate(prompts):
-        p_ids, c_ids = encode(tokenizer, prompt, d["chosen"][i])
-        _, r_ids = encode(tokenizer, prompt, d["rejected"][i])
+        (p_ids, c_ids), (_, r_ids) = scored[i], scored[n + i]
+        p_ids, c_ids, r_ids = (list(map(int, x)) for x in (p_ids, c_ids, r_ids))
         text = trl_prompt(tokenizer, prompt, p_ids)
         if text is None:
             bad.append(f"{d['pair_id'][i]}: the rendered prompt does not tokenise to dice's prompt tokens")
             continue
-        ok = all(tokenizer(text + trl_completion(y, eos))["input_ids"] == p_ids + ids
-                 for y, ids in ((d["chosen"][i], c_ids), (d["rejected"][i], r_ids)))  # fmt: skip
-        if not ok:
-            bad.append(f"{d['pair_id'][i]}: prompt + response tokenise differently together than apart")
+        sides = ((d["chosen"][i], c_ids), (d["rejected"][i], r_ids))
+        if not all(tokenizer(text + trl_completion(y, eos))["input_ids"] == p_ids + ids for y, ids in sides):
+            # TRL tokenises text: a response sampled as tokens its text does not tokenise back to cannot be exported
+            if any(encode(tokenizer, prompt, y)[1] != ids for y, ids in sides):
+                bad.append(f"{d['pair_id'][i]}: dice scored the sampled token ids, and the response's text "
+                           "tokenises to other ids (TRL would train on those)")  # fmt: skip
+            else:
+                bad.append(f"{d['pair_id'][i]}: prompt + response tokenise differently together than apart")
             continue
         rows.append({
             "prompt": text, "chosen": d["chosen"][i], "rejected": d["rejected"][i],
@@ -102,7 +114,7 @@ def trl_rows(reference: pa.Table, tokenizer) -> tuple[list[dict[str, Any]], list
     return rows, bad
 
 
-def export_round(run_dir: str | Path, k: int, fmt: Format, out: str | Path) -> dict[str, Any]:
+def export_round(run_dir: str | Path, k: int, fmt: Format, out: str | Path, skip_inexact: bool = False) -> dict[str, Any]:
     """Write round k's training pairs (reference.parquet) as `fmt` at `out`; returns what was written, with the
     run's `max_length` (the reference stage dropped longer pairs; give it to TRL's DPOConfig, whose default of 1024
     would cut longer ones).
@@ -110,8 +122,12 @@ def export_round(run_dir: str | Path, k: int, fmt: Format, out: str | Path) -> d
     trl: one Parquet file (`load_dataset("parquet", data_files=out)`); jsonl: one JSON-lines file; hf: a
     `datasets.save_to_disk` folder. All three hold the same columns (EXPORT_COLUMNS).
 
+    skip_inexact: leave out the pairs whose tokens would differ in TRL (counted in `skipped`, the first named in
+    `skipped_first`) instead of failing.
+
     Raises:
-        ArtifactError: the round has no reference.parquet, or a pair's tokens would differ in TRL.
+        ArtifactError: the round has no reference.parquet, or a pair's tokens would differ in TRL (without
+            skip_inexact; or every pair would).
     """
     from transformers import AutoTokenizer
 
@@ -125,10 +141,11 @@ def export_round(run_dir: str | Path, k: int, fmt: Format, out: str | Path) -> d
     table = read_parquet(rd / "reference.parquet", schemas.REFERENCE)
     tokenizer = AutoTokenizer.from_pretrained(local_model(model))
     rows, bad = trl_rows(table, tokenizer)
-    if bad:
+    if bad and (not skip_inexact or not rows):
         raise ArtifactError(
             f"{rd / 'reference.parquet'}: {len(bad)} of {table.num_rows} pairs would be tokenised differently by "
             f"TRL than dice scored them with {model}'s tokenizer; first: " + "; ".join(bad[:3])
+            + ("" if skip_inexact else " (--skip-inexact exports the others)")
         )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -150,5 +167,5 @@ def export_round(run_dir: str | Path, k: int, fmt: Format, out: str | Path) -> d
         Dataset(exported).save_to_disk(str(out))
     else:
         raise ValueError(f"--format {fmt!r}: choose trl, jsonl or hf")
-    return {"rows": len(rows), "model": model, "format": fmt, "out": str(out),
-            "max_length": manifest.get("config", {}).get("max_length")}  # fmt: skip
+    return {"rows": len(rows), "model": model, "format": fmt, "out": str(out), "skipped": len(bad),
+            "skipped_first": bad[:3], "max_length": manifest.get("config", {}).get("max_length")}  # fmt: skip
