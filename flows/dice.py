@@ -403,8 +403,9 @@ def dice(
             summaries.append(publish_round(cfg, k))
             state = eval_progress(cfg, summaries)
             if state is not None and "evaluate" in stages:
+                lc = summaries[-1].get("lc_win_rate")
                 logger.info(f"round {k} evaluation: win rate {summaries[-1].get('win_rate'):.3f}, LC win rate "
-                            f"{summaries[-1].get('lc_win_rate'):.3f}; best round so far {state.best_round}")  # fmt: skip
+                            f"{'not identified' if lc is None else f'{lc:.3f}'}; best round so far {state.best_round}")  # fmt: skip
         create_markdown_artifact(
             key=_artifact_key(cfg.name, 999).replace("-round-999", "-summary"),
             markdown=_summary_markdown(cfg, summaries, state, stopped),

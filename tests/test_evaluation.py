@@ -50,8 +50,11 @@ def test_win_rate_interval_matches_the_generic_bootstrap_and_is_seeded():
     fast = evaluation.win_rate_interval(p, pids, 500, seed=7)
     assert fast == evaluation.win_rate_interval(p, pids, 500, seed=7)
     assert fast[0] < evaluation.win_rate(p) < fast[1]
-    slow = evaluation.bootstrap_interval(lambda idx: p[idx].mean(), pids, 2000, seed=3)
-    assert fast == pytest.approx(slow, abs=0.03)
+    # the same seed draws the same prompts in both (one (B, G) matrix = B rows of G draws from one stream): the
+    # vectorised interval is the generic one to rounding, so a wrong sum or count in the fast path cannot hide
+    slow = evaluation.bootstrap_interval(lambda idx: p[idx].mean(), pids, 500, seed=7)
+    assert fast == pytest.approx(slow, abs=1e-12)
+    assert fast != evaluation.win_rate_interval(p, pids, 500, seed=8)  # the seed matters
     assert evaluation.win_rate_interval(p, pids, 0) is None
 
 
@@ -131,12 +134,133 @@ def test_lc_hand_checked_forms():
     assert math.isfinite(fit.theta) and fit.predict(np.array([0.0]))[0] == pytest.approx(fit.lc_win_rate)
 
 
-def test_lc_interval_brackets_the_estimate():
-    pol, base = _lengths(90, seed=3, longer_by=0.5)
+def test_lc_interval_is_the_prompt_bootstrap_of_the_refitted_model():
+    """lc_interval is the generic prompt bootstrap of σ(θ) refitted per replicate, same seed, same draws: equal to
+    rounding (σ is monotone, so the percentile of σ(θ) is σ of the percentile of θ up to the interpolation between two
+    neighbouring replicates). For a length-only judge on 300 rows the interval holds ½ and excludes the raw rate."""
+    pol, base = _lengths(300, seed=3, longer_by=0.5)
     p = 1 / (1 + np.exp(-(pol - base)))
-    pids = [f"q{i // 3}" for i in range(90)]
+    pids = [f"q{i // 3}" for i in range(300)]
     lo, hi = evaluation.lc_interval(p, pol, base, pids, 200, seed=0)
-    assert lo <= evaluation.length_controlled(p, pol, base).lc_win_rate <= hi
+    generic = evaluation.bootstrap_interval(lambda idx: evaluation.length_controlled(p[idx], pol[idx], base[idx]).theta,
+                                            pids, 200, seed=0)  # fmt: skip
+    assert (lo, hi) == pytest.approx(tuple(1 / (1 + np.exp(-np.array(generic)))), abs=1e-12)
+    assert lo < 0.5 < hi and hi < evaluation.win_rate(p)
+
+
+# ---------------------------------------------------------------------------------------------- controls (LC identified)
+
+
+def _world(longer_by: float, seed: int, judge: str, hard: bool = False, prompts: int = 100, k: int = 4):
+    """100 prompts × 4 samples per side. Lengths (hundreds of characters): the baseline's ~ N(3, 0.8), the policy's
+    the baseline's sample plus N(longer_by, 1), so Δ's mean/sd is `longer_by` and the policy is longer on nearly every
+    row at 3 and 10. Each response has a quality ~ N(μ, 0.5), μ = 1.3 for the policy, 0 for the baseline.
+
+    judge "blind": p = σ(q_a − q_b), length plays no part; "length": p = σ(3·tanh(Δ)), quality plays no part (a
+    preference that saturates with the length difference, the form the LC model assumes). `hard`: a 0/1 vote drawn
+    with that probability. Returns the policy rows (p, len_policy, len_baseline, prompt ids) and the control rows:
+    every pair of one side's samples of a prompt (6 per side per prompt), as the evaluate stage forms them."""
+    from itertools import combinations
+
+    rng = np.random.default_rng(seed)
+    lb = rng.normal(3, 0.8, (prompts, k))
+    lp = lb + rng.normal(longer_by, 1.0, (prompts, k))
+    qb, qp = rng.normal(0, 0.5, (prompts, k)), rng.normal(1.3, 0.5, (prompts, k))
+
+    def pref(qa, qb_, la, lb_):
+        pr = 1 / (1 + np.exp(-((qa - qb_) if judge == "blind" else 3 * np.tanh(la - lb_))))
+        return (rng.uniform(size=pr.size) < pr).astype(float) if hard else pr
+
+    pids = np.repeat(np.arange(prompts), k).astype(str)
+    p = pref(qp.ravel(), qb.ravel(), lp.ravel(), lb.ravel())
+    ia, ib = zip(*combinations(range(k), 2))
+    ia, ib = list(ia), list(ib)
+    a = np.concatenate([lb[:, ia].ravel(), lp[:, ia].ravel()])
+    b = np.concatenate([lb[:, ib].ravel(), lp[:, ib].ravel()])
+    pc = pref(np.concatenate([qb[:, ia].ravel(), qp[:, ia].ravel()]), np.concatenate([qb[:, ib].ravel(), qp[:, ib].ravel()]), a, b)
+    cids = np.concatenate([np.repeat(np.arange(prompts), len(ia))] * 2).astype(str)
+    return p, lp.ravel(), lb.ravel(), pids, evaluation.Controls(pc, a, b), cids
+
+
+@pytest.mark.parametrize("longer_by", [3.0, 10.0])
+@pytest.mark.parametrize("seed", range(5))
+def test_lc_with_controls_length_blind_judge_policy_longer_everywhere(seed, longer_by):
+    """A length-blind judge that prefers the policy on ~77% of rows, the policy longer on (nearly) every row: without
+    control rows tanh(Δ/σ_Δ) is almost constant there, θ and φ are not identified and the fit said so; with them φ is
+    learnt where quality is equal and ≈ 0, so LC lies inside the raw win rate's 95% interval (soft p̂). With 0/1 votes
+    φ is noisier; the raw rate then lies inside LC's own 95% interval."""
+    p, lp, lb, pids, control, cids = _world(longer_by, seed, "blind")
+    assert (lp > lb).mean() > 0.99
+    alone = evaluation.length_controlled(p, lp, lb)
+    assert not alone.identified and math.isnan(alone.lc_win_rate) and "not identified" in alone.reason
+    assert evaluation.lc_interval(p, lp, lb, pids, 50) is None
+    fit = evaluation.length_controlled(p, lp, lb, control=control)
+    lo, hi = evaluation.win_rate_interval(p, pids, 1000, seed=0)
+    assert fit.identified and fit.control_rows == 1200 and lo <= fit.lc_win_rate <= hi
+    assert abs(fit.phi) < 0.2
+    p, lp, lb, pids, control, cids = _world(longer_by, seed, "blind", hard=True)
+    fit = evaluation.length_controlled(p, lp, lb, control=control)
+    lo, hi = evaluation.lc_interval(p, lp, lb, pids, 200, control=control, control_prompt_ids=cids)
+    assert lo <= evaluation.win_rate(p) <= hi and lo < fit.lc_win_rate < hi and hi - lo < 0.15
+
+
+@pytest.mark.parametrize("longer_by", [3.0, 10.0])
+@pytest.mark.parametrize("seed", range(5))
+def test_lc_with_controls_length_only_judge_is_half(seed, longer_by):
+    """A judge that prefers length only, the policy longer on (nearly) every row: raw ≈ 0.95, yet at equal length the
+    judge has no preference, so LC = ½ ± 0.03; the control rows carry φ ≈ 3 (the judge's own weight)."""
+    p, lp, lb, pids, control, cids = _world(longer_by, seed, "length")
+    fit = evaluation.length_controlled(p, lp, lb, control=control)
+    assert evaluation.win_rate(p) > 0.9
+    assert fit.lc_win_rate == pytest.approx(0.5, abs=0.03) and fit.phi == pytest.approx(3.0, abs=0.2)
+
+
+def test_lc_identification_rule_without_controls():
+    """Without control rows σ(θ) extrapolates to Δ = 0 from the policy rows; it is reported only when at least 5% of
+    them lie on each side of Δ = 0. Δ = −1 on 1 row of 40 (2.5%): not identified; on 2 of 40 (5%): identified; equal
+    lengths everywhere: the intercept alone, identified. Too few control rows do not help."""
+    lb = np.full(40, 10.0)
+    lp = lb + np.r_[-1.0, np.arange(1.0, 40.0)]
+    p = np.linspace(0.2, 0.9, 40)
+    assert not evaluation.length_controlled(p, lp, lb).identified
+    lp[1] = 9.0
+    assert evaluation.length_controlled(p, lp, lb).identified
+    assert evaluation.length_controlled(p, lb, lb).identified
+    lp[1] = 12.0
+    few = evaluation.Controls(np.full(5, 0.5), np.arange(5.0), np.arange(5.0)[::-1])
+    fit = evaluation.length_controlled(p, lp, lb, control=few)
+    assert not fit.identified and "only 5 control rows" in fit.reason
+
+
+def _alpaca_minimal_lc(p: np.ndarray, len_model: np.ndarray, len_baseline: np.ndarray, c: float = 100.0) -> tuple[float, float]:
+    """alpaca_eval's `length_controlled_minimal` (src/alpaca_eval/metrics/glm_winrate.py), written from its
+    description, not its code: features tanh(std_delta_len) with std_delta_len = (len_1 − len_2)/std(len_1 − len_2),
+    output_1 the BASELINE, and not_gamed_baseline (1 on every row: the intercept); no fitted intercept; p̂ the soft
+    preference for the model (its preference − 1); each row entered twice, label 1 with weight p̂ and label 0 with
+    weight 1 − p̂; L1 penalty with inverse strength C (liblinear minimises ‖w‖₁ + C·Σ weighted log-losses). The LC win
+    rate is the mean prediction at std_delta_len = 0, in percent. Returns (LC in percent, the length weight)."""
+    d = len_baseline - len_model
+    x = np.column_stack([np.tanh(d / d.std(ddof=1)), np.ones_like(p)])  # (N, 2): [length, not_gamed_baseline]
+    w = np.zeros(2)
+    for _ in range(200):  # Newton on C·loss + ‖w‖₁, smooth where no weight is 0 (both are far from 0 here)
+        s = 1 / (1 + np.exp(-(x @ w)))
+        grad = c * x.T @ (s - p) + np.sign(w)
+        hess = c * (x.T * (s * (1 - s))) @ x
+        w = w - np.linalg.solve(hess + 1e-12 * np.eye(2), grad)
+    return 100 / (1 + np.exp(-w[1])), float(w[0])
+
+
+def test_lc_matches_alpaca_evals_minimal_glm():
+    """On the same annotations (soft p̂, the policy longer on average, Δ changing sign), dice's LC equals alpaca_eval's
+    `length_controlled_minimal` form to 0.05 percentage points, after the departures are matched: a fraction, not a
+    percent; Δ = policy − baseline, so φ has the opposite sign; dice's small L2 against its L1 with C = 100."""
+    pol, base = _lengths(400, 0, longer_by=0.8)
+    rng = np.random.default_rng(5)
+    p = 1 / (1 + np.exp(-(0.4 + 1.5 * np.tanh((pol - base) / (pol - base).std(ddof=1)) + rng.normal(0, 1, 400))))
+    ours = evaluation.length_controlled(p, pol, base, l2=1e-4)
+    theirs, weight = _alpaca_minimal_lc(p, pol, base)
+    assert 100 * ours.lc_win_rate == pytest.approx(theirs, abs=0.05)
+    assert ours.phi == pytest.approx(-weight, abs=0.01) and ours.phi > 1
 
 
 # ---------------------------------------------------------------------------------------------- annotators

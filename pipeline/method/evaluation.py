@@ -104,15 +104,28 @@ def win_rate_interval(
     return float(lo), float(hi)
 
 
+# A fit without control rows extrapolates σ(θ) to Δ = 0 from the policy rows alone: below this share of rows on the
+# minority side of Δ = 0 (Δ ≤ 0 or Δ ≥ 0), tanh(Δ/σ_Δ) is nearly constant and θ, φ cannot be told apart.
+MIN_SIGN_SHARE = 0.05
+# Control rows (baseline against baseline) needed to fit the length term from them.
+MIN_CONTROL_ROWS = 10
+
+
 @dataclass(frozen=True)
 class LengthControlled:
-    """The fitted length-controlled model logit P = θ + φ·tanh(Δ/σ_Δ) and its LC win rate σ(θ)."""
+    """The fitted length-controlled model logit P = θ·[policy row] + φ·tanh(Δ/σ_Δ) and its LC win rate σ(θ).
+
+    `identified` False: the data cannot tell θ from φ (`reason` says why); `lc_win_rate` is then NaN, and θ, φ are
+    the penalised fit's values, kept only for diagnosis."""
 
     lc_win_rate: float
     theta: float
     phi: float
-    sigma_len: float  # σ_Δ: std (ddof 1) of len(policy) − len(baseline) over the rows fitted; 0: no length term
+    sigma_len: float  # σ_Δ: std (ddof 1) of len(policy) − len(baseline) over the policy rows; 0: no length term
     iterations: int
+    identified: bool = True
+    reason: str | None = None
+    control_rows: int = 0  # baseline-against-baseline rows fitted with the policy rows
 
     def predict(self, delta_len: np.ndarray) -> np.ndarray:
         """P(policy ≻ baseline) the model predicts at length differences `delta_len` (same unit as the fit)."""
@@ -120,43 +133,35 @@ class LengthControlled:
         return _sigmoid(self.theta + self.phi * x)
 
 
+@dataclass(frozen=True)
+class Controls:
+    """Control rows: the baseline against a second sample of itself, equal in quality in expectation.
+
+    p: (M,) P(a ≻ b); len_a, len_b: (M,) lengths of a and b, in the unit of the policy rows. Δ = len_a − len_b is
+    symmetric around 0, so these rows show how the judge's preference moves with length alone."""
+
+    p: np.ndarray
+    len_a: np.ndarray
+    len_b: np.ndarray
+
+    def take(self, idx: np.ndarray) -> Controls:
+        return Controls(*(np.asarray(a, dtype=float)[idx] for a in (self.p, self.len_a, self.len_b)))
+
+
 def _sigmoid(z: np.ndarray | float) -> np.ndarray:
     return np.exp(-np.logaddexp(0.0, -np.asarray(z, dtype=float)))
 
 
-def length_controlled(
-    p: np.ndarray, len_policy: np.ndarray, len_baseline: np.ndarray, l2: float = 0.01, sigma_len: float | None = None
-) -> LengthControlled:
-    """Fit the LC model of the module docstring (AlpacaEval 2's form without the instruction term) by Newton's method.
+def _fit_logistic(x: np.ndarray, p: np.ndarray, l2: float, w0: np.ndarray) -> tuple[np.ndarray, int]:
+    """Maximise Σ_i [p_i·log σ(z_i) + (1 − p_i)·log σ(−z_i)] − (λ/2)·‖w‖², z = x @ w, by damped Newton steps.
 
-    Args:
-        p: (N,) p̂ = P(policy ≻ baseline) per row, in [0, 1] (soft targets).
-        len_policy, len_baseline: (N,) response lengths, one unit for both.
-        l2: λ, the L2 weight on (θ, φ); > 0 keeps separable data finite.
-        sigma_len: σ_Δ to use instead of the sample std of Δ (None: computed from these rows).
-    Returns:
-        LengthControlled with lc_win_rate = σ(θ).
-    """
-    p = np.asarray(p, dtype=float)
-    delta = np.asarray(len_policy, dtype=float) - np.asarray(len_baseline, dtype=float)  # (N,)
-    if p.size == 0:
-        raise ValueError("length-controlled win rate of no comparisons")
-    if not np.all((p >= 0) & (p <= 1)):
-        raise ValueError("p̂ must lie in [0, 1]")
-    sigma = float(delta.std(ddof=1)) if sigma_len is None and delta.size > 1 else float(sigma_len or 0.0)
-    if sigma > 0:
-        x = np.column_stack([np.ones_like(p), np.tanh(delta / sigma)])  # (N, 2)
-    else:  # no length variation: the intercept alone
-        sigma = 0.0
-        x = np.ones((p.size, 1))  # (N, 1)
-    w = np.zeros(x.shape[1])
-    w[0] = math.log((p.mean() + 1e-3) / (1 - p.mean() + 1e-3))  # start at the logit of the raw win rate
+    x: (N, D) design; p: (N,) soft targets in [0, 1]; returns (w: (D,), iterations)."""
 
     def objective(v: np.ndarray) -> float:
         z = x @ v  # (N,)
         return float(np.sum(-p * np.logaddexp(0, -z) - (1 - p) * np.logaddexp(0, z)) - 0.5 * l2 * v @ v)
 
-    it = 0
+    w, it = w0.copy(), 0
     for it in range(1, 101):
         s = _sigmoid(x @ w)  # (N,)
         grad = x.T @ (p - s) - l2 * w  # (D,)
@@ -168,8 +173,84 @@ def length_controlled(
         w = w + t * step
         if np.max(np.abs(t * step)) < 1e-10:
             break
+    return w, it
+
+
+def length_controlled(
+    p: np.ndarray,
+    len_policy: np.ndarray,
+    len_baseline: np.ndarray,
+    l2: float = 0.01,
+    sigma_len: float | None = None,
+    control: Controls | None = None,
+) -> LengthControlled:
+    """Fit the LC model of the module docstring by Newton's method; with `control`, jointly with the control rows.
+
+    Args:
+        p: (N,) p̂ = P(policy ≻ baseline) per row, in [0, 1] (soft targets).
+        len_policy, len_baseline: (N,) response lengths, one unit for both.
+        l2: λ, the L2 weight on (θ, φ); > 0 keeps separable data finite.
+        sigma_len: σ_Δ to use instead of the sample std of the policy rows' Δ (None: computed from these rows).
+        control: baseline-against-baseline rows (`Controls`); they carry the length term but no intercept, so φ is
+            fitted where quality is equal in expectation and θ is the policy's preference beyond its length.
+    Returns:
+        LengthControlled with lc_win_rate = σ(θ), or NaN with `identified` False and the reason when neither the
+        control rows nor the policy rows' own Δ (on both sides of 0) can separate θ from φ.
+    """
+    p = np.asarray(p, dtype=float)
+    delta = np.asarray(len_policy, dtype=float) - np.asarray(len_baseline, dtype=float)  # (N,)
+    if p.size == 0:
+        raise ValueError("length-controlled win rate of no comparisons")
+    if not np.all((p >= 0) & (p <= 1)):
+        raise ValueError("p̂ must lie in [0, 1]")
+    sigma = float(delta.std(ddof=1)) if sigma_len is None and delta.size > 1 else float(sigma_len or 0.0)
+    m = 0
+    if control is not None:
+        cp = np.asarray(control.p, dtype=float)
+        cdelta = np.asarray(control.len_a, dtype=float) - np.asarray(control.len_b, dtype=float)  # (M,)
+        keep = np.isfinite(cp)
+        cp, cdelta = cp[keep], cdelta[keep]
+        if not np.all((cp >= 0) & (cp <= 1)):
+            raise ValueError("control p̂ must lie in [0, 1]")
+        m = cp.size
+        if sigma <= 0 and m > 1:  # the policy rows have one length difference: the controls' spread sets the scale
+            sigma = float(cdelta.std(ddof=1))
+    else:
+        cp, cdelta = np.empty(0), np.empty(0)
+    if sigma > 0:
+        x = np.column_stack([np.ones_like(p), np.tanh(delta / sigma)])  # (N, 2)
+        xc = np.column_stack([np.zeros_like(cp), np.tanh(cdelta / sigma)])  # (M, 2): no intercept on control rows
+    else:  # no length variation anywhere: the intercept alone
+        sigma = 0.0
+        x, xc = np.ones((p.size, 1)), np.zeros((cp.size, 1))  # (N, 1), (M, 1)
+    w0 = np.zeros(x.shape[1])
+    w0[0] = math.log((p.mean() + 1e-3) / (1 - p.mean() + 1e-3))  # start at the logit of the raw win rate
+    w, it = _fit_logistic(np.vstack([x, xc]), np.concatenate([p, cp]), l2, w0)
     theta, phi = float(w[0]), float(w[1]) if len(w) > 1 else 0.0
-    return LengthControlled(float(_sigmoid(theta)), theta, phi, sigma, it)
+    reason = _unidentified(delta, cdelta, sigma)
+    lc = float(_sigmoid(theta)) if reason is None else math.nan
+    return LengthControlled(lc, theta, phi, sigma, it, reason is None, reason, m)
+
+
+def _unidentified(delta: np.ndarray, cdelta: np.ndarray, sigma: float) -> str | None:
+    """Why θ cannot be told from φ on these rows, or None when it can.
+
+    Control rows whose Δ varies pin φ wherever the policy's Δ lies. Without them, σ(θ) is the fitted preference at
+    Δ = 0, which the policy rows alone support only when some of them are there: a policy longer (or shorter) on
+    nearly every row makes tanh(Δ/σ_Δ) almost constant, and then the small L2 penalty, not the data, splits the
+    preference between θ and φ."""
+    if sigma == 0:
+        return None  # every row at one length difference: with Δ = 0 θ is the mean preference; else see below
+    if cdelta.size >= MIN_CONTROL_ROWS and np.ptp(cdelta) > 0:
+        return None
+    share = min(float(np.mean(delta <= 0)), float(np.mean(delta >= 0)))
+    if share >= MIN_SIGN_SHARE:
+        return None
+    side = "longer" if np.mean(delta > 0) > 0.5 else "shorter"
+    controls = f"only {cdelta.size} control rows" if cdelta.size else "no control rows (baseline against itself)"
+    return (f"not identified: the policy is {side} than the baseline on {1 - share:.1%} of rows (Δ changes sign on "
+            f"fewer than {MIN_SIGN_SHARE:.0%}) and there are {controls}, so the length effect cannot be told apart "
+            "from quality; evaluate against a sampled baseline with eval.num_samples >= 2")  # fmt: skip
 
 
 def lc_interval(
@@ -181,12 +262,38 @@ def lc_interval(
     level: float = 0.95,
     seed: int = 0,
     l2: float = 0.01,
+    control: Controls | None = None,
+    control_prompt_ids: Sequence[str] | None = None,
 ) -> tuple[float, float] | None:
-    """Prompt-bootstrap interval of the LC win rate: the model is refitted (σ_Δ included) on every replicate."""
+    """Prompt-bootstrap interval of the LC win rate: the model is refitted (σ_Δ included) on every replicate.
+
+    With `control`, a replicate takes the control rows of the prompts it drew (as often as it drew them), so the
+    policy and control rows of one prompt stay together. None when the point estimate is not identified."""
     p, lp, lb = (np.asarray(a, dtype=float) for a in (p, len_policy, len_baseline))
-    return bootstrap_interval(
-        lambda idx: length_controlled(p[idx], lp[idx], lb[idx], l2).lc_win_rate, prompt_ids, n_boot, level, seed
-    )
+    if not length_controlled(p, lp, lb, l2, control=control).identified:
+        return None
+    if control is None:
+        stat = lambda idx: length_controlled(p[idx], lp[idx], lb[idx], l2).theta  # noqa: E731
+        lohi = bootstrap_interval(stat, prompt_ids, n_boot, level, seed)
+        return None if lohi is None else (float(_sigmoid(lohi[0])), float(_sigmoid(lohi[1])))
+    pol_ids = np.asarray(prompt_ids, dtype=object).astype(str)
+    ctl_ids = np.asarray(control_prompt_ids, dtype=object).astype(str)
+    names = np.unique(np.concatenate([pol_ids, ctl_ids]))
+    rows_of = [np.flatnonzero(pol_ids == g) for g in names]
+    ctl_of = [np.flatnonzero(ctl_ids == g) for g in names]
+    n = len(names)
+    if n_boot <= 0 or n == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    values = np.empty(n_boot)
+    for b in range(n_boot):
+        pick = rng.integers(0, n, n)
+        idx = np.concatenate([rows_of[g] for g in pick])
+        cidx = np.concatenate([ctl_of[g] for g in pick])
+        # θ, not σ(θ) gated by identification: a replicate is the same data, resampled
+        values[b] = length_controlled(p[idx], lp[idx], lb[idx], l2, control=control.take(cidx)).theta if idx.size else np.nan
+    lo, hi = np.nanquantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(_sigmoid(lo)), float(_sigmoid(hi))
 
 
 def agreement(p_by_annotator: np.ndarray) -> float | None:

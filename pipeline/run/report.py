@@ -69,6 +69,8 @@ def round_summary(round_dir: Path) -> dict[str, Any]:
         "win_rate_ci": _interval(ev.get("win_rate_ci")),
         "lc_win_rate": ev.get("lc_win_rate"),
         "lc_win_rate_ci": _interval(ev.get("lc_win_rate_ci")),
+        "lc_note": ev.get("lc_note"),  # why the LC win rate is missing (not identified); absent in older runs
+        "eval_judged_by": "; ".join(ev["judged_by"]) if ev.get("judged_by") else None,
         "eval_tokens": ev.get("mean_tokens"),
         "baseline_tokens": ev.get("baseline_mean_tokens"),
         "eval_chars": ev.get("mean_chars"),
