@@ -10,26 +10,44 @@ answers, so a raw win rate rewards a policy that only grew longer. AlpacaEval 2 
 judge's preference on the length difference and reports the preference it predicts at zero length difference.
 `length_controlled` fits, by Newton's method on the penalised log-likelihood below,
 
-    logit P(policy ≻ baseline | row i) = θ + φ·tanh(Δ_i / σ_Δ),   Δ_i = len(policy_i) − len(baseline_i)
+    logit P(a ≻ b | row i) = θ·[i is a policy row] + φ·tanh(Δ_i / σ_Δ),   Δ_i = len(a_i) − len(b_i)
 
-    maximise  Σ_i [p̂_i·log σ(z_i) + (1 − p̂_i)·log σ(−z_i)] − (λ/2)·(θ² + φ²),   z_i = θ + φ·tanh(Δ_i / σ_Δ)
+    maximise  Σ_i [p̂_i·log σ(z_i) + (1 − p̂_i)·log σ(−z_i)] − (λ/2)·(θ² + φ²)
 
-where p̂_i is the soft target (a Bernoulli log-likelihood with fractional outcomes, as alpaca_eval's
-`is_ytrue_proba` fit), σ_Δ is the sample standard deviation (ddof 1) of Δ over the rows fitted, length is counted
-in `eval.length_unit` (characters by default, as alpaca_eval counts them) and λ = `eval.lc_l2`. The LC win rate is
-σ(θ): the fitted preference at Δ = 0. Where this departs from alpaca_eval's `length_controlled_v1`
-(`src/alpaca_eval/metrics/glm_winrate.py`):
-  - no instruction-difficulty term: alpaca_eval fits one per instruction across many models on its own 805
-    instructions (weights fetched from the Hub); dice's held-out prompts have no such fit, so the model has only the
-    intercept θ and the length term, and σ(θ) is also the mean prediction at Δ = 0 over the prompts;
-  - a fixed small L2 penalty on (θ, φ) instead of an L1 penalty with its strength chosen by 5-fold cross-validation,
-    and no regularisation towards the "gamed" baselines alpaca_eval mixes in: the penalty only keeps the fit finite
-    when the preferences are separable (every p̂ = 1, or length deciding every row);
-  - Δ is policy − baseline (alpaca_eval's column is baseline − model), which only flips the sign of φ.
+over two kinds of rows: the policy rows (a = the policy's response, b = the baseline's) and, where given, CONTROL
+rows: one side's sample against another sample of the same side for the same prompt (the baseline against itself,
+the policy against itself). A control pair is equal in quality in expectation and its Δ is symmetric around 0, so it
+carries no intercept: those rows show how the judge's preference moves with length alone, and φ is learnt there.
+p̂_i is the soft target (a Bernoulli log-likelihood with fractional outcomes, as alpaca_eval's `is_ytrue_proba` fit),
+σ_Δ is the sample standard deviation (ddof 1) of Δ over the policy rows (alpaca_eval's scale), length is counted in
+`eval.length_unit` (characters by default) and λ = `eval.lc_l2`. The LC win rate is σ(θ): the fitted preference of
+the policy at Δ = 0.
+
+Why the control rows. An iterative method's policy tends to grow longer each round; once it is longer on nearly
+every row, tanh(Δ/σ_Δ) is nearly constant over the policy rows, θ and φ describe the same column, and only the small
+penalty splits the preference between them (a length-blind judge then gives LC anywhere from ½ to 1). The control
+rows span Δ on both sides of 0 whatever the policy does, which pins φ. Without them (one sample per prompt, or
+`eval.lc_controls: false`), σ(θ) is reported only when at least 5% of the policy rows lie on each side of Δ = 0;
+otherwise the fit is "not identified": LC is NaN and `reason` says why, never a confident number.
+
+What the model still assumes: the judge's length preference is φ·tanh(Δ/σ_Δ) at every Δ. When the policy's Δ lies
+beyond the control rows' range (a policy longer by many standard deviations), σ(θ) extrapolates that curve: right
+for a preference that saturates as tanh does (tested: a length-only judge gives ½ ± 0.03 at mean/sd of Δ of 3 and
+10), wrong for one that keeps growing linearly in Δ or is a near step (tests/test_evaluation.py measures the step).
+
+Where this departs from alpaca_eval's `length_controlled_minimal` (`src/alpaca_eval/metrics/glm_winrate.py`: the
+features tanh(std_delta_len) and not_gamed_baseline, i.e. an intercept and the length term, without the
+instruction-difficulty term of `length_controlled_v1`):
+  - a fraction in [0, 1], not a percent; an interval from a prompt bootstrap, not the standard error of the
+    predictions (which is 0 for the minimal form: every prediction at Δ = 0 is σ(θ));
+  - several samples per prompt (eval.num_samples), each a row; the bootstrap resamples prompts, so they stay together;
+  - p̂ is each annotator's preference averaged over both orders (position bias cancelled), then over annotators;
+  - Δ is policy − baseline (alpaca_eval's column is baseline − model): φ has the opposite sign;
+  - a fixed small L2 penalty on (θ, φ) instead of an L1 penalty with its strength chosen by 5-fold cross-validation;
+  - control rows from the run's own samples in place of alpaca_eval's "gamed" baselines (its baseline made verbose
+    or concise), which `length_controlled_v1` mixes in with weight 0.2 and the minimal form drops.
+tests/test_evaluation.py re-derives the minimal form from that description and checks dice against it.
 With no length variation (σ_Δ = 0) the length term is dropped and σ(θ) is the (penalised) mean of p̂.
-The form's limit (alpaca_eval's too): a judge's length preference that is not a logistic-tanh curve — a near step
-in Δ, or a policy so much longer that tanh saturates on most rows — leaves a residual length effect in σ(θ)
-(tests/test_evaluation.py measures both cases).
 """
 
 from __future__ import annotations
