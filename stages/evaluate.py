@@ -74,31 +74,60 @@ def cache_dir(plan: StagePlan) -> Path:
 # ---------------------------------------------------------------------------------------------- 1. prompts
 
 
+def overlap_key(text: str) -> str:
+    """The form under which a held-out prompt counts as a training prompt: lower case, punctuation dropped (every
+    Unicode punctuation and symbol character becomes a space), whitespace runs collapsed. "Tell me about food!" and
+    "tell me  about food." are one prompt."""
+    import unicodedata
+
+    chars = (" " if unicodedata.category(c)[0] in "PS" else c for c in text.casefold())
+    return " ".join("".join(chars).split())
+
+
+def _sft_texts(cfg: RunConfig) -> tuple[set[str], list[str], list[str]]:
+    """overlap_keys of the prompts of the corpus the tiny model is built from (`model.tiny_data`), which is the
+    policy's supervised training set in the toy recipes; (keys, files checked, files not found)."""
+    from pipeline.data.datasets import load_rows
+
+    keys: set[str] = set()
+    checked, unchecked = [], []
+    for path in cfg.model.tiny_data or []:
+        if not Path(path).exists():
+            unchecked.append(str(path))
+            continue
+        rows, _ = load_rows(path, "SFT corpus")
+        keys |= {overlap_key(r["prompt"]) for r in rows if isinstance(r.get("prompt"), str)}
+        checked.append(str(path))
+    return keys, checked, unchecked
+
+
 def held_out_prompts(cfg: RunConfig, plan: StagePlan) -> tuple[list[tuple[str, str]], dict[str, Any]]:
-    """[(prompt_id, prompt)] to evaluate: eval.prompts (first max_prompts) less those the run also trains on."""
+    """[(prompt_id, prompt)] to evaluate: eval.prompts (first max_prompts) less those the run also trains on (after
+    `overlap_key`: case, spacing and punctuation do not hide a copy): data.prompts, data.offline, model.tiny_data."""
     path = cfg.eval.prompts
     table = read_prompts(path)
     if cfg.eval.max_prompts:
         table = table.slice(0, cfg.eval.max_prompts)
     rows = list(zip(table["prompt_id"].to_pylist(), table["prompt"].to_pylist()))
-    seen: set[str] = set()
-    checked, unchecked = [], []
+    seen, checked, unchecked = _sft_texts(cfg)
     for kind, src in (("prompts", cfg.data.prompts), ("offline", cfg.data.offline)):
         local = Path(src.path)
         if local.exists() or is_hub_dataset(src.path):
-            seen |= prompt_texts(src, kind)
+            seen |= {overlap_key(t) for t in prompt_texts(src, kind)}
             checked.append(str(src))
         else:  # a standalone `dice eval` whose config names data files this machine does not have
             unchecked.append(str(src))
-            print(f"evaluate: {src} not found: held-out prompts not checked against it", file=sys.stderr)
-    kept = [(pid, text) for pid, text in rows if text_key(text) not in seen]
+    for src in unchecked:
+        print(f"evaluate: {src} not found: held-out prompts not checked against it", file=sys.stderr)
+    kept = [(pid, text) for pid, text in rows if overlap_key(text) not in seen]
     overlap = len(rows) - len(kept)
     if overlap:
         print(f"evaluate: {overlap} of the {len(rows)} prompts of {path} also appear in {' or '.join(checked)} "
               "and are not evaluated", flush=True)  # fmt: skip
     if not kept:
         raise ValueError(
-            f"{path}: all {len(rows)} held-out prompts also appear in {' or '.join(checked)} (same text); "
+            f"{path}: all {len(rows)} held-out prompts also appear in {' or '.join(checked)} (same text up to case, "
+            "spacing and punctuation); "
             "eval.prompts must hold prompts the run does not train on"
         )
     return kept, {"prompts_file": len(rows), "prompts_overlap": overlap, "overlap_checked": checked,
@@ -114,11 +143,21 @@ def _tokenizer(cfg: RunConfig, model: str):
     return _load_tokenizer(cfg, model)
 
 
-def _digest(cfg: RunConfig, model: str, prompts: list[tuple[str, str]]) -> str:
-    """The cache key of a model's responses: everything that decides them."""
+def _conversations(cfg: RunConfig) -> dict[str, Any]:
+    """prompt_id -> what the model is prompted with: the `prompt_messages` conversation when set, else the text."""
+    table = read_prompts(cfg.eval.prompts)
+    return dict(zip(table["prompt_id"].to_pylist(), prompts_of(table)))
+
+
+def _digest(cfg: RunConfig, model: str, prompts: list[tuple[str, str]], convs: dict[str, Any] | None = None) -> str:
+    """The cache key of a model's responses: everything that decides them, the conversations rendered included (two
+    prompts with one text but different `prompt_messages`, e.g. another system turn, are different prompts)."""
     ev, g = cfg.eval, cfg.generate
+    convs = _conversations(cfg) if convs is None else convs
+    messages = [messages_column([convs.get(pid, text)])[0] for pid, text in prompts]
     key = {
         "model": fingerprint(model), "prompts": prompts, "seed": cfg.seed, "slot": EVAL_SEED_SLOT,
+        "prompt_messages": messages,
         "num_samples": ev.num_samples, "temperature": ev.temperature, "top_p": ev.top_p, "max_tokens": ev.max_tokens,
         "stop": g.stop, "stop_token_ids": g.stop_token_ids, "max_prompt_tokens": cfg.model.max_prompt_tokens,
         "max_model_len": g.engine.max_model_len, "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code,
@@ -133,7 +172,8 @@ def model_responses(
     from the cache when this model, these prompts and these settings were generated before. Returns (table, cached)."""
     from stages.generate import _context_limit, prompt_seed
 
-    path = cache_dir(plan) / f"{_digest(cfg, model, prompts)}.parquet"
+    convs = _conversations(cfg)  # the conversations behind the texts, for the chat template
+    path = cache_dir(plan) / f"{_digest(cfg, model, prompts, convs)}.parquet"
     if path.is_file():
         try:
             return read_parquet(path, schemas.RESPONSES), True
@@ -147,8 +187,6 @@ def model_responses(
     ev, g = cfg.eval, cfg.generate
     tokenizer = _tokenizer(cfg, model)
     limit = min(cfg.model.max_prompt_tokens, _context_limit(cfg, model) - 1)
-    table = read_prompts(cfg.eval.prompts)  # the conversations behind the texts, for the chat template
-    convs = dict(zip(table["prompt_id"].to_pylist(), prompts_of(table)))
     ids = [prompt_ids(tokenizer, convs.get(pid, text)) for pid, text in prompts]
     kept = [i for i, x in enumerate(ids) if len(x) <= limit]
     seeds = [prompt_seed(cfg.seed, EVAL_SEED_SLOT, prompts[i][0]) for i in kept]
@@ -385,13 +423,13 @@ def check_self_judge(cfg: RunConfig, plan: StagePlan) -> None:
     sides = {"the evaluated model": str(plan.inputs["policy"])}
     if "baseline" in plan.inputs:
         sides["the baseline"] = str(plan.inputs["baseline"])
-    judges = {f"eval.judges {k.split(':', 1)[1]}": str(v) for k, v in plan.inputs.items() if k.startswith("judge:")}
+    judges = {f"eval.judges {k.split(':', 1)[1]}": (str(v), plan.roles.get(k)) for k, v in plan.inputs.items()
+              if k.startswith("judge:")}  # fmt: skip
     if cfg.eval.reward_model:
-        judges["eval.reward_model"] = str(cfg.eval.reward_model)
-    for name, model in judges.items():
+        judges["eval.reward_model"] = (str(cfg.eval.reward_model), None)
+    for name, (model, role) in judges.items():
         for side, other in sides.items():
             if _same_model(model, other):
-                role = plan.roles.get(f"judge:{name.split(' ', 1)[-1]}") or plan.roles.get("baseline") or ""
                 raise ValueError(
                     f"{name} is {model}{f' ({role})' if role and role != model else ''}, which is also {side}: a model "
                     "judging its own answers is refused; name another judge model (e.g. eval.judges[].model) or set "

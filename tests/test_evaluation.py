@@ -384,12 +384,18 @@ def test_tiny_eval_prompts_are_held_out():
 def test_overlap_is_refused_and_counted(tmp_path):
     prompts = tmp_path / "eval.jsonl"
     train = [json.loads(x)["prompt"] for x in (REPO / "data/prompts.jsonl").read_text().splitlines()[:2]]
-    rows = [{"prompt_id": "x0", "prompt": "  " + train[0].replace(" ", "  ")}, {"prompt_id": "x1", "prompt": "Fresh question?"}]
+    shout = train[1].upper().rstrip(".?!") + " !!"  # case and punctuation do not hide a copy either
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"prompt": "A prompt only the SFT corpus has.", "chosen": "x"}) + "\n")
+    rows = [{"prompt_id": "x0", "prompt": "  " + train[0].replace(" ", "  ")}, {"prompt_id": "x1", "prompt": "Fresh question?"},
+            {"prompt_id": "x2", "prompt": shout}, {"prompt_id": "x3", "prompt": "a prompt, only the SFT corpus has"}]  # fmt: skip
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_config(None, [f"runs_dir={tmp_path}", f"eval.prompts={prompts}",
+    cfg = load_config(None, [f"runs_dir={tmp_path}", f"eval.prompts={prompts}", f"model.tiny_data=[{sft}]",
                              f"data.prompts={REPO / 'data/prompts.jsonl'}", f"data.offline={REPO / 'data/offline_prefs.jsonl'}"])  # fmt: skip
     kept, stats = evaluate.held_out_prompts(cfg, rounds.plan(cfg, 1, "evaluate"))
-    assert kept == [("x1", "Fresh question?")] and stats["prompts_overlap"] == 1  # whitespace does not hide a copy
+    assert kept == [("x1", "Fresh question?")] and stats["prompts_overlap"] == 3  # whitespace does not hide a copy
+    assert str(sft) in stats["overlap_checked"]
+    assert evaluate.overlap_key("Hello,  World! (ref 12).") == "hello world ref 12"
     cfg = load_config(None, [f"runs_dir={tmp_path}", f"eval.prompts={REPO / 'data/prompts.jsonl'}",
                              f"data.prompts={REPO / 'data/prompts.jsonl'}"])  # fmt: skip
     with pytest.raises(ValueError, match=r"data/prompts.jsonl: all 320 held-out prompts also appear in"):
@@ -465,3 +471,53 @@ def test_an_annotator_failing_everywhere_is_an_error_naming_it(tmp_path):
     with pytest.raises(ValueError, match=r"annotator down \(eval.judges\) failed on all 2 comparisons \(most often "
                                          r"python_error: a first: RuntimeError: judge backend down\)"):
         evaluate.annotate(cfg, plan, ["q", "q"], ["a", "b"], ["c", "d"])
+
+
+# ---------------------------------------------------------------------------------------------- self-judging, exclusions
+
+
+def test_a_judge_that_is_the_evaluated_model_or_the_baseline_is_refused(tmp_path):
+    """An empty vllm judge model is π_0; against π_0 (eval.baseline: initial) π_0 would judge its own outputs: refused
+    before anything is generated, naming the judge and the way out. A judge that is the policy (standalone `dice eval
+    --model A --baseline file` with A as judge) too. allow_self_judge: true accepts both, and the stats say who judged."""
+    cfg = _cfg(tmp_path, judges=[{"id": "local", "backend": "vllm"}])
+    plan = rounds.plan(cfg, 2, "evaluate")
+    with pytest.raises(ValueError, match=r"eval.judges local is .*round-0/checkpoint \(π_0\), which is also the baseline"
+                                         r".*eval.allow_self_judge: true"):
+        evaluate.check_self_judge(cfg, plan)
+    with pytest.raises(ValueError, match="which is also the baseline"):
+        evaluate.run(cfg, plan)  # the stage refuses it first: π_2 does not even exist
+    ref = tmp_path / "ref.json"
+    ref.write_text("[]")
+    standalone = rounds.standalone_eval_plan(cfg, "org/model-a", str(ref), tmp_path / "out")
+    with pytest.raises(ValueError, match="eval.judges local is org/model-a.*which is also the evaluated model"):
+        evaluate.check_self_judge(cfg, standalone)
+    rm = _cfg(tmp_path, reward_model="org/model-a", judges=[])
+    with pytest.raises(ValueError, match="eval.reward_model is org/model-a.*the evaluated model"):
+        evaluate.check_self_judge(rm, rounds.standalone_eval_plan(rm, "org/model-a", "org/model-b", tmp_path / "o"))
+    allowed = _cfg(tmp_path, judges=[{"id": "local", "backend": "vllm"}], allow_self_judge=True)
+    evaluate.check_self_judge(allowed, rounds.plan(allowed, 2, "evaluate"))
+    assert evaluate.judged_by(allowed, rounds.plan(allowed, 2, "evaluate")) == [
+        f"local: {rounds.model_of(allowed, 0)} (π_0)"]
+    other = _cfg(tmp_path, judges=[{"id": "big", "backend": "vllm", "model": "org/judge"}])
+    evaluate.check_self_judge(other, rounds.plan(other, 2, "evaluate"))  # a separate judge model: fine
+    # the switch does not change the stage's result, so it does not re-run it
+    from pipeline.data.artifacts import plan_digest
+
+    assert plan_digest(rounds.plan(allowed, 2, "evaluate")) == plan_digest(plan)
+
+
+def test_exclusions_are_counted_per_side_and_a_length_skew_warns():
+    """Six rows; the reward model could not score the policy's two longest responses (rows 4, 5: NaN, too long) and a
+    judge failed on row 0's pair. Counted rows 1-3: Δ = 0, 10, 0 (mean 3.33); excluded rows 0, 4, 5: Δ = 0, 100, 120
+    (mean 73.3): the shift 70 exceeds half the std of Δ over all rows (std 50.7 -> 25.4), so a warning."""
+    cols = {"chars": [10, 30, 20, 40, 150, 170], "baseline_chars": [10, 30, 10, 40, 50, 50]}
+    scores = {"reward": np.array([1.0, 1, 1, 1, np.nan, np.nan]), "baseline_reward": np.ones(6)}
+    counted = np.array([False, True, True, True, False, False])
+    out = evaluate._exclusions(cols, scores, counted, "chars")
+    assert (out["rows_excluded_policy"], out["rows_excluded_baseline"], out["rows_excluded_pair"]) == (2, 0, 1)
+    assert out["excluded_delta_mean"] == pytest.approx(220 / 3)
+    assert "3 of 6 rows were excluded (policy 2, baseline 0, pair 1) and they skew by length" in out["exclusion_warning"]
+    even = evaluate._exclusions({"chars": [10, 30, 20, 40], "baseline_chars": [10, 10, 20, 20]},
+                                {}, np.array([False, False, True, True]), "chars")  # fmt: skip
+    assert even["exclusion_warning"] is None and even["rows_excluded_pair"] == 2
