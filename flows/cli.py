@@ -233,18 +233,20 @@ def _print_summary(run_dir: Path) -> None:
 def _best_round(run_dir: Path, rows: list[dict[str, Any]]) -> str | None:
     """One line naming the best round by LC win rate (the flow's stopping rule, with the run's saved config)."""
     from pipeline.config import ConfigError, load_config
-    from pipeline.method.evaluation import progress
+    from pipeline.run.report import eval_progress
 
     lcs = [(r["round"], r["lc_win_rate"]) for r in rows if r.get("lc_win_rate") is not None]
     conf = run_dir / "config.yaml"
     if not lcs or not conf.is_file():
         return None
     try:
-        ev = load_config(conf).eval
+        cfg = load_config(conf)
     except ConfigError:
         return None
-    kind = ev.baseline if ev.baseline in ("initial", "previous") else "file"
-    state = progress(lcs, kind, ev.min_gain, ev.stop_after_no_gain)
+    ev = cfg.eval
+    state = eval_progress(run_dir, ev, cfg.seed)
+    if state is None:
+        return None
     line = f"best round by LC win rate: {state.best_round} (against {ev.baseline}"
     line += f", LC {state.best_lc:.3f})" if state.best_lc is not None else ")"
     if state.stop:

@@ -607,10 +607,12 @@ class EvalConfig(_Section):
     stop_after_no_gain: int | None = Field(
         None,
         ge=1,
-        description="Stop the run (or a more_rounds tick) once the LC win rate has not improved by min_gain for N "
-        "evaluated rounds (empty: never stop early).",
+        description="Stop the run (or a more_rounds tick) after N evaluated rounds in a row without a gain: the lower "
+        "95% bound of the round's paired LC gain not above min_gain (empty: never stop early).",
     )
-    min_gain: float = Field(0.0, ge=0, description="The LC win-rate improvement that counts as a gain for stop_after_no_gain.")
+    min_gain: float = Field(
+        0.0, ge=0, description="A round gains when the lower 95% bound of its LC gain (paired over prompts) exceeds this."
+    )
 
     def annotator_ids(self) -> list[str]:
         """The annotators' ids in eval.parquet: the judges' (id or judge-<index>), then reward_model, python_metric."""

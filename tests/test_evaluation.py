@@ -521,3 +521,85 @@ def test_exclusions_are_counted_per_side_and_a_length_skew_warns():
     even = evaluate._exclusions({"chars": [10, 30, 20, 40], "baseline_chars": [10, 10, 20, 20]},
                                 {}, np.array([False, False, True, True]), "chars")  # fmt: skip
     assert even["exclusion_warning"] is None and even["rows_excluded_pair"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- paired gains, stopping
+
+
+def _round(prompt_effect: np.ndarray, gain: float, seed: int, k: int = 2) -> evaluation.RoundRows:
+    """A round against π_0 on 60 prompts × k samples: logit p̂ = prompt difficulty + gain + noise (equal lengths, so
+    LC = the fitted intercept). The prompt difficulty is shared by every round: it is what pairing cancels."""
+    rng = np.random.default_rng(seed)
+    n = prompt_effect.size
+    z = np.repeat(prompt_effect, k) + gain + rng.normal(0, 0.3, n * k)
+    ids = np.repeat(np.arange(n), k).astype(str).astype(object)
+    return evaluation.RoundRows(1 / (1 + np.exp(-z)), np.full(n * k, 10.0), np.full(n * k, 10.0), ids)
+
+
+def test_paired_gain_interval_cancels_what_rounds_share():
+    """Two rounds on the same prompts, the second better by 0.15 logits, with a large prompt difficulty (sd 2) common to
+    both: each round's own interval is wide (≈ ±0.1) and they overlap, yet the paired interval of the difference
+    excludes 0 and is several times narrower. Against ½ (b None) the gain is LC − ½ with the round's own interval."""
+    effect = np.random.default_rng(0).normal(0, 2, 60)
+    a, b = _round(effect, 0.15, 1), _round(effect, 0.0, 2)
+    gain, lo, hi = evaluation.paired_gain_interval(a, b, 500, seed=0)
+    assert gain == pytest.approx(a.lc(0.01).lc_win_rate - b.lc(0.01).lc_win_rate)
+    ia = evaluation.lc_interval(a.p, a.len_policy, a.len_baseline, list(a.prompt_ids), 500, seed=0)
+    ib = evaluation.lc_interval(b.p, b.len_policy, b.len_baseline, list(b.prompt_ids), 500, seed=0)
+    assert ia[0] < ib[1]  # the separate intervals overlap: unpaired, no conclusion
+    assert 0 < lo < gain < hi and (hi - lo) < (ia[1] - ia[0]) / 3
+    g, lo2, hi2 = evaluation.paired_gain_interval(a, None, 500, seed=0)
+    assert g == pytest.approx(a.lc(0.01).lc_win_rate - 0.5)
+    assert (lo2 + 0.5, hi2 + 0.5) == pytest.approx(ia, abs=1e-6)  # same draws; σ of interpolated θ vs interpolated σ(θ)
+
+
+def test_stopping_rule_uses_the_lower_bound_and_each_rounds_baseline_kind():
+    """Point gains 0.10, 0.02, 0.03 with min_gain 0.01 would all count; by the lower bounds (0.04, −0.01, −0.02) only
+    round 1 does, so patience 2 stops after round 3 with best round 1. Every call names the reference: round 1 against
+    ½ (π_0), rounds 2 and 3 paired with round 1. A round whose recorded kind is `previous` is measured against ½ even
+    when the config now says initial, and a bound that cannot be computed (None) is no gain."""
+    calls = []
+    bounds = {(1, None): 0.04, (2, 1): -0.01, (3, 1): -0.02}
+    lcs = [(1, 0.60), (2, 0.62), (3, 0.63)]
+    state = evaluation.progress(lcs, "initial", 0.01, 2, lambda k, ref: calls.append((k, ref)) or bounds[(k, ref)])
+    assert calls == [(1, None), (2, 1), (3, 1)]
+    assert (state.best_round, state.stop) == (1, True) and "lower 95% bound of the paired LC gain" in state.reason
+    assert not evaluation.progress(lcs, "initial", 0.01, 2).stop  # the point estimates: every round a gain
+    mixed = evaluation.progress(lcs, "initial", 0.01, 5, lambda k, ref: calls.append((k, ref)) or 0.05,
+                                kinds={1: "initial", 2: "previous", 3: "initial"})  # fmt: skip
+    assert calls[-3:] == [(1, None), (2, None), (3, None)] and mixed.best_round == 3
+    none = evaluation.progress([(1, 0.9)], "initial", 0.0, 1, lambda k, ref: None)
+    assert none.stop and none.best_round == 0
+
+
+def test_run_progress_reads_rounds_written_before_control_rows(tmp_path):
+    """A run whose evaluate manifests and eval.parquet predate control rows, baseline kinds and judged_by (the report
+    tests' synthetic run: rounds 1 and 2 against π_0): the stopping rule still reads them, each round's kind from
+    its recorded role, round 2 paired with round 1 over their shared prompts, and `dice inspect` still prints."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.config import save_config
+    from pipeline.run import report
+    from tests.test_report import make_run
+
+    run_dir = tmp_path / "run"
+    make_run(run_dir)
+    cfg = RunConfig.model_validate({"runs_dir": str(tmp_path), "name": "run", "eval": {"bootstrap": 200}})
+    save_config(cfg, run_dir / "config.yaml")
+    rows = report.eval_round_rows(run_dir / "round-2", {})
+    assert rows is not None and rows.control is None and rows.p.size == 20
+    state = report.eval_progress(run_dir, cfg.eval, 0)
+    stats = {k: json.loads((run_dir / f"round-{k}/.dice/evaluate.json").read_text())["stats"] for k in (1, 2)}
+    r1, r2 = (report.eval_round_rows(run_dir / f"round-{k}", {}) for k in (1, 2))
+    low1 = stats[1]["lc_win_rate_ci"][0] - 0.5  # round 1 against ½: its own interval
+    expect = 1 if low1 > 0 else 0
+    paired = evaluation.paired_gain_interval(r2, r1 if expect == 1 else None, 200, seed=0)
+    low2 = stats[2]["lc_win_rate_ci"][0] - 0.5 if expect == 0 else paired[1]
+    expect = 2 if low2 > 0 else expect
+    assert state is not None and state.best_round == expect
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "inspect", str(run_dir)], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "200"}, cwd=REPO)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "best round by LC win rate:" in out.stdout and "lc_note" in out.stdout

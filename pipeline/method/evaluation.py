@@ -356,6 +356,80 @@ def reward_preference(policy: np.ndarray, baseline: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class RoundRows:
+    """One evaluated round's rows for paired comparisons: policy rows (p̂, lengths, prompt ids) and control rows."""
+
+    p: np.ndarray
+    len_policy: np.ndarray
+    len_baseline: np.ndarray
+    prompt_ids: np.ndarray
+    control: Controls | None = None
+    control_prompt_ids: np.ndarray | None = None
+
+    def take(self, prompts: np.ndarray) -> RoundRows:
+        """The rows of these prompts, each as often as it appears in `prompts` (a bootstrap draw)."""
+        idx = np.concatenate([self._rows[g] for g in prompts]) if len(prompts) else np.zeros(0, int)
+        control, cids = None, None
+        if self.control is not None:
+            cidx = np.concatenate([self._control_rows.get(g, np.zeros(0, int)) for g in prompts])
+            control, cids = self.control.take(cidx), self.control_prompt_ids[cidx]
+        return RoundRows(self.p[idx], self.len_policy[idx], self.len_baseline[idx], self.prompt_ids[idx], control, cids)
+
+    @property
+    def _rows(self) -> dict[str, np.ndarray]:
+        return {g: np.flatnonzero(self.prompt_ids == g) for g in np.unique(self.prompt_ids)}
+
+    @property
+    def _control_rows(self) -> dict[str, np.ndarray]:
+        ids = self.control_prompt_ids if self.control_prompt_ids is not None else np.array([], dtype=object)
+        return {g: np.flatnonzero(ids == g) for g in np.unique(ids)}
+
+    def lc(self, l2: float) -> LengthControlled:
+        return length_controlled(self.p, self.len_policy, self.len_baseline, l2, control=self.control)
+
+
+def paired_gain_interval(
+    a: RoundRows, b: RoundRows | None, n_boot: int, level: float = 0.95, seed: int = 0, l2: float = 0.01
+) -> tuple[float, float, float] | None:
+    """The gain LC(a) − LC(b) (b None: LC(a) − ½) and its percentile interval, PAIRED over prompts.
+
+    Two rounds evaluated against the same baseline on the same prompts share the baseline's responses and the
+    prompts' difficulty; resampling the prompts once for both rounds lets that shared part cancel, so the interval is
+    that of the difference, much narrower than two separate intervals would suggest. Only prompts both rounds
+    evaluated are used. Returns (gain, low, high), or None when either LC is not identified or n_boot is 0."""
+    a_ids = np.unique(a.prompt_ids)
+    shared = a_ids if b is None else np.intersect1d(a_ids, np.unique(b.prompt_ids))
+    if n_boot <= 0 or shared.size == 0:
+        return None
+    a0, b0 = a.take(shared), (None if b is None else b.take(shared))
+    fa, fb = a0.lc(l2), (None if b0 is None else b0.lc(l2))
+    if not fa.identified or (fb is not None and not fb.identified):
+        return None
+    gain = fa.lc_win_rate - (0.5 if fb is None else fb.lc_win_rate)
+    rows_a, rows_b = a0._rows, (None if b0 is None else b0._rows)
+    ctl_a, ctl_b = a0._control_rows, (None if b0 is None else b0._control_rows)
+    rng = np.random.default_rng(seed)
+    values = np.empty(n_boot)
+
+    def draw(r: RoundRows, rows: dict, ctl: dict, pick: np.ndarray) -> float:
+        idx = np.concatenate([rows[g] for g in pick])
+        control = None
+        if r.control is not None:
+            control = r.control.take(np.concatenate([ctl.get(g, np.zeros(0, int)) for g in pick]))
+        fit = length_controlled(r.p[idx], r.len_policy[idx], r.len_baseline[idx], l2, control=control)
+        return float(_sigmoid(fit.theta))
+
+    for i in range(n_boot):
+        pick = shared[rng.integers(0, shared.size, shared.size)]
+        values[i] = draw(a0, rows_a, ctl_a, pick) - (0.5 if b0 is None else draw(b0, rows_b, ctl_b, pick))
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(gain), float(lo), float(hi)
+
+
+# ---------------------------------------------------------------------------------------------- stopping
+
+
+@dataclass(frozen=True)
 class Progress:
     """Where a run stands by its LC win rates: the best round so far and how many rounds since it improved."""
 
@@ -366,39 +440,66 @@ class Progress:
     reason: str | None
 
 
-def progress(
-    lc_by_round: Sequence[tuple[int, float]], baseline: str, min_gain: float, patience: int | None
-) -> Progress:
-    """Apply `eval.stop_after_no_gain` (patience N) and `eval.min_gain` to the rounds' LC win rates, in round order.
+# The reference a round's gain is measured against: ½ (π_0, or a `previous` round's own predecessor), or nothing yet
+# (the first round evaluated against a reference-outputs file sets the bar).
+HALF, FIRST = "half", "first"
 
-    A round improves when its LC win rate beats the reference by more than min_gain:
-      - baseline `initial` (π_0): the best LC so far, starting from round 0 at ½ (π_0 against itself);
-      - a reference-outputs file: the best LC so far (the first evaluated round sets it);
+
+def progress(
+    lc_by_round: Sequence[tuple[int, float]],
+    baseline: str,
+    min_gain: float,
+    patience: int | None,
+    lower_bound: Callable[[int, int | None], float | None] | None = None,
+    kinds: dict[int, str] | None = None,
+) -> Progress:
+    """Apply `eval.stop_after_no_gain` (patience N) and `eval.min_gain` to the evaluated rounds, in round order.
+
+    A round's gain is measured against a reference that depends on its baseline kind (`kinds[k]`, the kind the round
+    recorded; `baseline` for rounds not in `kinds`):
+      - `initial` (π_0): the best round so far when that was also evaluated against π_0, else ½ (π_0 itself);
+      - a reference-outputs file (`file`): the best round so far against a file; the first one sets the bar;
       - `previous` (π_{k-1}): ½, since round k's LC already measures π_k against π_{k-1}; rates of different rounds
         are not on one scale, so best_round is the last round that beat its predecessor (0 if none did).
-    The run stops once the last N evaluated rounds all failed to improve.
+    With `lower_bound(k, ref)` — the lower 95% bound of round k's LC gain over round `ref` (None: over ½), paired over
+    the prompts both evaluated (`paired_gain_interval`), None when it cannot be computed — a round improves only when
+    that bound exceeds min_gain: a gain inside the noise is no gain. Without it, the point estimates are compared.
+    best_round follows the same rule. The run stops once the last N evaluated rounds all failed to improve.
     """
+    kinds = kinds or {}
     best_round: int | None = None
     best: float | None = None
+    best_kind: str | None = None
     if baseline in ("initial", "previous"):
-        best_round, best = 0, 0.5
+        best_round, best, best_kind = 0, 0.5, "anchor"
     stale, since = 0, []
     for k, v in lc_by_round:
-        if baseline == "initial" and k == 0:
+        kind = kinds.get(k, baseline)
+        if kind == "initial" and k == 0:
             continue  # π_0 against itself: not a measurement
-        if baseline == "previous":
-            improved = v > 0.5 + min_gain
+        if kind == "previous":
+            ref: int | str = HALF
+        elif kind == "initial":
+            ref = best_round if best_kind == "initial" else HALF
         else:
-            improved = best is None or v > best + min_gain
+            ref = best_round if best_kind == kind else FIRST
+        if ref == FIRST:
+            improved = True
+        elif lower_bound is not None:
+            low = lower_bound(k, None if ref == HALF else int(ref))
+            improved = low is not None and low > min_gain
+        else:
+            improved = v - (0.5 if ref == HALF else best) > min_gain
         if improved:
-            best_round, best, stale, since = k, v, 0, []
+            best_round, best, best_kind, stale, since = k, v, kind, 0, []
         else:
             stale += 1
             since.append(k)
     stop = patience is not None and stale >= patience
     reason = None
     if stop:
-        ref = "½ (its predecessor)" if baseline == "previous" else f"{best:.4g} (round {best_round})"
-        reason = (f"the LC win rate has not improved by more than {min_gain:g} over {ref} for {stale} round(s) "
+        ref_text = "½ (its predecessor)" if baseline == "previous" else f"{best:.4g} (round {best_round})"
+        what = "the lower 95% bound of the paired LC gain has not exceeded" if lower_bound else "the LC win rate has not improved by more than"
+        reason = (f"{what} {min_gain:g} over {ref_text} for {stale} round(s) "
                   f"(rounds {', '.join(map(str, since))}); best round {best_round}")  # fmt: skip
     return Progress(best_round, best, stale, stop, reason)
