@@ -129,6 +129,20 @@ def simulated_preference(
     return 1.0 / (1.0 + math.exp(-max(min(z, 50.0), -50.0)))
 
 
+def length_biased_preference(
+    prompt: str, response_a: str, response_b: str, *, bonus: float = 0.03, temperature: float = 0.1
+) -> float:
+    """P(a ≻ b | x) of an annotator with a KNOWN length bias: σ((R(a) + bonus·words(a) − R(b) − bonus·words(b)) / τ).
+
+    The true reward does not grow with length; this annotator does, by `bonus` per word (0.03: a response 10 words
+    longer gains 0.3, about one standard deviation of the toy policy's R). The benchmark evaluates with it so the raw
+    and the length-controlled win rates show what length control removes."""
+    ra = true_reward(prompt, response_a) + bonus * len(response_a.split())
+    rb = true_reward(prompt, response_b) + bonus * len(response_b.split())
+    z = (ra - rb) / temperature
+    return 1.0 / (1.0 + math.exp(-max(min(z, 50.0), -50.0)))
+
+
 def make_prompt(rng: random.Random, topic: str, ref: int, held_out: bool = False) -> str:
     """A prompt about `topic`; `held_out`: from the evaluation templates and styles, never the training ones."""
     templates, styles = (EVAL_TEMPLATES, EVAL_STYLES) if held_out else (TEMPLATES, STYLES)
