@@ -6,15 +6,19 @@ Reads π_k (the model round k trained; round 0: π_0), the baseline — π_0 (`e
 `data.offline` to refuse overlap. Writes `eval.parquet` (EVAL + per-annotator columns, pipeline/data/schemas.py) and
 returns the metrics, which go into the round's manifest, `dice inspect`, the report and the flow's stopping rule.
 
-1. Prompts. The held-out file (its first `eval.max_prompts`), less every prompt whose text (whitespace collapsed)
-   also appears in `data.prompts` or `data.offline`: those are refused and counted (`prompts_overlap`); none left
-   is an error naming the files.
+0. Judges. A judge or reward model that is the evaluated model or the baseline is refused unless
+   `eval.allow_self_judge` (a model tends to prefer its own answers); `judged_by` records who judged.
+1. Prompts. The held-out file (its first `eval.max_prompts`), less every prompt whose text also appears in
+   `data.prompts`, `data.offline` or the tiny model's SFT corpus (`model.tiny_data`) once case, spacing and
+   punctuation are normalised (`overlap_key`): those are refused and counted (`prompts_overlap`); none left is an
+   error naming the files.
 2. Responses. `eval.num_samples` per prompt from each model with vLLM (`eval.temperature`, `top_p`, `max_tokens`;
    temperature 0 is greedy), prompts rendered by `pipeline.compute.logprobs.prompt_ids`. Prompt j's seed is
    `prompt_seed(run seed, EVAL_SEED_SLOT, prompt_id)` for every model and every round, so sample i of a prompt is
    compared with the baseline's sample i drawn with the same seed, and the baseline's responses are the same in
    every round. Each model's responses are cached in `<run>/eval-cache/<digest>.parquet` (`dice eval --out DIR`:
-   DIR/eval-cache), the digest covering the model's fingerprint, the prompts, the sampling settings and the seed:
+   DIR/eval-cache), the digest covering the model's fingerprint, the prompts and their `prompt_messages`, the
+   sampling settings and the seed:
    π_0's responses are generated once per run, and with `previous` round k reuses the π_{k-1} responses round k-1
    generated. Prompts too long for either model (`model.max_prompt_tokens`, the context) are dropped and counted.
    A reference-outputs file (AlpacaEval's `instruction` / `output`) must have an output for every prompt kept
@@ -25,9 +29,14 @@ returns the metrics, which go into the round's manifest, `dice inspect`, the rep
    metric (1, ½ or 0 by comparing the two scores). A failed comparison is recorded per annotator (`error_<id>`),
    excluded and counted; an annotator that fails every comparison is an error naming it (never a silent ½).
    p̂ = the mean over the annotators that answered; rows with fewer than `eval.min_annotators` are excluded.
-4. Metrics over the rows with a p̂: win rate (mean p̂, ties ½) and the LC win rate, each with a 95% interval from
-   `eval.bootstrap` prompt resamples (seeded by the run seed); wins, losses, ties; annotator agreement; mean length
-   of both sides in tokens (the policy's tokenizer) and characters; the metric's and reward model's means per side.
+   Control rows (`eval.lc_controls`): every pair of one side's samples of a prompt, judged the same way in the same
+   pass, written to `eval_controls.parquet`; equal in quality in expectation, they carry the LC fit's length term.
+4. Metrics over the rows with a p̂, rates, lengths and score means alike: win rate (mean p̂, ties ½) and the LC win
+   rate (with the control rows; "not identified", with the reason in `lc_note`, when the data cannot separate
+   quality from length), each with a 95% interval from `eval.bootstrap` prompt resamples (seeded by the run seed);
+   wins, losses, ties; annotator agreement; mean length of both sides in tokens (the policy's tokenizer) and
+   characters; the metric's and reward model's means per side; excluded rows by the side that caused them, and a
+   warning when they skew by length.
 
     python -m stages.evaluate conf/tiny.yaml --round 1
     dice eval runs/tiny --round 1                                     # the same stage, then its metrics table
