@@ -140,7 +140,7 @@ def test_every_parquet_opens_in_pandas_polars_duckdb_datasets(run):
     from datasets import load_dataset
 
     files = sorted(run["cfg"].run_dir.glob("round-*/*.parquet"))
-    assert len(files) == 3 + 2 * 7  # round 0: pairs, reference, metrics; rounds 1-2: seven (preferences, eval too)
+    assert len(files) == 3 + 2 * 8  # round 0: pairs, reference, metrics; rounds 1-2: eight (preferences, eval, eval_controls too)
     for f in files:
         n = pq.read_metadata(f).num_rows
         assert len(pd.read_parquet(f)) == n

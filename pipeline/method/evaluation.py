@@ -294,6 +294,8 @@ def lc_interval(
         stat = lambda idx: length_controlled(p[idx], lp[idx], lb[idx], l2).theta  # noqa: E731
         lohi = bootstrap_interval(stat, prompt_ids, n_boot, level, seed)
         return None if lohi is None else (float(_sigmoid(lohi[0])), float(_sigmoid(lohi[1])))
+    if control_prompt_ids is None or len(control_prompt_ids) != len(control.p):
+        raise ValueError("lc_interval: control rows need their prompt ids (control_prompt_ids), one per row")
     pol_ids = np.asarray(prompt_ids, dtype=object).astype(str)
     ctl_ids = np.asarray(control_prompt_ids, dtype=object).astype(str)
     names = np.unique(np.concatenate([pol_ids, ctl_ids]))
