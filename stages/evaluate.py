@@ -63,6 +63,7 @@ from pipeline.data.artifacts import ArtifactError, StagePlan, fingerprint, read_
 from pipeline.data.chat import messages_column, prompts_of
 from pipeline.data.datasets import (
     is_hub_dataset,
+    overlap_key,
     prompt_texts,
     read_prompts,
     read_reference_outputs,
@@ -81,16 +82,6 @@ def cache_dir(plan: StagePlan) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- 1. prompts
-
-
-def overlap_key(text: str) -> str:
-    """The form under which a held-out prompt counts as a training prompt: lower case, punctuation dropped (every
-    Unicode punctuation and symbol character becomes a space), whitespace runs collapsed. "Tell me about food!" and
-    "tell me  about food." are one prompt."""
-    import unicodedata
-
-    chars = (" " if unicodedata.category(c)[0] in "PS" else c for c in text.casefold())
-    return " ".join("".join(chars).split())
 
 
 def _sft_texts(cfg: RunConfig) -> tuple[set[str], list[str], list[str]]:
