@@ -369,9 +369,10 @@ def test_every_round_is_evaluated_against_pi0(run):
 def test_evaluate_reruns_only_when_its_judges_or_baseline_change(run):
     """The stage's plan fingerprints what decides its result: the same config is done; other judges or another
     baseline are not (the flow would run the stage again); the stopping rule is the flow's and changes nothing."""
+    from pipeline.config import resolve_runtime
     from pipeline.data.artifacts import is_done
 
-    cfg = run["cfg"]
+    cfg = resolve_runtime(run["cfg"])  # the config the flow ran: dtype `auto` made concrete, as its plans have it
     assert is_done(rounds.plan(cfg, 2, "evaluate"))
     with_eval = lambda **kw: cfg.model_copy(update={"eval": cfg.eval.model_copy(update=kw)})  # noqa: E731
     assert is_done(rounds.plan(with_eval(stop_after_no_gain=3, min_gain=0.2), 2, "evaluate"))
