@@ -3,9 +3,10 @@
 Does each method do what its paper says, and does the evaluate stage's length-controlled win rate rank the methods
 as the true reward does?
 
-    .venv/bin/python benchmarks/methods.py                      # all recipes, 2 rounds, 3 seeds (hours on 2 cores)
-    .venv/bin/python benchmarks/methods.py --recipes dice,dpo --rounds 2 --seeds 3
+    .venv/bin/python benchmarks/methods.py                      # all recipes, 2 rounds, 5 seeds (hours on 2 cores)
+    .venv/bin/python benchmarks/methods.py --recipes dice,dice-alpha0,dpo,irepo,online-ipo --seeds 5
     .venv/bin/python benchmarks/methods.py --update-readme      # also rewrite the README's table from the results
+    .venv/bin/python benchmarks/methods.py --reanalyse --update-readme   # only recompute findings from methods.json
 
 What it does, for each seed s (`--seeds N`: s = seed, seed+1, …):
 1. Builds the toy model (pipeline/run/toy.py: the toy corpus, `pipeline.run.tiny.build_tiny_model`) once, for all seeds.
@@ -21,11 +22,18 @@ What it does, for each seed s (`--seeds N`: s = seed, seed+1, …):
    toy's true reward): R = the mean true reward of π_k's responses (π_0's for round 0), the win rate against π_0
    (ties ½) and the length-controlled win rate, the mean response tokens, and from the round's pairs.parquet the mean
    chosen−rejected length gap (tokens) of the pairs it trained on.
-5. Aggregates over seeds: mean ± the half-width of a 95% t-interval (Student's t, n−1 degrees of freedom) for R, the
-   win rate and the LC win rate; the Spearman rank correlation, across recipes, between the LC win rate (and the raw
-   win rate) and R at the last round; and findings that draw a conclusion only where two 95% intervals do not
-   overlap (each recipe against π_0 and against `dpo`, continued offline DPO).
-6. Writes `methods.md` (the table and findings), `methods.json` and PNG plots (`methods_reward.png`,
+5. Re-evaluates each run's last round with an annotator of KNOWN length bias (`--length-bias B`, default 0.03:
+   `pipeline.run.toy:length_biased_preference`, the true reward plus B per word): `dice eval --model π_k --baseline
+   π_0` with that judge alone, so its raw win rate rewards length and its LC win rate shows what length control
+   removes (compare both with the true-reward win rate). `--length-bias 0` skips it.
+6. Aggregates over seeds: mean ± the half-width of a 95% t-interval (Student's t, n−1 degrees of freedom) for R, the
+   win rates and the mean tokens; and PAIRED differences within a seed — every recipe of a seed starts from the same
+   π_0 and is evaluated on the same prompts with the same π_0 responses, so the seed's π_0 cancels: R(last) − R(π_0),
+   and R, LC win rate and tokens against `dpo` (continued offline DPO) of the same seed, each a t-interval over the
+   seeds' differences. Findings state a difference only where its paired interval excludes 0, and list plainly what
+   does not separate. The Spearman rank correlation across recipes between the LC win rate (and the raw win rate)
+   and R at the last round is reported with the number of recipes it rests on.
+7. Writes `methods.md` (the table and findings), `methods.json` and PNG plots (`methods_reward.png`,
    `methods_length.png`) into `--results` (default benchmarks/results); `--update-readme` puts the table and findings
    into docs/recipes.md between the `<!-- methods:begin -->` / `<!-- methods:end -->` markers. Run folders stay in
    $DICE_BENCH_OUT/methods (default benchmarks/out/methods).
@@ -177,15 +185,36 @@ def spearman(x: list[float], y: list[float]) -> float | None:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def separated(a: dict[str, Any], b: dict[str, Any]) -> int:
-    """+1 if a's 95% interval lies wholly above b's, −1 if wholly below, 0 if they overlap (or either is missing)."""
-    if a.get("hw") is None or b.get("hw") is None:
+def paired(a: list[float | None], b: list[float | None]) -> dict[str, Any]:
+    """The t-interval of the within-seed differences a_s − b_s over the seeds where both exist (paired: what the two
+    share in a seed, its π_0 and its prompts, cancels)."""
+    return t_interval([x - y for x, y in zip(a, b) if x is not None and y is not None])
+
+
+def excludes_zero(d: dict[str, Any]) -> int:
+    """+1 if the interval lies wholly above 0, −1 if wholly below, 0 if it holds 0 (or is missing)."""
+    if d.get("hw") is None or d.get("mean") is None:
         return 0
-    if a["mean"] - a["hw"] > b["mean"] + b["hw"]:
+    if d["mean"] - d["hw"] > 0:
         return 1
-    if a["mean"] + a["hw"] < b["mean"] - b["hw"]:
+    if d["mean"] + d["hw"] < 0:
         return -1
     return 0
+
+
+def length_biased_eval(run_dir: Path, k: int, pi0: Path, preset: str, bonus: float, seed: int) -> dict[str, Any]:
+    """Round k's policy against π_0, judged by an annotator with a known length bias alone (no true-reward metric):
+    its raw and LC win rates, from `dice eval --model … --baseline …` (responses regenerated in its own folder)."""
+    out = OUT / "lenbias" / f"{run_dir.name}-r{k}"
+    judge = (f"eval.judges=[{{id: lenbias, backend: python, function: 'pipeline.run.toy:length_biased_preference', "
+             f"options: {{bonus: {bonus}}}}}]")  # fmt: skip
+    cmd = [sys.executable, "-m", "flows.cli", "eval", "--model", str(run_dir / f"round-{k}" / "checkpoint"),
+           "--baseline", str(pi0), "--config", str(REPO / "conf" / "recipes" / f"{preset}.yaml"), "--out", str(out),
+           judge, "eval.python_metric=null", f"seed={seed}"]  # fmt: skip
+    run_logged(cmd, OUT / "logs" / f"lenbias-{run_dir.name}-r{k}.log")
+    st = json.loads((out / ".dice" / "evaluate.json").read_text())["stats"]
+    return {"win_rate": st["win_rate"], "lc_win_rate": st.get("lc_win_rate"), "lc_note": st.get("lc_note"),
+            "tokens": st["mean_tokens"], "baseline_tokens": st["baseline_mean_tokens"]}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -196,11 +225,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--recipes", default=",".join(VARIANTS), help="comma-separated variants (default: all)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds after the shared π_0")
     ap.add_argument("--seed", type=int, default=0, help="the first seed")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds per recipe (seed, seed+1, …): the intervals are over them")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds per recipe (seed, seed+1, …): the intervals are over them")
+    ap.add_argument("--length-bias", type=float, default=0.03,
+                    help="per-word bonus of the length-biased annotator the last round is re-evaluated with (0: skip)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where methods.{md,json} and the plots go")
     ap.add_argument("--update-readme", action="store_true", help="write the table and findings into docs/recipes.md")
     ap.add_argument("--fresh", action="store_true", help="delete earlier run folders first (else finished rounds are reused)")
+    ap.add_argument("--reanalyse", action="store_true",
+                    help="run nothing: recompute the paired differences, table and findings from --results/methods.json")
     args = ap.parse_args(argv)
+    if args.reanalyse:
+        results = json.loads((args.results / "methods.json").read_text())
+        for rec in results["recipes"].values():
+            rec["per_seed"] = {int(s): rows for s, rows in rec["per_seed"].items()}
+        per_seed = {n: rec["per_seed"] for n, rec in results["recipes"].items()}
+        for name, rec in results["recipes"].items():
+            rec["paired"] = paired_differences(per_seed, name, results["seeds"], results["rounds"])
+        results["spearman"], results["findings"] = findings(results)
+        write_results(results, args.results, args.update_readme)
+        return
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -256,7 +299,12 @@ def main(argv: list[str] | None = None) -> None:
                              **pair_gap(runs / run, k, tokenizer)})  # fmt: skip
                 r = rows[-1]
                 print(f"  round {k}: true reward {r['true_reward']:+.3f}  win {r['win_rate']:.3f}  "
-                      f"LC {r['lc_win_rate']:.3f}  tokens {r['tokens']:.1f}", flush=True)  # fmt: skip
+                      f"LC {_fmt(r['lc_win_rate'], '.3f')}  tokens {r['tokens']:.1f}", flush=True)  # fmt: skip
+            if args.length_bias > 0:
+                biased = length_biased_eval(runs / run, args.rounds, pi0, preset, args.length_bias, seed)
+                rows[-1].update({"biased_win_rate": biased["win_rate"], "biased_lc_win_rate": biased["lc_win_rate"]})
+                print(f"  length-biased annotator (+{args.length_bias:g}/word): win {biased['win_rate']:.3f}  "
+                      f"LC {_fmt(biased['lc_win_rate'], '.3f')}", flush=True)  # fmt: skip
             per_seed[name][seed] = rows
     for name in names:
         preset, extra, what = VARIANTS[name]
@@ -264,13 +312,30 @@ def main(argv: list[str] | None = None) -> None:
         for k in range(args.rounds + 1):
             at = [per_seed[name][s][k] for s in seeds]
             gap = [r["gap_generated"] if r["gap_generated"] is not None else r["gap_all"] for r in at]
-            agg.append({"round": k, **{key: t_interval([r[key] for r in at]) for key in
-                                       ("true_reward", "win_rate", "lc_win_rate", "tokens")}, "gap": t_interval(gap)})  # fmt: skip
+            agg.append({"round": k, **{key: t_interval([r.get(key) for r in at]) for key in
+                                       ("true_reward", "win_rate", "lc_win_rate", "tokens", "biased_win_rate",
+                                        "biased_lc_win_rate")}, "gap": t_interval(gap)})  # fmt: skip
         results["recipes"][name] = {"preset": preset, "overrides": extra, "what": what, "seconds": walls[name],
                                     "per_seed": per_seed[name], "rounds": agg}  # fmt: skip
+    for name in names:  # paired within a seed: against the seed's π_0 and the seed's continued offline DPO
+        results["recipes"][name]["paired"] = paired_differences(per_seed, name, seeds, args.rounds)
     results["recipes"] = {n: results["recipes"][n] for n in VARIANTS if n in results["recipes"]}  # table order
     results["spearman"], results["findings"] = findings(results)
     write_results(results, args.results, args.update_readme)
+
+
+def paired_differences(per_seed: dict[str, dict[int, Any]], name: str, seeds: list[int], last: int) -> dict[str, Any]:
+    """Within-seed differences at the last round, as t-intervals over seeds: R against the seed's π_0 (round 0, the
+    same model for every recipe of the seed), and R, LC win rate and tokens against `dpo` of the same seed."""
+    mine = [per_seed[name].get(s) for s in seeds]
+    get = lambda rows, k, key: None if rows is None else rows[k].get(key)  # noqa: E731
+    out = {"true_reward_vs_pi0": paired([get(r, last, "true_reward") for r in mine], [get(r, 0, "true_reward") for r in mine]),
+           "tokens_vs_pi0": paired([get(r, last, "tokens") for r in mine], [get(r, 0, "tokens") for r in mine])}  # fmt: skip
+    if name != BASELINE and BASELINE in per_seed:
+        base = [per_seed[BASELINE].get(s) for s in seeds]
+        for key in ("true_reward", "lc_win_rate", "win_rate", "tokens"):
+            out[f"{key}_vs_{BASELINE}"] = paired([get(r, last, key) for r in mine], [get(b, last, key) for b in base])
+    return out
 
 
 def findings(results: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -288,20 +353,33 @@ def findings(results: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     fmt = lambda xs: ", ".join(f"`{x}`" for x in xs) or "none"  # noqa: E731
     if len(results["seeds"]) < 2:
         lines.append("One seed: no intervals, so no difference below is established.")
-    vs0 = {n: separated(r["rounds"][last]["true_reward"], r["rounds"][0]["true_reward"]) for n, r in recs.items()}
-    lines.append(f"R at round {last} against π_0's (round 0): above for {fmt([n for n, v in vs0.items() if v > 0])}, "
-                 f"below for {fmt([n for n, v in vs0.items() if v < 0])}; the intervals overlap (no conclusion) for "
-                 f"{fmt([n for n, v in vs0.items() if v == 0])}.")  # fmt: skip
-    if BASELINE in recs:
-        base = recs[BASELINE]["rounds"][last]["true_reward"]
-        others = {n: separated(r["rounds"][last]["true_reward"], base) for n, r in recs.items() if n != BASELINE}
-        lines.append(f"Against `{BASELINE}` (continued offline DPO) at round {last}, R is higher for "
-                     f"{fmt([n for n, v in others.items() if v > 0])}, lower for {fmt([n for n, v in others.items() if v < 0])}; "
-                     f"the intervals overlap (no conclusion) for {fmt([n for n, v in others.items() if v == 0])}.")  # fmt: skip
+    pair = {n: r.get("paired") or {} for n, r in recs.items()}
+
+    def verdict(key: str, what: str, spec: str = "+.3f") -> None:
+        have = {n: p[key] for n, p in pair.items() if p.get(key, {}).get("hw") is not None}
+        if not have:
+            return
+        sides = {n: excludes_zero(d) for n, d in have.items()}
+        show = lambda ns: ", ".join(f"`{n}` ({have[n]['mean']:{spec}} ± {have[n]['hw']:.3f})" for n in ns) or "none"  # noqa: E731
+        lines.append(f"{what}, paired within a seed (95% t-interval of the differences): above 0 for "
+                     f"{show([n for n, v in sides.items() if v > 0])}; below 0 for {show([n for n, v in sides.items() if v < 0])}; "
+                     f"does not separate from 0 for {show([n for n, v in sides.items() if v == 0])}.")  # fmt: skip
+
+    verdict("true_reward_vs_pi0", f"R at round {last} minus π_0's R")
+    verdict(f"true_reward_vs_{BASELINE}", f"R at round {last} minus `{BASELINE}`'s (continued offline DPO)")
+    verdict(f"lc_win_rate_vs_{BASELINE}", f"LC win rate vs π_0 at round {last} minus `{BASELINE}`'s")
+    verdict(f"tokens_vs_{BASELINE}", f"Mean response tokens at round {last} minus `{BASELINE}`'s", "+.1f")
+    biased = {n: r["rounds"][last] for n, r in recs.items() if r["rounds"][last].get("biased_win_rate", {}).get("mean") is not None}
+    if biased:
+        lines.append("With an annotator that adds a known bonus per word to the true reward: " + "; ".join(
+            f"`{n}` raw win {_pm(r['biased_win_rate'], '.3f')}, LC {_pm(r['biased_lc_win_rate'], '.3f')}, true-reward "
+            f"win {_pm(r['win_rate'], '.3f')}" for n, r in biased.items()) + " (LC should sit nearer the true-reward win "
+            "rate than the raw rate does where the policy grew longer).")  # fmt: skip
     if rho["lc_win_rate_vs_true_reward"] is not None:
         lines.append(f"Rank correlation (Spearman) across the {len(names)} recipes at round {last}, seed means: LC win "
                      f"rate vs R ρ = {rho['lc_win_rate_vs_true_reward']:+.2f}; raw win rate vs R ρ = "
-                     f"{_fmt(rho['win_rate_vs_true_reward'], '+.2f')}.")  # fmt: skip
+                     f"{_fmt(rho['win_rate_vs_true_reward'], '+.2f')} (seed means only: recipes whose paired "
+                     "differences do not separate can swap ranks by noise).")  # fmt: skip
     else:
         lines.append(f"Rank correlation between LC win rate and R: not computed ({len(names)} recipe(s); it needs 3 "
                      "with distinct values).")  # fmt: skip
@@ -323,7 +401,8 @@ def table(results: dict[str, Any]) -> str:
     """The Markdown table: one row per recipe, R per round and the last round's win rates, lengths and gap."""
     rounds = results["rounds"]
     head = ["recipe", "what", *[f"R round {k}" for k in range(rounds + 1)], f"win vs π_0 (round {rounds})",
-            f"LC win vs π_0 (round {rounds})", "tokens (π_0 → last)", "gap chosen−rejected (last round)",
+            f"LC win vs π_0 (round {rounds})", "ΔR vs π_0 (paired)", f"ΔR vs {BASELINE} (paired)",
+            "length-biased annotator: win / LC", "tokens (π_0 → last)", "gap chosen−rejected (last round)",
             "wall s per seed"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rec in results["recipes"].items():
@@ -332,7 +411,10 @@ def table(results: dict[str, Any]) -> str:
         wall = sum(rec["seconds"].values()) / max(len(rec["seconds"]), 1)
         lines.append("| " + " | ".join([
             f"`{name}`", rec["what"], *[_pm(r["true_reward"], "+.3f") for r in rs], _pm(last["win_rate"], ".3f"),
-            _pm(last["lc_win_rate"], ".3f"), f"{_fmt(rs[0]['tokens']['mean'], '.1f')} → {_fmt(last['tokens']['mean'], '.1f')}",
+            _pm(last["lc_win_rate"], ".3f"), _pm(rec.get("paired", {}).get("true_reward_vs_pi0", {"mean": None}), "+.3f"),
+            _pm(rec.get("paired", {}).get(f"true_reward_vs_{BASELINE}", {"mean": None}), "+.3f"),
+            f"{_pm(last.get('biased_win_rate', {'mean': None}), '.3f')} / {_pm(last.get('biased_lc_win_rate', {'mean': None}), '.3f')}",
+            f"{_fmt(rs[0]['tokens']['mean'], '.1f')} → {_fmt(last['tokens']['mean'], '.1f')}",
             _fmt(last["gap"]["mean"], "+.1f"), f"{wall:.0f}",
         ]) + " |")  # fmt: skip
     return "\n".join(lines)
@@ -349,7 +431,7 @@ def write_results(results: dict[str, Any], out: Path, update_readme: bool) -> No
             "round 0: π_0), mean ± the half-width of a 95% t-interval over seeds; win and LC win rates against π_0 "
             f"(ties ½); produced by {cmd}.")  # fmt: skip
     found = "\n".join(f"- {line}" for line in results["findings"])
-    body = note + "\n\n" + md + "\n\nFindings (written by the command; a conclusion only where 95% intervals separate):\n" + found + "\n"
+    body = note + "\n\n" + md + "\n\nFindings (written by the command; a difference only where its paired 95% interval excludes 0):\n" + found + "\n"
     (out / "methods.md").write_text(body)
     plot(results, out)
     print("\n" + md + "\n\n" + found)

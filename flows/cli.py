@@ -233,18 +233,20 @@ def _print_summary(run_dir: Path) -> None:
 def _best_round(run_dir: Path, rows: list[dict[str, Any]]) -> str | None:
     """One line naming the best round by LC win rate (the flow's stopping rule, with the run's saved config)."""
     from pipeline.config import ConfigError, load_config
-    from pipeline.method.evaluation import progress
+    from pipeline.run.report import eval_progress
 
     lcs = [(r["round"], r["lc_win_rate"]) for r in rows if r.get("lc_win_rate") is not None]
     conf = run_dir / "config.yaml"
     if not lcs or not conf.is_file():
         return None
     try:
-        ev = load_config(conf).eval
+        cfg = load_config(conf)
     except ConfigError:
         return None
-    kind = ev.baseline if ev.baseline in ("initial", "previous") else "file"
-    state = progress(lcs, kind, ev.min_gain, ev.stop_after_no_gain)
+    ev = cfg.eval
+    state = eval_progress(run_dir, ev, cfg.seed)
+    if state is None:
+        return None
     line = f"best round by LC win rate: {state.best_round} (against {ev.baseline}"
     line += f", LC {state.best_lc:.3f})" if state.best_lc is not None else ")"
     if state.stop:
@@ -411,14 +413,19 @@ def _print_eval(manifest: dict[str, Any], path: Path) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     rows = [
-        ("prompts × samples", f"{st['prompts']} × {st['samples']} = {st['rows']} rows ({st['rows_excluded']} excluded)"),
+        ("prompts × samples", f"{st['prompts']} × {st['samples']} = {st['rows']} rows ({st['rows_excluded']} excluded"
+         + (f": policy {st['rows_excluded_policy']}, baseline {st['rows_excluded_baseline']}, pair {st['rows_excluded_pair']})"
+            if "rows_excluded_policy" in st else ")")),
         ("held-out prompts refused (overlap)", st["prompts_overlap"]),
         ("win rate (95% CI)", f"{st['win_rate']:.3f}{ci(st['win_rate_ci'])}"),
-        ("LC win rate (95% CI)", f"{st['lc_win_rate']:.3f}{ci(st['lc_win_rate_ci'])}"),
+        ("LC win rate (95% CI)", f"{st['lc_win_rate']:.3f}{ci(st['lc_win_rate_ci'])}" if st.get("lc_win_rate") is not None
+         else st.get("lc_note") or "not identified"),
+        ("LC control rows (each side against itself)", st.get("lc_control_rows")),
         ("wins / ties / losses", f"{st['wins']} / {st['ties']} / {st['losses']}"),
         ("mean tokens (model / baseline)", f"{st['mean_tokens']:.1f} / {st['baseline_mean_tokens']:.1f}"),
         ("mean chars (model / baseline)", f"{st['mean_chars']:.1f} / {st['baseline_mean_chars']:.1f}"),
         ("annotators", ", ".join(st["annotators"])),
+        ("judged by", "; ".join(st["judged_by"]) if st.get("judged_by") else None),
         ("annotator agreement", st["agreement"]),
         ("comparisons failed", st["comparisons_failed"]),
     ]
@@ -427,8 +434,10 @@ def _print_eval(manifest: dict[str, Any], path: Path) -> None:
     if st.get("reward_mean") is not None:
         rows.append(("reward model (model / baseline)", f"{st['reward_mean']:.4g} / {st['baseline_reward_mean']:.4g}"))
     for name, value in rows:
-        table.add_row(name, _fmt(value, 80))
+        table.add_row(name, _fmt(value, 400))
     console.print(table)
+    if st.get("exclusion_warning"):
+        console.print(f"[yellow]warning:[/yellow] {st['exclusion_warning']}")
     console.print(f"rows: {path}")
 
 

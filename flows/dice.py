@@ -30,10 +30,11 @@ from pydantic import Field
 from pipeline.compute import gpus
 from pipeline.config import RunConfig, config_hash, resolve_runtime, save_config
 from pipeline.data.artifacts import is_done, read_manifest, run_lock, write_json_atomic
-from pipeline.method.evaluation import Progress, progress
+from pipeline.method.evaluation import Progress
 from pipeline.run import rounds, tracking
 from pipeline.run.datacheck import validate_data
 from pipeline.run.html_report import round_markdown, write_report
+from pipeline.run.report import eval_progress as report_progress
 from pipeline.run.report import round_summary, stage_manifests
 
 REPO = Path(__file__).resolve().parent.parent
@@ -403,8 +404,9 @@ def dice(
             summaries.append(publish_round(cfg, k))
             state = eval_progress(cfg, summaries)
             if state is not None and "evaluate" in stages:
+                lc = summaries[-1].get("lc_win_rate")
                 logger.info(f"round {k} evaluation: win rate {summaries[-1].get('win_rate'):.3f}, LC win rate "
-                            f"{summaries[-1].get('lc_win_rate'):.3f}; best round so far {state.best_round}")  # fmt: skip
+                            f"{'not identified' if lc is None else f'{lc:.3f}'}; best round so far {state.best_round}")  # fmt: skip
         create_markdown_artifact(
             key=_artifact_key(cfg.name, 999).replace("-round-999", "-summary"),
             markdown=_summary_markdown(cfg, summaries, state, stopped),
@@ -432,13 +434,11 @@ def check_memory(cfg: RunConfig) -> None:
 
 
 def eval_progress(cfg: RunConfig, summaries: list[dict[str, Any]]) -> Progress | None:
-    """The stopping rule on the rounds published so far (pipeline.method.evaluation.progress); None without evaluation."""
-    lcs = [(s["round"], s["lc_win_rate"]) for s in summaries if s.get("lc_win_rate") is not None]
-    if not cfg.eval.enabled or not lcs:
+    """The stopping rule on the rounds published so far (pipeline.run.report.eval_progress: each round's recorded
+    baseline kind, gains by the lower 95% bound of the paired LC gain); None without evaluation."""
+    if not cfg.eval.enabled or not any(s.get("lc_win_rate") is not None for s in summaries):
         return None
-    ev = cfg.eval
-    kind = ev.baseline if ev.baseline in ("initial", "previous") else "file"
-    return progress(lcs, kind, ev.min_gain, ev.stop_after_no_gain)
+    return report_progress(cfg.run_dir, cfg.eval, cfg.seed, {s["round"] for s in summaries})
 
 
 def _summary_markdown(

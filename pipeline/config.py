@@ -588,19 +588,31 @@ class EvalConfig(_Section):
     length_unit: Literal["chars", "tokens"] = Field(
         "chars", description="Length in the LC fit: characters (as AlpacaEval) or tokens of the policy's tokenizer."
     )
+    lc_controls: bool = Field(
+        True,
+        description="Also judge each side's samples against each other (equal quality in expectation; needs "
+        "num_samples >= 2) so the LC fit learns the judges' length preference where the policy is longer on most rows.",
+    )
     lc_l2: float = Field(
         0.01, gt=0, description="λ: L2 weight on (θ, φ) in the LC fit; keeps separable preferences finite (pipeline/method/evaluation.py)."
     )
     bootstrap: int = Field(1000, ge=0, description="Bootstrap replicates over prompts for the 95% intervals (0: none).")
     batch_size: int = Field(16, gt=0, description="Sequences per forward pass of the reward model and calls of the Python metric.")
     trust_remote_code: bool = Field(False, description="Allow judge and reward models to run their own Python code.")
+    allow_self_judge: bool = Field(
+        False,
+        description="Let a judge or reward model be the evaluated model or the baseline (e.g. π_0 judging π_k against "
+        "π_0's own outputs); refused by default, since a model tends to prefer its own answers.",
+    )
     stop_after_no_gain: int | None = Field(
         None,
         ge=1,
-        description="Stop the run (or a more_rounds tick) once the LC win rate has not improved by min_gain for N "
-        "evaluated rounds (empty: never stop early).",
+        description="Stop the run (or a more_rounds tick) after N evaluated rounds in a row without a gain: the lower "
+        "95% bound of the round's paired LC gain not above min_gain (empty: never stop early).",
     )
-    min_gain: float = Field(0.0, ge=0, description="The LC win-rate improvement that counts as a gain for stop_after_no_gain.")
+    min_gain: float = Field(
+        0.0, ge=0, description="A round gains when the lower 95% bound of its LC gain (paired over prompts) exceeds this."
+    )
 
     def annotator_ids(self) -> list[str]:
         """The annotators' ids in eval.parquet: the judges' (id or judge-<index>), then reward_model, python_metric."""

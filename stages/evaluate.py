@@ -6,15 +6,19 @@ Reads π_k (the model round k trained; round 0: π_0), the baseline — π_0 (`e
 `data.offline` to refuse overlap. Writes `eval.parquet` (EVAL + per-annotator columns, pipeline/data/schemas.py) and
 returns the metrics, which go into the round's manifest, `dice inspect`, the report and the flow's stopping rule.
 
-1. Prompts. The held-out file (its first `eval.max_prompts`), less every prompt whose text (whitespace collapsed)
-   also appears in `data.prompts` or `data.offline`: those are refused and counted (`prompts_overlap`); none left
-   is an error naming the files.
+0. Judges. A judge or reward model that is the evaluated model or the baseline is refused unless
+   `eval.allow_self_judge` (a model tends to prefer its own answers); `judged_by` records who judged.
+1. Prompts. The held-out file (its first `eval.max_prompts`), less every prompt whose text also appears in
+   `data.prompts`, `data.offline` or the tiny model's SFT corpus (`model.tiny_data`) once case, spacing and
+   punctuation are normalised (`overlap_key`): those are refused and counted (`prompts_overlap`); none left is an
+   error naming the files.
 2. Responses. `eval.num_samples` per prompt from each model with vLLM (`eval.temperature`, `top_p`, `max_tokens`;
    temperature 0 is greedy), prompts rendered by `pipeline.compute.logprobs.prompt_ids`. Prompt j's seed is
    `prompt_seed(run seed, EVAL_SEED_SLOT, prompt_id)` for every model and every round, so sample i of a prompt is
    compared with the baseline's sample i drawn with the same seed, and the baseline's responses are the same in
    every round. Each model's responses are cached in `<run>/eval-cache/<digest>.parquet` (`dice eval --out DIR`:
-   DIR/eval-cache), the digest covering the model's fingerprint, the prompts, the sampling settings and the seed:
+   DIR/eval-cache), the digest covering the model's fingerprint, the prompts and their `prompt_messages`, the
+   sampling settings and the seed:
    π_0's responses are generated once per run, and with `previous` round k reuses the π_{k-1} responses round k-1
    generated. Prompts too long for either model (`model.max_prompt_tokens`, the context) are dropped and counted.
    A reference-outputs file (AlpacaEval's `instruction` / `output`) must have an output for every prompt kept
@@ -25,9 +29,14 @@ returns the metrics, which go into the round's manifest, `dice inspect`, the rep
    metric (1, ½ or 0 by comparing the two scores). A failed comparison is recorded per annotator (`error_<id>`),
    excluded and counted; an annotator that fails every comparison is an error naming it (never a silent ½).
    p̂ = the mean over the annotators that answered; rows with fewer than `eval.min_annotators` are excluded.
-4. Metrics over the rows with a p̂: win rate (mean p̂, ties ½) and the LC win rate, each with a 95% interval from
-   `eval.bootstrap` prompt resamples (seeded by the run seed); wins, losses, ties; annotator agreement; mean length
-   of both sides in tokens (the policy's tokenizer) and characters; the metric's and reward model's means per side.
+   Control rows (`eval.lc_controls`): every pair of one side's samples of a prompt, judged the same way in the same
+   pass, written to `eval_controls.parquet`; equal in quality in expectation, they carry the LC fit's length term.
+4. Metrics over the rows with a p̂, rates, lengths and score means alike: win rate (mean p̂, ties ½) and the LC win
+   rate (with the control rows; "not identified", with the reason in `lc_note`, when the data cannot separate
+   quality from length), each with a 95% interval from `eval.bootstrap` prompt resamples (seeded by the run seed);
+   wins, losses, ties; annotator agreement; mean length of both sides in tokens (the policy's tokenizer) and
+   characters; the metric's and reward model's means per side; excluded rows by the side that caused them, and a
+   warning when they skew by length.
 
     python -m stages.evaluate conf/tiny.yaml --round 1
     dice eval runs/tiny --round 1                                     # the same stage, then its metrics table
@@ -54,6 +63,7 @@ from pipeline.data.artifacts import ArtifactError, StagePlan, fingerprint, read_
 from pipeline.data.chat import messages_column, prompts_of
 from pipeline.data.datasets import (
     is_hub_dataset,
+    overlap_key,
     prompt_texts,
     read_prompts,
     read_reference_outputs,
@@ -74,31 +84,50 @@ def cache_dir(plan: StagePlan) -> Path:
 # ---------------------------------------------------------------------------------------------- 1. prompts
 
 
+def _sft_texts(cfg: RunConfig) -> tuple[set[str], list[str], list[str]]:
+    """overlap_keys of the prompts of the corpus the tiny model is built from (`model.tiny_data`), which is the
+    policy's supervised training set in the toy recipes; (keys, files checked, files not found)."""
+    from pipeline.data.datasets import load_rows
+
+    keys: set[str] = set()
+    checked, unchecked = [], []
+    for path in cfg.model.tiny_data or []:
+        if not Path(path).exists():
+            unchecked.append(str(path))
+            continue
+        rows, _ = load_rows(path, "SFT corpus")
+        keys |= {overlap_key(r["prompt"]) for r in rows if isinstance(r.get("prompt"), str)}
+        checked.append(str(path))
+    return keys, checked, unchecked
+
+
 def held_out_prompts(cfg: RunConfig, plan: StagePlan) -> tuple[list[tuple[str, str]], dict[str, Any]]:
-    """[(prompt_id, prompt)] to evaluate: eval.prompts (first max_prompts) less those the run also trains on."""
+    """[(prompt_id, prompt)] to evaluate: eval.prompts (first max_prompts) less those the run also trains on (after
+    `overlap_key`: case, spacing and punctuation do not hide a copy): data.prompts, data.offline, model.tiny_data."""
     path = cfg.eval.prompts
     table = read_prompts(path)
     if cfg.eval.max_prompts:
         table = table.slice(0, cfg.eval.max_prompts)
     rows = list(zip(table["prompt_id"].to_pylist(), table["prompt"].to_pylist()))
-    seen: set[str] = set()
-    checked, unchecked = [], []
+    seen, checked, unchecked = _sft_texts(cfg)
     for kind, src in (("prompts", cfg.data.prompts), ("offline", cfg.data.offline)):
         local = Path(src.path)
         if local.exists() or is_hub_dataset(src.path):
-            seen |= prompt_texts(src, kind)
+            seen |= {overlap_key(t) for t in prompt_texts(src, kind)}
             checked.append(str(src))
         else:  # a standalone `dice eval` whose config names data files this machine does not have
             unchecked.append(str(src))
-            print(f"evaluate: {src} not found: held-out prompts not checked against it", file=sys.stderr)
-    kept = [(pid, text) for pid, text in rows if text_key(text) not in seen]
+    for src in unchecked:
+        print(f"evaluate: {src} not found: held-out prompts not checked against it", file=sys.stderr)
+    kept = [(pid, text) for pid, text in rows if overlap_key(text) not in seen]
     overlap = len(rows) - len(kept)
     if overlap:
         print(f"evaluate: {overlap} of the {len(rows)} prompts of {path} also appear in {' or '.join(checked)} "
               "and are not evaluated", flush=True)  # fmt: skip
     if not kept:
         raise ValueError(
-            f"{path}: all {len(rows)} held-out prompts also appear in {' or '.join(checked)} (same text); "
+            f"{path}: all {len(rows)} held-out prompts also appear in {' or '.join(checked)} (same text up to case, "
+            "spacing and punctuation); "
             "eval.prompts must hold prompts the run does not train on"
         )
     return kept, {"prompts_file": len(rows), "prompts_overlap": overlap, "overlap_checked": checked,
@@ -114,11 +143,21 @@ def _tokenizer(cfg: RunConfig, model: str):
     return _load_tokenizer(cfg, model)
 
 
-def _digest(cfg: RunConfig, model: str, prompts: list[tuple[str, str]]) -> str:
-    """The cache key of a model's responses: everything that decides them."""
+def _conversations(cfg: RunConfig) -> dict[str, Any]:
+    """prompt_id -> what the model is prompted with: the `prompt_messages` conversation when set, else the text."""
+    table = read_prompts(cfg.eval.prompts)
+    return dict(zip(table["prompt_id"].to_pylist(), prompts_of(table)))
+
+
+def _digest(cfg: RunConfig, model: str, prompts: list[tuple[str, str]], convs: dict[str, Any] | None = None) -> str:
+    """The cache key of a model's responses: everything that decides them, the conversations rendered included (two
+    prompts with one text but different `prompt_messages`, e.g. another system turn, are different prompts)."""
     ev, g = cfg.eval, cfg.generate
+    convs = _conversations(cfg) if convs is None else convs
+    messages = [messages_column([convs.get(pid, text)])[0] for pid, text in prompts]
     key = {
         "model": fingerprint(model), "prompts": prompts, "seed": cfg.seed, "slot": EVAL_SEED_SLOT,
+        "prompt_messages": messages,
         "num_samples": ev.num_samples, "temperature": ev.temperature, "top_p": ev.top_p, "max_tokens": ev.max_tokens,
         "stop": g.stop, "stop_token_ids": g.stop_token_ids, "max_prompt_tokens": cfg.model.max_prompt_tokens,
         "max_model_len": g.engine.max_model_len, "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code,
@@ -133,7 +172,8 @@ def model_responses(
     from the cache when this model, these prompts and these settings were generated before. Returns (table, cached)."""
     from stages.generate import _context_limit, prompt_seed
 
-    path = cache_dir(plan) / f"{_digest(cfg, model, prompts)}.parquet"
+    convs = _conversations(cfg)  # the conversations behind the texts, for the chat template
+    path = cache_dir(plan) / f"{_digest(cfg, model, prompts, convs)}.parquet"
     if path.is_file():
         try:
             return read_parquet(path, schemas.RESPONSES), True
@@ -147,8 +187,6 @@ def model_responses(
     ev, g = cfg.eval, cfg.generate
     tokenizer = _tokenizer(cfg, model)
     limit = min(cfg.model.max_prompt_tokens, _context_limit(cfg, model) - 1)
-    table = read_prompts(cfg.eval.prompts)  # the conversations behind the texts, for the chat template
-    convs = dict(zip(table["prompt_id"].to_pylist(), prompts_of(table)))
     ids = [prompt_ids(tokenizer, convs.get(pid, text)) for pid, text in prompts]
     kept = [i for i, x in enumerate(ids) if len(x) <= limit]
     seeds = [prompt_seed(cfg.seed, EVAL_SEED_SLOT, prompts[i][0]) for i in kept]
@@ -351,10 +389,69 @@ def _baseline_label(plan: StagePlan) -> str:
     return str(plan.inputs["baseline_outputs"])
 
 
+def _same_model(a: str, b: str) -> bool:
+    """Two model references name one model: the same hub id, or folders that resolve to one path."""
+    if a == b:
+        return True
+    pa_, pb = Path(a), Path(b)
+    return pa_.exists() and pb.exists() and pa_.resolve() == pb.resolve()
+
+
+def judged_by(cfg: RunConfig, plan: StagePlan) -> list[str]:
+    """Who judged, one line per annotator: its id and the model or function behind it (with its role in the run)."""
+    ev = cfg.eval
+    out = []
+    for jid, j in zip(ev.annotator_ids(), ev.judges):
+        if j.backend == "vllm":
+            model, role = str(plan.inputs[f"judge:{jid}"]), plan.roles.get(f"judge:{jid}")
+            out.append(f"{jid}: {model}" + (f" ({role})" if role and role != model else ""))
+        elif j.backend == "http":
+            out.append(f"{jid}: {j.model} at {j.url}")
+        else:
+            out.append(f"{jid}: {j.function}")
+    if ev.reward_model:
+        out.append(f"reward_model: {ev.reward_model}")
+    if ev.python_metric:
+        out.append(f"python_metric: {ev.python_metric}")
+    return out
+
+
+def check_self_judge(cfg: RunConfig, plan: StagePlan) -> None:
+    """Refuse a judge (or reward model) that is the evaluated model or the baseline unless eval.allow_self_judge: a
+    model judging its own answers tends to prefer them, so the win rate would measure that, not quality."""
+    if cfg.eval.allow_self_judge:
+        return
+    sides = {"the evaluated model": str(plan.inputs["policy"])}
+    if "baseline" in plan.inputs:
+        sides["the baseline"] = str(plan.inputs["baseline"])
+    judges = {f"eval.judges {k.split(':', 1)[1]}": (str(v), plan.roles.get(k)) for k, v in plan.inputs.items()
+              if k.startswith("judge:")}  # fmt: skip
+    if cfg.eval.reward_model:
+        judges["eval.reward_model"] = (str(cfg.eval.reward_model), None)
+    for name, (model, role) in judges.items():
+        for side, other in sides.items():
+            if _same_model(model, other):
+                raise ValueError(
+                    f"{name} is {model}{f' ({role})' if role and role != model else ''}, which is also {side}: a model "
+                    "judging its own answers is refused; name another judge model (e.g. eval.judges[].model) or set "
+                    "eval.allow_self_judge: true to accept it"
+                )
+
+
+def control_rows(samples: dict[str, dict[int, dict[str, Any]]], prompts: list[tuple[str, str]]) -> list[tuple[str, int, int]]:
+    """(prompt_id, a, b) for every pair a < b of one side's samples of a kept prompt: equal quality in expectation."""
+    out = []
+    for pid, _ in prompts:
+        idx = sorted(samples.get(pid, {}))
+        out += [(pid, a, b) for i, a in enumerate(idx) for b in idx[i + 1 :]]
+    return out
+
+
 def run(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate the plan's policy against its baseline. `engines`: started vLLM engines by model path (tests)."""
     ev, engines = cfg.eval, engines or {}
     policy = str(plan.inputs["policy"])
+    check_self_judge(cfg, plan)
     prompts, prompt_stats = held_out_prompts(cfg, plan)
 
     # the reference-outputs file is checked before anything is generated
@@ -404,7 +501,22 @@ def run(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any] | None = None) 
                                 ("round", plan.round if plan.round >= 0 else None)):  # fmt: skip
                 cols[name].append(value)
     n = len(cols["prompt_id"])
-    p, errors, scores, ann_stats = annotate(cfg, plan, cols["prompt"], cols["response"], cols["baseline_response"], engines)
+    # control rows: each side's samples of a prompt against each other, judged with the policy rows in one pass
+    texts = dict(kept)
+    controls = []
+    if ev.lc_controls:
+        controls = [("policy", *c) for c in control_rows(pol, kept)]
+        if outputs is None:
+            controls += [("baseline", *c) for c in control_rows(base, kept)]
+    side_of = {"policy": pol, "baseline": base}
+    ctl_a = [side_of[sd][pid][a]["response"] for sd, pid, a, _ in controls]
+    ctl_b = [side_of[sd][pid][b]["response"] for sd, pid, _, b in controls]
+    p_all, err_all, scores_all, ann_stats = annotate(
+        cfg, plan, cols["prompt"] + [texts[pid] for _, pid, _, _ in controls], cols["response"] + ctl_a,
+        cols["baseline_response"] + ctl_b, engines,
+    )  # fmt: skip
+    p, errors = p_all[:n], [e[:n] for e in err_all]
+    scores = {k: v[:n] for k, v in scores_all.items()}
     answered = np.isfinite(p).sum(1)  # (N,)
     counted = answered >= ev.min_annotators
     p_hat = np.where(counted, np.nansum(np.where(np.isfinite(p), p, 0.0), 1) / np.maximum(answered, 1), np.nan)
@@ -420,6 +532,22 @@ def run(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any] | None = None) 
         cols[f"error_{jid}"] = errors[a]
     schema = schemas.eval_schema(ids)
     write_parquet(_table(cols, schema), plan.outputs["eval"], schema)
+    pc_all = p_all[n:]
+    c_answered = np.isfinite(pc_all).sum(1)  # (M,)
+    c_counted = c_answered >= ev.min_annotators
+    c_hat = np.where(c_counted, np.nansum(np.where(np.isfinite(pc_all), pc_all, 0.0), 1) / np.maximum(c_answered, 1), np.nan)
+    ccols: dict[str, list] = {
+        "prompt_id": [pid for _, pid, _, _ in controls], "side": [sd for sd, _, _, _ in controls],
+        "sample_a": [a for _, _, a, _ in controls], "sample_b": [b for _, _, _, b in controls],
+        "tokens_a": [count(t) for t in ctl_a], "tokens_b": [count(t) for t in ctl_b],
+        "chars_a": [len(t) for t in ctl_a], "chars_b": [len(t) for t in ctl_b], "p": list(c_hat),
+        "annotators": c_answered.astype(int).tolist(), "round": [plan.round if plan.round >= 0 else None] * len(controls),
+    }  # fmt: skip
+    for a, jid in enumerate(ids):
+        ccols[f"p_{jid}"] = list(pc_all[:, a])
+        ccols[f"error_{jid}"] = err_all[a][n:]
+    cschema = schemas.eval_schema(ids, schemas.EVAL_CONTROLS)
+    write_parquet(_table(ccols, cschema), plan.outputs["controls"], cschema)
 
     # metrics over the counted rows
     c = np.flatnonzero(counted)
@@ -427,11 +555,21 @@ def run(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any] | None = None) 
     unit = ev.length_unit  # "chars" or "tokens": the column pair the LC fit reads
     lp = np.array(cols[unit], dtype=float)[c]
     lb = np.array(cols[f"baseline_{unit}"], dtype=float)[c]
-    lc = evaluation.length_controlled(pc, lp, lb, ev.lc_l2)
+    cc = np.flatnonzero(c_counted)
+    control = None
+    if cc.size:
+        control = evaluation.Controls(c_hat[cc], np.array(ccols[f"{unit}_a"], dtype=float)[cc],
+                                      np.array(ccols[f"{unit}_b"], dtype=float)[cc])  # fmt: skip
+    cids = [ccols["prompt_id"][i] for i in cc]
+    lc = evaluation.length_controlled(pc, lp, lb, ev.lc_l2, control=control)
     level = 0.95
     wr_ci = evaluation.win_rate_interval(pc, pids, ev.bootstrap, level, cfg.seed)
-    lc_ci = evaluation.lc_interval(pc, lp, lb, pids, ev.bootstrap, level, cfg.seed, ev.lc_l2)
-    mean = lambda name: float(np.mean(np.array(cols[name], dtype=float)))  # noqa: E731 -- over every row compared
+    lc_ci = evaluation.lc_interval(pc, lp, lb, pids, ev.bootstrap, level, cfg.seed, ev.lc_l2, control, cids)
+    if not lc.identified:
+        print(f"evaluate round {plan.round}: LC win rate {lc.reason}", file=sys.stderr, flush=True)
+    # rates and lengths over the same rows: the counted ones (an excluded row is out of both)
+    mean = lambda name: float(np.mean(np.array(cols[name], dtype=float)[c]))  # noqa: E731
+    excluded = _exclusions(cols, scores, counted, unit)
     stats: dict[str, Any] = {
         "baseline": plan.roles.get("baseline") or plan.roles.get("baseline_outputs"),
         "baseline_path": _baseline_label(plan),
@@ -444,11 +582,18 @@ def run(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any] | None = None) 
         "rows_excluded": int(n - counted.sum()),
         "win_rate": evaluation.win_rate(pc),
         "win_rate_ci": list(wr_ci) if wr_ci else None,
-        "lc_win_rate": lc.lc_win_rate,
+        "lc_win_rate": lc.lc_win_rate if lc.identified else None,
         "lc_win_rate_ci": list(lc_ci) if lc_ci else None,
+        "lc_identified": lc.identified,
+        "lc_note": lc.reason,
+        "lc_control_rows": lc.control_rows,
         "lc_theta": lc.theta,
         "lc_phi": lc.phi,
         "lc_sigma_len": lc.sigma_len,
+        "baseline_kind": _baseline_kind(cfg, plan),
+        "judged_by": judged_by(cfg, plan),
+        "self_judge_allowed": ev.allow_self_judge,
+        **excluded,
         "length_unit": ev.length_unit,
         "ci_level": level,
         "wins": int((pc > 0.5).sum()),
@@ -461,19 +606,68 @@ def run(cfg: RunConfig, plan: StagePlan, engines: dict[str, Any] | None = None) 
         "baseline_mean_chars": mean("baseline_chars"),
         "cut_at_limit": cols["finish_reason"].count("length"),
         "baseline_cut_at_limit": cols["baseline_finish_reason"].count("length") if outputs is None else None,
-        "metric_mean": float(np.nanmean(scores["metric"])) if "metric" in scores else None,
-        "baseline_metric_mean": float(np.nanmean(scores["baseline_metric"])) if "metric" in scores else None,
-        "reward_mean": float(np.nanmean(scores["reward"])) if "reward" in scores else None,
-        "baseline_reward_mean": float(np.nanmean(scores["baseline_reward"])) if "reward" in scores else None,
+        "metric_mean": _paired_mean(scores, "metric", c, 0),
+        "baseline_metric_mean": _paired_mean(scores, "metric", c, 1),
+        "reward_mean": _paired_mean(scores, "reward", c, 0),
+        "baseline_reward_mean": _paired_mean(scores, "reward", c, 1),
         "responses_cached": {"policy": pol_cached, "baseline": base_cached},
         **ann_stats,
     }
+    if excluded["exclusion_warning"]:
+        print(f"evaluate round {plan.round}: warning: {excluded['exclusion_warning']}", file=sys.stderr, flush=True)
     ci = lambda v: f" [{v[0]:.3f}, {v[1]:.3f}]" if v else ""  # noqa: E731
+    lc_text = f"{lc.lc_win_rate:.3f}{ci(lc_ci)}" if lc.identified else "not identified"
     print(f"evaluate round {plan.round}: {plan.roles.get('policy')} vs "
           f"{stats['baseline']} on {len(kept)} prompts × {ev.num_samples}: win rate {stats['win_rate']:.3f}{ci(wr_ci)}, "
-          f"LC win rate {lc.lc_win_rate:.3f}{ci(lc_ci)}, mean {unit} {np.mean(lp):.1f} vs {np.mean(lb):.1f}",
+          f"LC win rate {lc_text} ({lc.control_rows} control rows), mean {unit} {np.mean(lp):.1f} vs {np.mean(lb):.1f}",
           flush=True)  # fmt: skip
     return stats
+
+
+def _paired_mean(scores: dict[str, np.ndarray], name: str, rows: np.ndarray, side: int) -> float | None:
+    """Mean score of one side (0 policy, 1 baseline) over the counted rows where both sides have a score."""
+    if name not in scores:
+        return None
+    a, b = scores[name][rows], scores[f"baseline_{name}"][rows]
+    both = np.isfinite(a) & np.isfinite(b)
+    return float((a, b)[side][both].mean()) if both.any() else None
+
+
+def _baseline_kind(cfg: RunConfig, plan: StagePlan) -> str:
+    """initial, previous or file: what this round's baseline was (the stopping rule reads it per round)."""
+    if "baseline_outputs" in plan.inputs:
+        return "file"
+    return cfg.eval.baseline if cfg.eval.baseline in ("initial", "previous") else "model"
+
+
+def _exclusions(cols: dict[str, list], scores: dict[str, np.ndarray], counted: np.ndarray, unit: str) -> dict[str, Any]:
+    """Excluded rows counted by the side that caused them, and a warning when they skew by length.
+
+    A row is the policy's exclusion when only the policy's score is missing (a reward model's too-long response, a
+    metric's non-finite score), the baseline's when only the baseline's is, and `pair` otherwise (a judge failed on
+    the comparison). Dropping rows is harmless only when it does not select by length: when the excluded rows' length
+    difference Δ = policy − baseline sits far from the counted rows' (more than half a standard deviation of Δ), the
+    rates and lengths describe a filtered set, and the warning says so."""
+    out_rows = np.flatnonzero(~counted)
+    side = Counter()
+    for i in out_rows:
+        missing = {s: any(not np.isfinite(scores[f"{pre}{k}"][i]) for k in ("metric", "reward") if f"{pre}{k}" in scores)
+                   for s, pre in (("policy", ""), ("baseline", "baseline_"))}  # fmt: skip
+        side["policy" if missing["policy"] and not missing["baseline"] else
+             "baseline" if missing["baseline"] and not missing["policy"] else "pair"] += 1  # fmt: skip
+    delta = np.array(cols[unit], dtype=float) - np.array(cols[f"baseline_{unit}"], dtype=float)  # (N,)
+    warning = None
+    if out_rows.size and counted.any() and delta.size > 1 and delta.std() > 0:
+        shift = float(delta[~counted].mean() - delta[counted].mean())
+        if abs(shift) > 0.5 * delta.std():
+            warning = (f"{out_rows.size} of {delta.size} rows were excluded (policy {side['policy']}, baseline "
+                       f"{side['baseline']}, pair {side['pair']}) and they skew by length: their policy − baseline "
+                       f"length difference averages {delta[~counted].mean():.1f} {unit} against {delta[counted].mean():.1f} "
+                       "on the counted rows, so the rates and lengths describe a length-filtered set")  # fmt: skip
+    return {"rows_excluded_policy": side["policy"], "rows_excluded_baseline": side["baseline"],
+            "rows_excluded_pair": side["pair"],
+            "excluded_delta_mean": float(delta[~counted].mean()) if out_rows.size else None,
+            "exclusion_warning": warning}  # fmt: skip
 
 
 def _table(cols: dict[str, list], schema: pa.Schema) -> pa.Table:

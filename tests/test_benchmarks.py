@@ -110,3 +110,41 @@ def test_scale_benchmark_measures_every_stage(tmp_path):
     assert r["reference (data)"]["pairs"] == r["pairs"]["pairs"] == r["train (data)"]["input_rows"]
     assert r["reference (data)"]["tokens"] > 0 and r["train (data)"]["pairs"] > 0
     assert all(x["wall_s"] > 0 and x["peak_rss_mb"] >= x["imports_mb"] > 0 and x["input_mb"] > 0 for x in r.values())
+
+
+def test_methods_findings_rest_on_paired_differences():
+    """benchmarks/methods.py on made-up per-seed results (no run): π_0's R varies by ±0.05 across five seeds and
+    `dice` is 0.02 above it in every seed, `dpo` 0.02 ± 0.001 above too, `online-ipo` 0.05 above. Unpaired, the seed
+    means' intervals overlap; paired within a seed, dice − π_0 = +0.02 ± 0 separates, dice − dpo does not, and
+    online-ipo − dpo does. A finding is stated only where the paired interval excludes 0."""
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("methods_bench", REPO / "benchmarks" / "methods.py")
+    methods = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(methods)
+    seeds = [0, 1, 2, 3, 4]
+    pi0 = [0.10, 0.15, 0.05, 0.12, 0.08]
+
+    def rows(gain, jitter=0.0):
+        return {s: [{"round": 0, "true_reward": r0, "tokens": 20.0},
+                    {"round": 1, "true_reward": r0 + gain + jitter * (-1) ** s, "lc_win_rate": 0.5 + gain,
+                     "win_rate": 0.5 + gain, "tokens": 21.0}] for s, r0 in zip(seeds, pi0)}  # fmt: skip
+
+    per_seed = {"dice": rows(0.02), "dpo": rows(0.02, 0.001), "online-ipo": rows(0.05)}
+    pair = {n: methods.paired_differences(per_seed, n, seeds, 1) for n in per_seed}
+    assert pair["dice"]["true_reward_vs_pi0"]["mean"] == pytest.approx(0.02)
+    assert methods.excludes_zero(pair["dice"]["true_reward_vs_pi0"]) == 1
+    assert methods.excludes_zero(pair["dice"]["true_reward_vs_dpo"]) == 0
+    assert methods.excludes_zero(pair["online-ipo"]["true_reward_vs_dpo"]) == 1
+    unpaired = methods.t_interval([r[1]["true_reward"] for r in per_seed["dice"].values()])
+    assert unpaired["hw"] > 0.02  # the seed means alone could not tell dice from π_0
+    recs = {n: {"rounds": [{k: methods.t_interval([per_seed[n][s][r].get(k) for s in seeds])
+                            for k in ("true_reward", "lc_win_rate", "win_rate", "tokens")} for r in (0, 1)],
+                "paired": pair[n]} for n in per_seed}  # fmt: skip
+    _, lines = methods.findings({"rounds": 1, "seeds": seeds, "recipes": recs})
+    text = "\n".join(lines)
+    assert "R at round 1 minus π_0's R, paired within a seed" in text
+    vs_dpo = next(line for line in lines if line.startswith("R at round 1 minus `dpo`"))
+    assert "above 0 for `online-ipo`" in vs_dpo and "does not separate from 0 for `dice`" in vs_dpo

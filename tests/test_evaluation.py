@@ -50,8 +50,11 @@ def test_win_rate_interval_matches_the_generic_bootstrap_and_is_seeded():
     fast = evaluation.win_rate_interval(p, pids, 500, seed=7)
     assert fast == evaluation.win_rate_interval(p, pids, 500, seed=7)
     assert fast[0] < evaluation.win_rate(p) < fast[1]
-    slow = evaluation.bootstrap_interval(lambda idx: p[idx].mean(), pids, 2000, seed=3)
-    assert fast == pytest.approx(slow, abs=0.03)
+    # the same seed draws the same prompts in both (one (B, G) matrix = B rows of G draws from one stream): the
+    # vectorised interval is the generic one to rounding, so a wrong sum or count in the fast path cannot hide
+    slow = evaluation.bootstrap_interval(lambda idx: p[idx].mean(), pids, 500, seed=7)
+    assert fast == pytest.approx(slow, abs=1e-12)
+    assert fast != evaluation.win_rate_interval(p, pids, 500, seed=8)  # the seed matters
     assert evaluation.win_rate_interval(p, pids, 0) is None
 
 
@@ -131,12 +134,133 @@ def test_lc_hand_checked_forms():
     assert math.isfinite(fit.theta) and fit.predict(np.array([0.0]))[0] == pytest.approx(fit.lc_win_rate)
 
 
-def test_lc_interval_brackets_the_estimate():
-    pol, base = _lengths(90, seed=3, longer_by=0.5)
+def test_lc_interval_is_the_prompt_bootstrap_of_the_refitted_model():
+    """lc_interval is the generic prompt bootstrap of σ(θ) refitted per replicate, same seed, same draws: equal to
+    rounding (σ is monotone, so the percentile of σ(θ) is σ of the percentile of θ up to the interpolation between two
+    neighbouring replicates). For a length-only judge on 300 rows the interval holds ½ and excludes the raw rate."""
+    pol, base = _lengths(300, seed=3, longer_by=0.5)
     p = 1 / (1 + np.exp(-(pol - base)))
-    pids = [f"q{i // 3}" for i in range(90)]
+    pids = [f"q{i // 3}" for i in range(300)]
     lo, hi = evaluation.lc_interval(p, pol, base, pids, 200, seed=0)
-    assert lo <= evaluation.length_controlled(p, pol, base).lc_win_rate <= hi
+    generic = evaluation.bootstrap_interval(lambda idx: evaluation.length_controlled(p[idx], pol[idx], base[idx]).theta,
+                                            pids, 200, seed=0)  # fmt: skip
+    assert (lo, hi) == pytest.approx(tuple(1 / (1 + np.exp(-np.array(generic)))), abs=1e-12)
+    assert lo < 0.5 < hi and hi < evaluation.win_rate(p)
+
+
+# ---------------------------------------------------------------------------------------------- controls (LC identified)
+
+
+def _world(longer_by: float, seed: int, judge: str, hard: bool = False, prompts: int = 100, k: int = 4):
+    """100 prompts × 4 samples per side. Lengths (hundreds of characters): the baseline's ~ N(3, 0.8), the policy's
+    the baseline's sample plus N(longer_by, 1), so Δ's mean/sd is `longer_by` and the policy is longer on nearly every
+    row at 3 and 10. Each response has a quality ~ N(μ, 0.5), μ = 1.3 for the policy, 0 for the baseline.
+
+    judge "blind": p = σ(q_a − q_b), length plays no part; "length": p = σ(3·tanh(Δ)), quality plays no part (a
+    preference that saturates with the length difference, the form the LC model assumes). `hard`: a 0/1 vote drawn
+    with that probability. Returns the policy rows (p, len_policy, len_baseline, prompt ids) and the control rows:
+    every pair of one side's samples of a prompt (6 per side per prompt), as the evaluate stage forms them."""
+    from itertools import combinations
+
+    rng = np.random.default_rng(seed)
+    lb = rng.normal(3, 0.8, (prompts, k))
+    lp = lb + rng.normal(longer_by, 1.0, (prompts, k))
+    qb, qp = rng.normal(0, 0.5, (prompts, k)), rng.normal(1.3, 0.5, (prompts, k))
+
+    def pref(qa, qb_, la, lb_):
+        pr = 1 / (1 + np.exp(-((qa - qb_) if judge == "blind" else 3 * np.tanh(la - lb_))))
+        return (rng.uniform(size=pr.size) < pr).astype(float) if hard else pr
+
+    pids = np.repeat(np.arange(prompts), k).astype(str)
+    p = pref(qp.ravel(), qb.ravel(), lp.ravel(), lb.ravel())
+    ia, ib = zip(*combinations(range(k), 2))
+    ia, ib = list(ia), list(ib)
+    a = np.concatenate([lb[:, ia].ravel(), lp[:, ia].ravel()])
+    b = np.concatenate([lb[:, ib].ravel(), lp[:, ib].ravel()])
+    pc = pref(np.concatenate([qb[:, ia].ravel(), qp[:, ia].ravel()]), np.concatenate([qb[:, ib].ravel(), qp[:, ib].ravel()]), a, b)
+    cids = np.concatenate([np.repeat(np.arange(prompts), len(ia))] * 2).astype(str)
+    return p, lp.ravel(), lb.ravel(), pids, evaluation.Controls(pc, a, b), cids
+
+
+@pytest.mark.parametrize("longer_by", [3.0, 10.0])
+@pytest.mark.parametrize("seed", range(5))
+def test_lc_with_controls_length_blind_judge_policy_longer_everywhere(seed, longer_by):
+    """A length-blind judge that prefers the policy on ~77% of rows, the policy longer on (nearly) every row: without
+    control rows tanh(Δ/σ_Δ) is almost constant there, θ and φ are not identified and the fit said so; with them φ is
+    learnt where quality is equal and ≈ 0, so LC lies inside the raw win rate's 95% interval (soft p̂). With 0/1 votes
+    φ is noisier; the raw rate then lies inside LC's own 95% interval."""
+    p, lp, lb, pids, control, cids = _world(longer_by, seed, "blind")
+    assert (lp > lb).mean() > 0.99
+    alone = evaluation.length_controlled(p, lp, lb)
+    assert not alone.identified and math.isnan(alone.lc_win_rate) and "not identified" in alone.reason
+    assert evaluation.lc_interval(p, lp, lb, pids, 50) is None
+    fit = evaluation.length_controlled(p, lp, lb, control=control)
+    lo, hi = evaluation.win_rate_interval(p, pids, 1000, seed=0)
+    assert fit.identified and fit.control_rows == 1200 and lo <= fit.lc_win_rate <= hi
+    assert abs(fit.phi) < 0.2
+    p, lp, lb, pids, control, cids = _world(longer_by, seed, "blind", hard=True)
+    fit = evaluation.length_controlled(p, lp, lb, control=control)
+    lo, hi = evaluation.lc_interval(p, lp, lb, pids, 200, control=control, control_prompt_ids=cids)
+    assert lo <= evaluation.win_rate(p) <= hi and lo < fit.lc_win_rate < hi and hi - lo < 0.15
+
+
+@pytest.mark.parametrize("longer_by", [3.0, 10.0])
+@pytest.mark.parametrize("seed", range(5))
+def test_lc_with_controls_length_only_judge_is_half(seed, longer_by):
+    """A judge that prefers length only, the policy longer on (nearly) every row: raw ≈ 0.95, yet at equal length the
+    judge has no preference, so LC = ½ ± 0.03; the control rows carry φ ≈ 3 (the judge's own weight)."""
+    p, lp, lb, pids, control, cids = _world(longer_by, seed, "length")
+    fit = evaluation.length_controlled(p, lp, lb, control=control)
+    assert evaluation.win_rate(p) > 0.9
+    assert fit.lc_win_rate == pytest.approx(0.5, abs=0.03) and fit.phi == pytest.approx(3.0, abs=0.2)
+
+
+def test_lc_identification_rule_without_controls():
+    """Without control rows σ(θ) extrapolates to Δ = 0 from the policy rows; it is reported only when at least 5% of
+    them lie on each side of Δ = 0. Δ = −1 on 1 row of 40 (2.5%): not identified; on 2 of 40 (5%): identified; equal
+    lengths everywhere: the intercept alone, identified. Too few control rows do not help."""
+    lb = np.full(40, 10.0)
+    lp = lb + np.r_[-1.0, np.arange(1.0, 40.0)]
+    p = np.linspace(0.2, 0.9, 40)
+    assert not evaluation.length_controlled(p, lp, lb).identified
+    lp[1] = 9.0
+    assert evaluation.length_controlled(p, lp, lb).identified
+    assert evaluation.length_controlled(p, lb, lb).identified
+    lp[1] = 12.0
+    few = evaluation.Controls(np.full(5, 0.5), np.arange(5.0), np.arange(5.0)[::-1])
+    fit = evaluation.length_controlled(p, lp, lb, control=few)
+    assert not fit.identified and "only 5 control rows" in fit.reason
+
+
+def _alpaca_minimal_lc(p: np.ndarray, len_model: np.ndarray, len_baseline: np.ndarray, c: float = 100.0) -> tuple[float, float]:
+    """alpaca_eval's `length_controlled_minimal` (src/alpaca_eval/metrics/glm_winrate.py), written from its
+    description, not its code: features tanh(std_delta_len) with std_delta_len = (len_1 − len_2)/std(len_1 − len_2),
+    output_1 the BASELINE, and not_gamed_baseline (1 on every row: the intercept); no fitted intercept; p̂ the soft
+    preference for the model (its preference − 1); each row entered twice, label 1 with weight p̂ and label 0 with
+    weight 1 − p̂; L1 penalty with inverse strength C (liblinear minimises ‖w‖₁ + C·Σ weighted log-losses). The LC win
+    rate is the mean prediction at std_delta_len = 0, in percent. Returns (LC in percent, the length weight)."""
+    d = len_baseline - len_model
+    x = np.column_stack([np.tanh(d / d.std(ddof=1)), np.ones_like(p)])  # (N, 2): [length, not_gamed_baseline]
+    w = np.zeros(2)
+    for _ in range(200):  # Newton on C·loss + ‖w‖₁, smooth where no weight is 0 (both are far from 0 here)
+        s = 1 / (1 + np.exp(-(x @ w)))
+        grad = c * x.T @ (s - p) + np.sign(w)
+        hess = c * (x.T * (s * (1 - s))) @ x
+        w = w - np.linalg.solve(hess + 1e-12 * np.eye(2), grad)
+    return 100 / (1 + np.exp(-w[1])), float(w[0])
+
+
+def test_lc_matches_alpaca_evals_minimal_glm():
+    """On the same annotations (soft p̂, the policy longer on average, Δ changing sign), dice's LC equals alpaca_eval's
+    `length_controlled_minimal` form to 0.05 percentage points, after the departures are matched: a fraction, not a
+    percent; Δ = policy − baseline, so φ has the opposite sign; dice's small L2 against its L1 with C = 100."""
+    pol, base = _lengths(400, 0, longer_by=0.8)
+    rng = np.random.default_rng(5)
+    p = 1 / (1 + np.exp(-(0.4 + 1.5 * np.tanh((pol - base) / (pol - base).std(ddof=1)) + rng.normal(0, 1, 400))))
+    ours = evaluation.length_controlled(p, pol, base, l2=1e-4)
+    theirs, weight = _alpaca_minimal_lc(p, pol, base)
+    assert 100 * ours.lc_win_rate == pytest.approx(theirs, abs=0.05)
+    assert ours.phi == pytest.approx(-weight, abs=0.01) and ours.phi > 1
 
 
 # ---------------------------------------------------------------------------------------------- annotators
@@ -260,12 +384,18 @@ def test_tiny_eval_prompts_are_held_out():
 def test_overlap_is_refused_and_counted(tmp_path):
     prompts = tmp_path / "eval.jsonl"
     train = [json.loads(x)["prompt"] for x in (REPO / "data/prompts.jsonl").read_text().splitlines()[:2]]
-    rows = [{"prompt_id": "x0", "prompt": "  " + train[0].replace(" ", "  ")}, {"prompt_id": "x1", "prompt": "Fresh question?"}]
+    shout = train[1].upper().rstrip(".?!") + " !!"  # case and punctuation do not hide a copy either
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"prompt": "A prompt only the SFT corpus has.", "chosen": "x"}) + "\n")
+    rows = [{"prompt_id": "x0", "prompt": "  " + train[0].replace(" ", "  ")}, {"prompt_id": "x1", "prompt": "Fresh question?"},
+            {"prompt_id": "x2", "prompt": shout}, {"prompt_id": "x3", "prompt": "a prompt, only the SFT corpus has"}]  # fmt: skip
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_config(None, [f"runs_dir={tmp_path}", f"eval.prompts={prompts}",
+    cfg = load_config(None, [f"runs_dir={tmp_path}", f"eval.prompts={prompts}", f"model.tiny_data=[{sft}]",
                              f"data.prompts={REPO / 'data/prompts.jsonl'}", f"data.offline={REPO / 'data/offline_prefs.jsonl'}"])  # fmt: skip
     kept, stats = evaluate.held_out_prompts(cfg, rounds.plan(cfg, 1, "evaluate"))
-    assert kept == [("x1", "Fresh question?")] and stats["prompts_overlap"] == 1  # whitespace does not hide a copy
+    assert kept == [("x1", "Fresh question?")] and stats["prompts_overlap"] == 3  # whitespace does not hide a copy
+    assert str(sft) in stats["overlap_checked"]
+    assert evaluate.overlap_key("Hello,  World! (ref 12).") == "hello world ref 12"
     cfg = load_config(None, [f"runs_dir={tmp_path}", f"eval.prompts={REPO / 'data/prompts.jsonl'}",
                              f"data.prompts={REPO / 'data/prompts.jsonl'}"])  # fmt: skip
     with pytest.raises(ValueError, match=r"data/prompts.jsonl: all 320 held-out prompts also appear in"):
@@ -341,3 +471,135 @@ def test_an_annotator_failing_everywhere_is_an_error_naming_it(tmp_path):
     with pytest.raises(ValueError, match=r"annotator down \(eval.judges\) failed on all 2 comparisons \(most often "
                                          r"python_error: a first: RuntimeError: judge backend down\)"):
         evaluate.annotate(cfg, plan, ["q", "q"], ["a", "b"], ["c", "d"])
+
+
+# ---------------------------------------------------------------------------------------------- self-judging, exclusions
+
+
+def test_a_judge_that_is_the_evaluated_model_or_the_baseline_is_refused(tmp_path):
+    """An empty vllm judge model is π_0; against π_0 (eval.baseline: initial) π_0 would judge its own outputs: refused
+    before anything is generated, naming the judge and the way out. A judge that is the policy (standalone `dice eval
+    --model A --baseline file` with A as judge) too. allow_self_judge: true accepts both, and the stats say who judged."""
+    cfg = _cfg(tmp_path, judges=[{"id": "local", "backend": "vllm"}])
+    plan = rounds.plan(cfg, 2, "evaluate")
+    with pytest.raises(ValueError, match=r"eval.judges local is .*round-0/checkpoint \(π_0\), which is also the baseline"
+                                         r".*eval.allow_self_judge: true"):
+        evaluate.check_self_judge(cfg, plan)
+    with pytest.raises(ValueError, match="which is also the baseline"):
+        evaluate.run(cfg, plan)  # the stage refuses it first: π_2 does not even exist
+    ref = tmp_path / "ref.json"
+    ref.write_text("[]")
+    standalone = rounds.standalone_eval_plan(cfg, "org/model-a", str(ref), tmp_path / "out")
+    with pytest.raises(ValueError, match="eval.judges local is org/model-a.*which is also the evaluated model"):
+        evaluate.check_self_judge(cfg, standalone)
+    rm = _cfg(tmp_path, reward_model="org/model-a", judges=[])
+    with pytest.raises(ValueError, match="eval.reward_model is org/model-a.*the evaluated model"):
+        evaluate.check_self_judge(rm, rounds.standalone_eval_plan(rm, "org/model-a", "org/model-b", tmp_path / "o"))
+    allowed = _cfg(tmp_path, judges=[{"id": "local", "backend": "vllm"}], allow_self_judge=True)
+    evaluate.check_self_judge(allowed, rounds.plan(allowed, 2, "evaluate"))
+    assert evaluate.judged_by(allowed, rounds.plan(allowed, 2, "evaluate")) == [
+        f"local: {rounds.model_of(allowed, 0)} (π_0)"]
+    other = _cfg(tmp_path, judges=[{"id": "big", "backend": "vllm", "model": "org/judge"}])
+    evaluate.check_self_judge(other, rounds.plan(other, 2, "evaluate"))  # a separate judge model: fine
+    # the switch does not change the stage's result, so it does not re-run it
+    from pipeline.data.artifacts import plan_digest
+
+    assert plan_digest(rounds.plan(allowed, 2, "evaluate")) == plan_digest(plan)
+
+
+def test_exclusions_are_counted_per_side_and_a_length_skew_warns():
+    """Six rows; the reward model could not score the policy's two longest responses (rows 4, 5: NaN, too long) and a
+    judge failed on row 0's pair. Counted rows 1-3: Δ = 0, 10, 0 (mean 3.33); excluded rows 0, 4, 5: Δ = 0, 100, 120
+    (mean 73.3): the shift 70 exceeds half the std of Δ over all rows (std 50.7 -> 25.4), so a warning."""
+    cols = {"chars": [10, 30, 20, 40, 150, 170], "baseline_chars": [10, 30, 10, 40, 50, 50]}
+    scores = {"reward": np.array([1.0, 1, 1, 1, np.nan, np.nan]), "baseline_reward": np.ones(6)}
+    counted = np.array([False, True, True, True, False, False])
+    out = evaluate._exclusions(cols, scores, counted, "chars")
+    assert (out["rows_excluded_policy"], out["rows_excluded_baseline"], out["rows_excluded_pair"]) == (2, 0, 1)
+    assert out["excluded_delta_mean"] == pytest.approx(220 / 3)
+    assert "3 of 6 rows were excluded (policy 2, baseline 0, pair 1) and they skew by length" in out["exclusion_warning"]
+    even = evaluate._exclusions({"chars": [10, 30, 20, 40], "baseline_chars": [10, 10, 20, 20]},
+                                {}, np.array([False, False, True, True]), "chars")  # fmt: skip
+    assert even["exclusion_warning"] is None and even["rows_excluded_pair"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- paired gains, stopping
+
+
+def _round(prompt_effect: np.ndarray, gain: float, seed: int, k: int = 2) -> evaluation.RoundRows:
+    """A round against π_0 on 60 prompts × k samples: logit p̂ = prompt difficulty + gain + noise (equal lengths, so
+    LC = the fitted intercept). The prompt difficulty is shared by every round: it is what pairing cancels."""
+    rng = np.random.default_rng(seed)
+    n = prompt_effect.size
+    z = np.repeat(prompt_effect, k) + gain + rng.normal(0, 0.3, n * k)
+    ids = np.repeat(np.arange(n), k).astype(str).astype(object)
+    return evaluation.RoundRows(1 / (1 + np.exp(-z)), np.full(n * k, 10.0), np.full(n * k, 10.0), ids)
+
+
+def test_paired_gain_interval_cancels_what_rounds_share():
+    """Two rounds on the same prompts, the second better by 0.15 logits, with a large prompt difficulty (sd 2) common to
+    both: each round's own interval is wide (≈ ±0.1) and they overlap, yet the paired interval of the difference
+    excludes 0 and is several times narrower. Against ½ (b None) the gain is LC − ½ with the round's own interval."""
+    effect = np.random.default_rng(0).normal(0, 2, 60)
+    a, b = _round(effect, 0.15, 1), _round(effect, 0.0, 2)
+    gain, lo, hi = evaluation.paired_gain_interval(a, b, 500, seed=0)
+    assert gain == pytest.approx(a.lc(0.01).lc_win_rate - b.lc(0.01).lc_win_rate)
+    ia = evaluation.lc_interval(a.p, a.len_policy, a.len_baseline, list(a.prompt_ids), 500, seed=0)
+    ib = evaluation.lc_interval(b.p, b.len_policy, b.len_baseline, list(b.prompt_ids), 500, seed=0)
+    assert ia[0] < ib[1]  # the separate intervals overlap: unpaired, no conclusion
+    assert 0 < lo < gain < hi and (hi - lo) < (ia[1] - ia[0]) / 3
+    g, lo2, hi2 = evaluation.paired_gain_interval(a, None, 500, seed=0)
+    assert g == pytest.approx(a.lc(0.01).lc_win_rate - 0.5)
+    assert (lo2 + 0.5, hi2 + 0.5) == pytest.approx(ia, abs=1e-6)  # same draws; σ of interpolated θ vs interpolated σ(θ)
+
+
+def test_stopping_rule_uses_the_lower_bound_and_each_rounds_baseline_kind():
+    """Point gains 0.10, 0.02, 0.03 with min_gain 0.01 would all count; by the lower bounds (0.04, −0.01, −0.02) only
+    round 1 does, so patience 2 stops after round 3 with best round 1. Every call names the reference: round 1 against
+    ½ (π_0), rounds 2 and 3 paired with round 1. A round whose recorded kind is `previous` is measured against ½ even
+    when the config now says initial, and a bound that cannot be computed (None) is no gain."""
+    calls = []
+    bounds = {(1, None): 0.04, (2, 1): -0.01, (3, 1): -0.02}
+    lcs = [(1, 0.60), (2, 0.62), (3, 0.63)]
+    state = evaluation.progress(lcs, "initial", 0.01, 2, lambda k, ref: calls.append((k, ref)) or bounds[(k, ref)])
+    assert calls == [(1, None), (2, 1), (3, 1)]
+    assert (state.best_round, state.stop) == (1, True) and "lower 95% bound of the paired LC gain" in state.reason
+    assert not evaluation.progress(lcs, "initial", 0.01, 2).stop  # the point estimates: every round a gain
+    mixed = evaluation.progress(lcs, "initial", 0.01, 5, lambda k, ref: calls.append((k, ref)) or 0.05,
+                                kinds={1: "initial", 2: "previous", 3: "initial"})  # fmt: skip
+    assert calls[-3:] == [(1, None), (2, None), (3, None)] and mixed.best_round == 3
+    none = evaluation.progress([(1, 0.9)], "initial", 0.0, 1, lambda k, ref: None)
+    assert none.stop and none.best_round == 0
+
+
+def test_run_progress_reads_rounds_written_before_control_rows(tmp_path):
+    """A run whose evaluate manifests and eval.parquet predate control rows, baseline kinds and judged_by (the report
+    tests' synthetic run: rounds 1 and 2 against π_0): the stopping rule still reads them, each round's kind from
+    its recorded role, round 2 paired with round 1 over their shared prompts, and `dice inspect` still prints."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.config import save_config
+    from pipeline.run import report
+    from tests.test_report import make_run
+
+    run_dir = tmp_path / "run"
+    make_run(run_dir)
+    cfg = RunConfig.model_validate({"runs_dir": str(tmp_path), "name": "run", "eval": {"bootstrap": 200}})
+    save_config(cfg, run_dir / "config.yaml")
+    rows = report.eval_round_rows(run_dir / "round-2", {})
+    assert rows is not None and rows.control is None and rows.p.size == 20
+    state = report.eval_progress(run_dir, cfg.eval, 0)
+    stats = {k: json.loads((run_dir / f"round-{k}/.dice/evaluate.json").read_text())["stats"] for k in (1, 2)}
+    r1, r2 = (report.eval_round_rows(run_dir / f"round-{k}", {}) for k in (1, 2))
+    low1 = stats[1]["lc_win_rate_ci"][0] - 0.5  # round 1 against ½: its own interval
+    expect = 1 if low1 > 0 else 0
+    paired = evaluation.paired_gain_interval(r2, r1 if expect == 1 else None, 200, seed=0)
+    low2 = stats[2]["lc_win_rate_ci"][0] - 0.5 if expect == 0 else paired[1]
+    expect = 2 if low2 > 0 else expect
+    assert state is not None and state.best_round == expect
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "inspect", str(run_dir)], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "200"}, cwd=REPO)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "best round by LC win rate:" in out.stdout and "lc_note" in out.stdout

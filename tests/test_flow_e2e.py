@@ -140,7 +140,7 @@ def test_every_parquet_opens_in_pandas_polars_duckdb_datasets(run):
     from datasets import load_dataset
 
     files = sorted(run["cfg"].run_dir.glob("round-*/*.parquet"))
-    assert len(files) == 3 + 2 * 7  # round 0: pairs, reference, metrics; rounds 1-2: seven (preferences, eval too)
+    assert len(files) == 3 + 2 * 8  # round 0: pairs, reference, metrics; rounds 1-2: eight (preferences, eval, eval_controls too)
     for f in files:
         n = pq.read_metadata(f).num_rows
         assert len(pd.read_parquet(f)) == n
@@ -203,13 +203,28 @@ def test_flow_under_prefect_harness_publishes_round_artifacts(run, tmp_path):
     # the stopping rule: no LC gain of 1.0 is possible, so after round 1 (patience 1) no new round may start. A
     # scheduled tick (more_rounds=1 after round 2: rounds = 3) takes the same path as `dice run` with rounds=3.
     stop = cfg.eval.model_copy(update={"stop_after_no_gain": 1, "min_gain": 1.0})
+    # best_round by the interval, not the point: min_gain just under round 1's point gain over π_0 (½), so the point
+    # estimate would call round 1 a gain while the lower end of its interval does not; round 2 is then measured
+    # against ½ too, by its own interval (worked out here from the manifests, not by the flow's code)
+    st = {k: json.loads((rounds.round_dir(cfg, k) / "manifest.json").read_text())["stages"]["evaluate"]["stats"]
+          for k in (1, 2)}  # fmt: skip
+    gain1 = (st[1]["lc_win_rate"] if st[1]["lc_win_rate"] is not None else 0.5) - 0.5
+    tight = max(gain1 - 1e-4, 0.0)
+    low = {k: (st[k]["lc_win_rate_ci"] or [0.0])[0] - 0.5 for k in (1, 2)}
+    assert low[1] <= tight  # round 1 is no gain by its interval
+    expect_best = 2 if low[2] > tight else 0
+    strict = cfg.eval.model_copy(update={"stop_after_no_gain": 5, "min_gain": tight})
     with prefect_test_harness(server_startup_timeout=120):
         summaries = dice(config=cfg)
         artifacts = {k: Artifact.get(_artifact_key(cfg.name, k)) for k in (0, 1, 2)}
         plots = {k: Artifact.get(_artifact_key(cfg.name, k) + "-plots") for k in (0, 1, 2)}
         plain = Artifact.get(summary_key).data
+        dice(config=cfg.model_copy(update={"eval": strict}))
+        by_interval = Artifact.get(summary_key).data
         ticked = dice(config=cfg.model_copy(update={"eval": stop}), more_rounds=1)
         stopped = Artifact.get(summary_key).data
+    assert f"**best_round: {expect_best}**" in by_interval
+    assert f"rounds without a gain since: {0 if expect_best == 2 else 2}" in by_interval
     assert _manifests(cfg.run_dir) == before  # nothing recomputed
     assert [s["round"] for s in ticked] == [0, 1, 2]
     assert not rounds.round_dir(cfg, 3).exists()  # round 3 was never started
@@ -303,6 +318,8 @@ def test_every_round_is_evaluated_against_pi0(run):
     import numpy as np
     import pandas as pd
 
+    from pipeline.method import evaluation
+
     cfg = run["cfg"]
     pi0 = str(rounds.round_dir(cfg, 0) / "checkpoint")
     assert not (rounds.round_dir(cfg, 0) / "eval.parquet").exists()
@@ -316,8 +333,21 @@ def test_every_round_is_evaluated_against_pi0(run):
         np.testing.assert_allclose(ev.p, ev[["p_overlap", "p_noisy", "p_python_metric"]].mean(axis=1))
         st = json.loads((rd / "manifest.json").read_text())["stages"]["evaluate"]["stats"]
         assert st["win_rate"] == pytest.approx(ev.p.mean()) and st["rows_counted"] == len(ev)
-        assert st["win_rate_ci"][0] <= st["win_rate"] <= st["win_rate_ci"][1]
-        assert 0 < st["lc_win_rate"] < 1 and st["lc_win_rate_ci"][0] <= st["lc_win_rate"] <= st["lc_win_rate_ci"][1]
+        # the stored numbers are the metric functions on the stored rows (same seed, same replicates)
+        pids = ev.prompt_id.tolist()
+        assert st["win_rate_ci"] == pytest.approx(list(evaluation.win_rate_interval(ev.p.to_numpy(), pids, 200, 0.95, cfg.seed)), abs=1e-12)
+        ctl = pd.read_parquet(rd / "eval_controls.parquet").dropna(subset=["p"])
+        assert len(ctl) == 2 * 16 and set(ctl.side) == {"policy", "baseline"}  # 2 samples: one pair per side per prompt
+        control = evaluation.Controls(ctl.p.to_numpy(), ctl.chars_a.to_numpy(), ctl.chars_b.to_numpy())
+        fit = evaluation.length_controlled(ev.p.to_numpy(), ev.chars.to_numpy(), ev.baseline_chars.to_numpy(), control=control)
+        assert st["lc_control_rows"] == len(ctl) and st["lc_identified"] is True and st["lc_note"] is None
+        assert st["lc_win_rate"] == pytest.approx(fit.lc_win_rate, abs=1e-9)  # rows sorted here: float rounding
+        lc_ci = evaluation.lc_interval(ev.p.to_numpy(), ev.chars.to_numpy(), ev.baseline_chars.to_numpy(), pids, 200, 0.95,
+                                       cfg.seed, cfg.eval.lc_l2, control, ctl.prompt_id.tolist())  # fmt: skip
+        assert st["lc_win_rate_ci"] == pytest.approx(list(lc_ci), abs=1e-9)
+        assert st["judged_by"] == ["overlap: pipeline.method.judges:overlap_judge", "noisy: pipeline.method.judges:overlap_judge",
+                                   "python_metric: pipeline.method.rewards:prompt_coverage"]  # fmt: skip
+        assert st["baseline_kind"] == "initial" and st["rows_excluded"] == 0 and st["exclusion_warning"] is None
         assert st["mean_chars"] == pytest.approx(ev.response.str.len().mean()) and st["agreement"] is not None
         assert st["baseline"] == "π_0" and st["prompts_overlap"] == 0
         baseline[k] = (ev.baseline_response.tolist(), ev.seed.tolist())
@@ -339,9 +369,10 @@ def test_every_round_is_evaluated_against_pi0(run):
 def test_evaluate_reruns_only_when_its_judges_or_baseline_change(run):
     """The stage's plan fingerprints what decides its result: the same config is done; other judges or another
     baseline are not (the flow would run the stage again); the stopping rule is the flow's and changes nothing."""
+    from pipeline.config import resolve_runtime
     from pipeline.data.artifacts import is_done
 
-    cfg = run["cfg"]
+    cfg = resolve_runtime(run["cfg"])  # the config the flow ran: dtype `auto` made concrete, as its plans have it
     assert is_done(rounds.plan(cfg, 2, "evaluate"))
     with_eval = lambda **kw: cfg.model_copy(update={"eval": cfg.eval.model_copy(update=kw)})  # noqa: E731
     assert is_done(rounds.plan(with_eval(stop_after_no_gain=3, min_gain=0.2), 2, "evaluate"))

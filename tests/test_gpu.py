@@ -420,7 +420,7 @@ def test_vllm_evaluate_engine_sequence_at_the_default_memory_share(make_config, 
     before the next starts; afterwards the GPU's memory is free again."""
     import json
 
-    cfg = make_config(**{"eval.enabled": "true", "eval.judges": "[{id: self, backend: vllm}]", "eval.max_prompts": 8,
+    cfg = make_config(**{"eval.enabled": "true", "eval.judges": "[{id: self, backend: vllm}]", "eval.allow_self_judge": "true", "eval.max_prompts": 8,
                          "eval.bootstrap": 0, "generate.engine.kv_cache_memory_bytes": "null"})  # fmt: skip
     assert cfg.generate.engine.gpu_memory_utilization == cfg.label.engine.gpu_memory_utilization == 0.85
     assert cfg.label.engine.kv_cache_memory_bytes is None  # the judge's engine: the share, not 256 MiB

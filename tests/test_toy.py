@@ -104,3 +104,25 @@ def test_prompt_texts_are_unique_across_files():
     assert len(texts) == len(set(texts))
     sft = {r["prompt"] for r in _rows("sft")}
     assert not sft & set(texts)
+
+
+def test_held_out_prompts_share_no_template_with_training():
+    """The evaluation prompts are held out in substance, not by their "(ref N)" tag alone: with the tag removed and
+    case, spacing and punctuation normalised as the evaluate stage's overlap check does, none equals a prompt of the
+    SFT corpus, the offline pairs or the training prompts; and the stage's check (which sees the SFT corpus through
+    model.tiny_data) refuses none of them under the toy recipes' config."""
+    import re
+
+    from pipeline.config import load_config
+    from pipeline.run import rounds
+    from stages.evaluate import held_out_prompts, overlap_key
+
+    strip = lambda t: overlap_key(re.sub(r"\(ref \d+\)", "", t))  # noqa: E731
+    train = {strip(r["prompt"]) for name in ("sft", "offline_prefs", "prompts") for r in _rows(name)}
+    held = [strip(r["prompt"]) for r in _rows("eval_prompts")]
+    assert len(held) == 96 and not set(held) & train
+    assert all(toy.prompt_topic(r["prompt"]) for r in _rows("eval_prompts"))
+    cfg = load_config(REPO / "conf/recipes/dice.yaml")
+    kept, stats = held_out_prompts(cfg, rounds.plan(cfg, 1, "evaluate"))
+    assert len(kept) == 96 and stats["prompts_overlap"] == 0
+    assert str(REPO / "data/toy/sft.jsonl") in stats["overlap_checked"] or "data/toy/sft.jsonl" in stats["overlap_checked"]

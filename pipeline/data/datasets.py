@@ -628,6 +628,16 @@ def text_key(text: str) -> str:
     return " ".join(text.split())
 
 
+def overlap_key(text: str) -> str:
+    """The form under which a held-out prompt counts as a training prompt: lower case, punctuation dropped (every
+    Unicode punctuation and symbol character becomes a space), whitespace runs collapsed. "Tell me about food!" and
+    "tell me  about food." are one prompt."""
+    import unicodedata
+
+    chars = (" " if unicodedata.category(c)[0] in "PS" else c for c in text.casefold())
+    return " ".join("".join(chars).split())
+
+
 def prompt_texts(src: str | Path | DataSource, kind: str = "prompts") -> set[str]:
     """The `text_key`s of a dataset's prompts as dice reads them (`kind`: prompts, or offline pairs), for overlap
     checks; a conversation counts by its plain text."""

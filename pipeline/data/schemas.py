@@ -184,9 +184,29 @@ EVAL = pa.schema(
 )
 
 
-def eval_schema(annotator_ids: list[str]) -> pa.Schema:
-    """EVAL plus `p_<id>` and `error_<id>` for each annotator, in order (eval.annotator_ids())."""
+# The evaluate stage's control rows (`eval_controls.parquet`): one side's sample a against its own sample b of the same
+# prompt, judged like the policy rows. Equal in quality in expectation, they show the judges' length preference alone
+# and carry the length term of the LC fit (pipeline/method/evaluation.py).
+EVAL_CONTROLS = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("side", pa.string(), nullable=False),  # "policy" or "baseline": whose two samples are compared
+        pa.field("sample_a", pa.int32(), nullable=False),
+        pa.field("sample_b", pa.int32(), nullable=False),
+        pa.field("tokens_a", pa.int32(), nullable=False),
+        pa.field("tokens_b", pa.int32(), nullable=False),
+        pa.field("chars_a", pa.int32(), nullable=False),
+        pa.field("chars_b", pa.int32(), nullable=False),
+        pa.field("p", pa.float64()),  # mean P(a ≻ b) over the annotators; null below eval.min_annotators
+        pa.field("annotators", pa.int32(), nullable=False),
+        pa.field("round", pa.int32()),
+    ]
+)
+
+
+def eval_schema(annotator_ids: list[str], base: pa.Schema = EVAL) -> pa.Schema:
+    """EVAL (or EVAL_CONTROLS) plus `p_<id>` and `error_<id>` for each annotator, in order (eval.annotator_ids())."""
     extra = []
     for a in annotator_ids:
         extra += [pa.field(f"p_{a}", pa.float64()), pa.field(f"error_{a}", pa.string())]
-    return pa.schema(list(EVAL) + extra)
+    return pa.schema(list(base) + extra)

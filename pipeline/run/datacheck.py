@@ -254,8 +254,10 @@ def check_data(cfg: RunConfig) -> DataReport:
         else:
             r["duplicate_prompts"] = sum(n - 1 for n in Counter(texts[key]).values() if n > 1)
             if key == "eval.prompts":
-                trained = set(texts["data.prompts"]) | set(texts["data.offline"])
-                r["also trained on (not evaluated)"] = sum(x in trained for x in texts[key])
+                from pipeline.data.datasets import overlap_key  # the evaluate stage's rule: case, spacing, punctuation
+
+                trained = {overlap_key(x) for x in set(texts["data.prompts"]) | set(texts["data.offline"])}
+                r["also trained on (not evaluated)"] = sum(overlap_key(x) in trained for x in texts[key])
             if tok is not None and c.usable:
                 lengths = [len(prompt_ids(tok, p)) for p in prompts]
                 r["prompt_tokens"] = _percentiles(lengths)

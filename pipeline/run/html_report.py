@@ -304,8 +304,9 @@ def eval_plot(run_dir: str | Path) -> Plot | None:
     fig, (ax, ax2) = _figure(2)
     ks = [k for k, _ in rows]
     for key, label, color, dx in (("win_rate", "win rate", BLUE, -0.05), ("lc_win_rate", "LC win rate", GREEN, 0.05)):
-        ys = np.array([st[key] for _, st in rows])
-        ci = np.array([st.get(f"{key}_ci") or [st[key], st[key]] for _, st in rows])  # (R, 2)
+        # an LC win rate that was not identified is stored as null: a gap in the line, not a point
+        ys = np.array([np.nan if st.get(key) is None else st[key] for _, st in rows], dtype=float)
+        ci = np.array([st.get(f"{key}_ci") or [np.nan, np.nan] for _, st in rows], dtype=float)  # (R, 2)
         ax.errorbar(np.array(ks) + dx, ys, yerr=[ys - ci[:, 0], ci[:, 1] - ys], fmt="o-", color=color, capsize=3,
                     label=label)  # fmt: skip
     ax.axhline(0.5, color=GREY, lw=1, ls="--")
@@ -330,7 +331,8 @@ def eval_plot(run_dir: str | Path) -> Plot | None:
         "95% intervals from prompt resamples; dashed: ½. Right: mean response tokens of both sides. "
         + "; ".join(
             f"round {k} vs {st.get('baseline')}: win {st['win_rate']:.3f}{ci(st, 'win_rate')}, LC "
-            f"{st['lc_win_rate']:.3f}{ci(st, 'lc_win_rate')}, tokens {st['mean_tokens']:.1f} vs "
+            + (f"{st['lc_win_rate']:.3f}{ci(st, 'lc_win_rate')}" if st.get("lc_win_rate") is not None else "not identified")
+            + f", tokens {st['mean_tokens']:.1f} vs "
             f"{st['baseline_mean_tokens']:.1f}"
             for k, st in rows
         )

@@ -26,7 +26,7 @@ OUTPUT_FILES = {
     "pairs": {"pairs": "pairs.parquet"},
     "reference": {"reference": "reference.parquet"},
     "train": {"checkpoint": "checkpoint", "metrics": "train_metrics.parquet"},
-    "evaluate": {"eval": "eval.parquet"},
+    "evaluate": {"eval": "eval.parquet", "controls": "eval_controls.parquet"},
 }
 
 
@@ -266,12 +266,12 @@ def _eval_plan(cfg: RunConfig, k: int, rd: Path, policy: str, policy_role: str, 
             inputs[f"template:{jid}"] = Path(j.template)
     if ev.reward_model:
         inputs["reward_model"] = ev.reward_model
-    eval_cfg = ev.model_dump(mode="json", exclude={"enabled", "stop_after_no_gain", "min_gain"})
+    eval_cfg = ev.model_dump(mode="json", exclude={"enabled", "stop_after_no_gain", "min_gain", "allow_self_judge"})
     eval_cfg["prompts"] = ev.prompts.plan_form()  # a plain path, as it always was, unless more is set
     return StagePlan(
         EVAL_STAGE, k, rd,
         inputs=inputs,
-        outputs={"eval": rd / OUTPUT_FILES[EVAL_STAGE]["eval"]},
+        outputs={name: rd / f for name, f in OUTPUT_FILES[EVAL_STAGE].items()},
         config={
             "eval": eval_cfg,
             "seed": cfg.seed,

@@ -22,7 +22,8 @@ The data, written by `write_toy_data` (shipped in data/toy/, regenerated and che
   sets have one: in 80 % of the pairs the chosen response is also the longer one. A DPO-trained π_0 then carries
   a length preference in its implicit reward, which is what DICE's α debiasing exists to remove.
 - `prompts.jsonl` (training rounds) and `eval_prompts.jsonl` (held out, for the benchmark's true reward and
-  win rate).
+  win rate: built from templates and styles of their own, `EVAL_TEMPLATES` and `EVAL_STYLES`, so no held-out
+  prompt is a training prompt with another "(ref N)" tag).
 
 Simulated annotators (`simulated_preference`) give soft preferences from the true reward plus per-annotator
 Gaussian noise of a configurable size, for iREPO, online IPO and IPO-MD.
@@ -56,6 +57,14 @@ STYLES: tuple[str, ...] = (
     "", ", as a short note", ", for a child", ", in simple words", ", like a poet", ", for a friend",
     ", quickly", ", in the morning", ", for a postcard", ", with care",
 )  # fmt: skip
+# Held-out prompts are built from their own templates and styles, none used by the SFT corpus, the offline pairs or
+# the training prompts: with the "(ref N)" tag removed and case, spacing and punctuation normalised, no evaluation
+# prompt equals a training one (tests/test_toy.py checks it), so the evaluation measures more than recall.
+EVAL_TEMPLATES: tuple[str, ...] = (
+    "Explain {t}", "Jot down a few lines on {t}", "Let me hear about {t}", "Paint a picture of {t}",
+    "Note some things about {t}", "Chat about {t}",
+)  # fmt: skip
+EVAL_STYLES: tuple[str, ...] = ("", ", for a letter", ", in one breath", ", for a class", ", at night", ", as a list")
 TOPIC_NAMES: dict[str, str] = {
     "animals": "animals", "food": "food", "weather": "the weather", "sports": "sports", "music": "music",
     "space": "outer space",
@@ -120,9 +129,25 @@ def simulated_preference(
     return 1.0 / (1.0 + math.exp(-max(min(z, 50.0), -50.0)))
 
 
-def make_prompt(rng: random.Random, topic: str, ref: int) -> str:
-    style = rng.choice(STYLES)
-    return f"{rng.choice(TEMPLATES).format(t=TOPIC_NAMES[topic])}{style} (ref {ref})."
+def length_biased_preference(
+    prompt: str, response_a: str, response_b: str, *, bonus: float = 0.03, temperature: float = 0.1
+) -> float:
+    """P(a ≻ b | x) of an annotator with a KNOWN length bias: σ((R(a) + bonus·words(a) − R(b) − bonus·words(b)) / τ).
+
+    The true reward does not grow with length; this annotator does, by `bonus` per word (0.03: a response 10 words
+    longer gains 0.3, about one standard deviation of the toy policy's R). The benchmark evaluates with it so the raw
+    and the length-controlled win rates show what length control removes."""
+    ra = true_reward(prompt, response_a) + bonus * len(response_a.split())
+    rb = true_reward(prompt, response_b) + bonus * len(response_b.split())
+    z = (ra - rb) / temperature
+    return 1.0 / (1.0 + math.exp(-max(min(z, 50.0), -50.0)))
+
+
+def make_prompt(rng: random.Random, topic: str, ref: int, held_out: bool = False) -> str:
+    """A prompt about `topic`; `held_out`: from the evaluation templates and styles, never the training ones."""
+    templates, styles = (EVAL_TEMPLATES, EVAL_STYLES) if held_out else (TEMPLATES, STYLES)
+    style = rng.choice(styles)
+    return f"{rng.choice(templates).format(t=TOPIC_NAMES[topic])}{style} (ref {ref})."
 
 
 def sample_response(rng: random.Random, topic: str, q: float, n_words: int, filler: float = 0.3) -> str:
@@ -141,9 +166,9 @@ def sample_response(rng: random.Random, topic: str, q: float, n_words: int, fill
     return " ".join(words) + "."
 
 
-def _prompts(rng: random.Random, n: int, refs: Sequence[int]) -> list[tuple[str, str]]:
+def _prompts(rng: random.Random, n: int, refs: Sequence[int], held_out: bool = False) -> list[tuple[str, str]]:
     topics = list(TOPICS)
-    return [(topics[i % len(topics)], make_prompt(rng, topics[i % len(topics)], refs[i])) for i in range(n)]
+    return [(topics[i % len(topics)], make_prompt(rng, topics[i % len(topics)], refs[i], held_out)) for i in range(n)]
 
 
 def write_toy_data(folder: str | Path, seed: int = 0) -> dict[str, Path]:
@@ -182,7 +207,7 @@ def write_toy_data(folder: str | Path, seed: int = 0) -> dict[str, Path]:
 
     for i, (_, prompt) in enumerate(_prompts(rng, 384, refs[3480:3864])):
         files["prompts"].append({"prompt_id": f"t{i:04d}", "prompt": prompt})
-    for i, (_, prompt) in enumerate(_prompts(rng, 96, refs[3864:3960])):
+    for i, (_, prompt) in enumerate(_prompts(rng, 96, refs[3864:3960], held_out=True)):
         files["eval_prompts"].append({"prompt_id": f"e{i:04d}", "prompt": prompt})
 
     out = {}
