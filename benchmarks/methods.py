@@ -350,7 +350,6 @@ def findings(results: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
            "win_rate_vs_true_reward": spearman([wins[n] for n in names], [rs[n] for n in names]),
            "recipes": len(names)}  # fmt: skip
     lines = []
-    fmt = lambda xs: ", ".join(f"`{x}`" for x in xs) or "none"  # noqa: E731
     if len(results["seeds"]) < 2:
         lines.append("One seed: no intervals, so no difference below is established.")
     pair = {n: r.get("paired") or {} for n, r in recs.items()}
