@@ -45,7 +45,7 @@ def _deployment_run(env, *args, timeout=900):
 def test_bad_parameters_are_rejected_before_a_run_exists(served):
     out = _deployment_run(served["env"], "--params", json.dumps({"config": {"rounds": -1}}))
     assert out.returncode != 0
-    text = out.stdout + out.stderr
+    text = " ".join((out.stdout + out.stderr).split())  # Prefect's CLI wraps its message to the terminal's width
     assert "config.rounds" in text and "minimum of 0" in text
     assert not served["cfg"].run_dir.exists()
 

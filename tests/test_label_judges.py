@@ -58,7 +58,9 @@ def vllm_server(tiny_model, tmp_path_factory):
     """A real `vllm serve` (the OpenAI-compatible server) of the tiny model on loopback, once per session."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    from pipeline.compute.engine import short_rpc_path
+
+    env = short_rpc_path({k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"})
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
            "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--enforce-eager", "--max-model-len", "1024", "--kv-cache-memory-bytes", str(256 << 20), "--seed", "0"]  # fmt: skip

@@ -137,7 +137,7 @@ def processes_of(marker: str, victim: int) -> list[str]:
         owned = f"{launch.OWNER}={socket.gethostname()}:{victim}:" in env
         reaper = "os.killpg(pgid" in cmd and cmd.rstrip().endswith(f" {victim}")
         if marker in cmd or owned or reaper:
-            left.append(f"{proc.name}: {cmd[:200]}")
+            left.append(f"{proc.name}: {cmd}")  # whole: a long temp path must not push flags out of sight
     return left
 
 
@@ -163,8 +163,8 @@ def test_a_stage_killed_alone_leaves_no_engine_worker_behind(tmp_path, tiny_mode
         proc = subprocess.Popen([sys.executable, "-m", "stages.generate", str(conf), "--round", "1"], cwd=REPO,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     marker, shards = str(tmp_path / "runs"), rounds.round_dir(cfg, 1) / ".dice/generate-shards"
-    _wait_for(lambda: len([p for p in processes_of(marker, proc.pid) if "--shards" in p]) == 2, 600,
-              "2 engine workers", log)  # fmt: skip
+    _wait_for(lambda: len([p for p in processes_of(marker, proc.pid) if "--shards" in p]) == 2 or proc.poll() is not None,
+              600, "2 engine workers", log)  # fmt: skip
     time.sleep(2)  # the engine workers are importing vLLM / starting their engines
     assert proc.poll() is None, log.read_text()[-3000:]
     os.kill(proc.pid, signal.SIGKILL)  # the stage process alone
@@ -351,3 +351,16 @@ def test_claims_name_gpus_by_uuid(tmp_path, monkeypatch):
     assert gpus.visible() == ["GPU-aaaa", "GPU-bbbb"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-bbbb")
     assert gpus.visible() == ["GPU-bbbb"]
+
+
+def test_engine_sockets_fit_a_long_temporary_directory(tmp_path):
+    """vLLM names its engine sockets under the temporary directory; a Unix socket path holds 107 bytes. Under a
+    TMPDIR too long for that, engines get a short private socket folder; otherwise nothing changes."""
+    from pipeline.compute.engine import short_rpc_path
+
+    long = "/" + "t" * 119
+    env = short_rpc_path({"TMPDIR": long})
+    base = Path(env["VLLM_RPC_BASE_PATH"])
+    assert base.is_dir() and len(str(base)) + 1 + 36 <= 107 and base.stat().st_mode & 0o077 == 0
+    assert "VLLM_RPC_BASE_PATH" not in short_rpc_path({"TMPDIR": str(tmp_path)[:40]})
+    assert short_rpc_path({"TMPDIR": long, "VLLM_RPC_BASE_PATH": "/mine"})["VLLM_RPC_BASE_PATH"] == "/mine"

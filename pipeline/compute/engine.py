@@ -16,11 +16,34 @@ import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import EngineConfig
 
 CPU_KV_CACHE_BYTES = 256 << 20  # vLLM's CPU memory check needs a fixed KV-cache size; 256 MiB serves the tiny runs
+
+
+# A Unix socket's path holds at most 107 bytes (sockaddr_un.sun_path); vLLM names its engine sockets
+# <VLLM_RPC_BASE_PATH>/<36-character uuid>, under the temporary directory unless told otherwise.
+_SOCKET_PATH_MAX = 107
+
+
+def short_rpc_path(env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (default os.environ) with VLLM_RPC_BASE_PATH set to a short private folder when the temporary directory's
+    path is too long for vLLM's socket names (a long TMPDIR would stop every multi-process engine and `vllm serve`
+    at start). Left as it is when the variable is set or the path fits."""
+    import tempfile
+
+    env = os.environ if env is None else env
+    base = env.get("VLLM_RPC_BASE_PATH") or env.get("TMPDIR") or tempfile.gettempdir()
+    if "VLLM_RPC_BASE_PATH" in env or len(base) + 1 + 36 <= _SOCKET_PATH_MAX:
+        return env
+    short = Path("/tmp") if Path("/tmp").is_dir() and os.access("/tmp", os.W_OK) else Path("/dev/shm")
+    folder = short / f"dice-rpc-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    env["VLLM_RPC_BASE_PATH"] = str(folder)
+    return env
 
 
 def make_llm(model: str, engine: EngineConfig, *, dtype: str, seed: int, trust_remote_code: bool):
@@ -35,6 +58,7 @@ def make_llm(model: str, engine: EngineConfig, *, dtype: str, seed: int, trust_r
         # Must be set before vLLM is imported: the engine then lives in this process (fast start, and
         # `release` frees it) instead of a spawned worker.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    short_rpc_path()  # before vLLM reads its environment: engine sockets fit a long TMPDIR
     from vllm import LLM
 
     on_gpu = torch.cuda.is_available()
