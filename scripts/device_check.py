@@ -7,7 +7,8 @@ and what it found goes into one JSON (`device-check.json`) and a table (`device-
    MFU is quoted against.
 2. model: a random-initialised Llama-architecture model of realistic shape built on the device (GPU: 1.1B
    parameters, TinyLlama's shape; --cpu: the tiny model), with the tiny BPE tokenizer.
-3. gpu tests: `pytest -m gpu tests/test_gpu.py -k "not vllm"` (vLLM does not travel to the check machine).
+3. gpu tests: `pytest -o addopts= -m gpu tests/test_gpu.py -k "not vllm"` (one process: the check machine has no
+   pytest-xdist; vLLM does not travel to it).
 4. pairs → reference → train, round 0 on the offline pairs, in bf16 (GPU; float32 on CPU) at ZeRO-0 and ZeRO-3 on
    one process, gradient checkpointing off and on: each stage's peak memory (GPU: `max_memory_allocated`; CPU: the
    resident high-water mark over the process's size before the stage), next to `dice plan`'s estimate of the same
@@ -288,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     shape = memory.read_shape(model)
     report["model"]["params"] = shape.params
 
-    tests = check.run("gpu tests (no vLLM)", _py("-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "-k", "not vllm",
-                                                 "-p", "no:cacheprovider"), 200 if gpu else 60)  # fmt: skip
+    tests = check.run("gpu tests (no vLLM)", _py("-m", "pytest", "-q", "-o", "addopts=", "-m", "gpu", "tests/test_gpu.py",
+                                                 "-k", "not vllm", "-p", "no:cacheprovider"), 200 if gpu else 60)  # fmt: skip
     tail = [ln for ln in tests.get("_output", "").splitlines() if " passed" in ln or " skipped" in ln or " failed" in ln]
     tests["summary"] = tail[-1].strip("= ") if tail else None
     if tests["status"] == "failed" and tests["summary"] and " failed" not in tests["summary"] and "error" not in tests["summary"]:

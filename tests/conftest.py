@@ -7,9 +7,11 @@ and Prefect run for real in the stage processes the flow starts.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -23,6 +25,39 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` (the default, pyproject.toml): two workers share the cores, one compute thread each (and each
+    # stage process they start); two threads per worker would spin against each other at every OpenMP barrier
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The modules that take longest, first: `pytest -n` hands out whole modules (`--dist loadfile`) in collection
+# order, so a long one started last would leave the other worker idle until it ends. Measured with --durations=0.
+LONGEST_FIRST = ["test_flow_e2e", "test_scale_scoring", "test_train", "test_schedule", "test_faults",
+                 "test_device_check", "test_benchmarks", "test_memory", "test_generate", "test_deployment",
+                 "test_generate_distributed", "test_data_sources", "test_evaluate_models", "test_label_judges",
+                 "test_artifacts"]  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))  # stable: in-file order kept
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def headless_chromium(*args: str, profile: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run headless chromium with its profile in `profile`.
+
+    Chromium puts its singleton socket under TMPDIR and aborts ("Socket path too long") when that path passes the
+    107-byte limit of a unix socket; it gets a short temporary folder of its own, whatever TMPDIR the tests run with.
+    """
+    with tempfile.TemporaryDirectory(prefix="dice-chromium-", dir="/tmp") as short_tmp:
+        return subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}", *args],
+            capture_output=True, text=True, timeout=timeout, check=False, env={**os.environ, "TMPDIR": short_tmp},
+        )  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -32,26 +67,33 @@ def repo() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    """The tiny chat model, built from the shipped data (shorter supervised pass than the preset's)."""
+    """The tiny chat model, built from the shipped data (shorter supervised pass than the preset's), once per test
+    run: the workers of `pytest -n` share it (each one's temporary folder sits in the run's)."""
+    import fcntl
+    import hashlib
+    import shutil
+
     from pipeline.run.tiny import TinySpec, build_tiny_model
 
     data, spec = [REPO / "data/prompts.jsonl", REPO / "data/offline_prefs.jsonl"], TinySpec(sft_steps=150)
-    cache = os.environ.get("DICE_TEST_MODEL_CACHE")  # developers' loop: reuse a model built from the same inputs
-    if cache:
-        import hashlib
-        import shutil
-
-        h = hashlib.sha256((REPO / "pipeline/run/tiny.py").read_bytes() + repr(spec).encode())
-        for f in data:
-            h.update(f.read_bytes())
-        path = Path(cache) / h.hexdigest()[:16] / "tiny"
+    h = hashlib.sha256((REPO / "pipeline/run/tiny.py").read_bytes() + repr(spec).encode())
+    for f in data:
+        h.update(f.read_bytes())
+    # developers' loop: DICE_TEST_MODEL_CACHE keeps the model between runs (rebuilt when its inputs change)
+    root = os.environ.get("DICE_TEST_MODEL_CACHE")
+    if not root:
+        root = tmp_path_factory.getbasetemp()
+        root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    path = Path(root) / h.hexdigest()[:16] / "tiny"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builds, the others wait for it
         if not (path / "config.json").is_file():
             tmp = path.with_name(f"tiny.{os.getpid()}")
             build_tiny_model(tmp, data, spec)
             shutil.rmtree(path, ignore_errors=True)
             tmp.rename(path)
-        return path
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", data, spec)
+    return path
 
 
 def tiny_config(runs_dir: Path, model: Path, **overrides):

@@ -11,7 +11,6 @@ import json
 import os
 import queue
 import re
-import shutil
 import signal
 import subprocess
 import threading
@@ -23,7 +22,7 @@ import pytest
 
 from pipeline.config import save_config
 from pipeline.run import rounds
-from tests.conftest import REPO, tiny_config
+from tests.conftest import CHROMIUM, REPO, headless_chromium, tiny_config
 
 DICE = str(Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "dice")
 
@@ -261,20 +260,12 @@ def test_bad_input_fails_the_run_with_the_file_and_line(tmp_path, tiny_model):
     assert not (rounds.round_dir(cfg, 0) / "pairs.parquet").exists()
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
 def test_report_renders_every_plot_in_a_headless_browser(run, tmp_path):
     out = tmp_path / "report.html"
     done = subprocess.run([DICE, "report", str(run["cfg"].run_dir), "--out", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    dom = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'chrome'}",
-         "--virtual-time-budget=5000", "--dump-dom", out.as_uri()],
-        capture_output=True, text=True, timeout=120,
-    ).stdout  # fmt: skip
+    dom = headless_chromium("--virtual-time-budget=5000", "--dump-dom", out.as_uri(), profile=tmp_path / "chrome").stdout
     body = re.search(r'<body data-plots="(\d+)" data-plots-loaded="(\d+)"', dom)
     assert body, dom[:500]
     expected = ["plot-eval", "plot-alpha", "plot-round0-training"] + [

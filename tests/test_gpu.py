@@ -1,4 +1,4 @@
-"""GPU-only paths. Run on a GPU machine: `pytest -m gpu`; `-k "not vllm"` leaves out the tests that need CUDA vLLM
+"""GPU-only paths. Run on a GPU machine: `pytest -m gpu -n 0`; `-k "not vllm"` leaves out the tests that need CUDA vLLM
 (scripts/device-check.sh runs those on its single GPU without vLLM).
 
 One GPU: bf16 training in one process (NCCL, a world of one) at ZeRO-0 and ZeRO-3 from the reference stage's bf16

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +21,17 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from flows import cli
 from flows.cli import app
 from pipeline.data import schemas
 from pipeline.data.artifacts import MANIFEST_DIR, write_json_atomic, write_parquet
 from pipeline.run.html_report import build_report, round_diff, round_markdown
+from tests.conftest import CHROMIUM, headless_chromium
 
 PLOTS = ("rewards", "lengths", "pair-lengths", "agreement", "training")
 EXPECTED = ["plot-eval", "plot-alpha", "plot-round0-training"] + [
     f"plot-round{k}-{p}" for k in (1, 2) for p in PLOTS
 ]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 # Prompts p00..p11 in round 1, p06..p17 in round 2: six prompts are answered in both rounds.
 ROUND_PROMPTS = {1: range(12), 2: range(6, 18)}
@@ -213,18 +213,17 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def _cli(*args: str):
-    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    # the CLI's consoles took their width when flows.cli was imported (from this shell's terminal or COLUMNS);
+    # a wide one here, whatever the terminal running the tests, so table cells are not folded mid-phrase
+    widths = cli.console.width, cli.err.width
+    cli.console.width = cli.err.width = 200
+    try:
+        return CliRunner().invoke(app, list(args))
+    finally:
+        cli.console.width, cli.err.width = widths
 
 
 # ---------------------------------------------------------------------------------------------- report
-
-
-def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}", *args],
-        capture_output=True, text=True, timeout=180, check=False,
-    )  # fmt: skip
 
 
 @pytest.mark.skipif(
@@ -237,7 +236,7 @@ def test_report_renders_every_plot_in_headless_chromium(run_dir, tmp_path):
     assert out.is_file()
 
     # --virtual-time-budget lets the load event (and the page's counting script) run before the DOM is dumped
-    dom = _chromium("--virtual-time-budget=10000", "--dump-dom", out.as_uri(), profile=tmp_path / "p1").stdout
+    dom = headless_chromium("--virtual-time-budget=10000", "--dump-dom", out.as_uri(), profile=tmp_path / "p1").stdout
     body = re.search(r"<body\b[^>]*>", dom)
     assert body, dom[:500]
     attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(0)))
@@ -248,7 +247,7 @@ def test_report_renders_every_plot_in_headless_chromium(run_dir, tmp_path):
     assert all(alt for alt in imgs.values())
 
     shot = tmp_path / "report.png"
-    _chromium(
+    headless_chromium(
         "--hide-scrollbars",
         "--window-size=1280,3000",
         f"--screenshot={shot}",
