@@ -138,9 +138,9 @@ class watch_prefect_api:
 
 
 def give_up(message: str, code: int) -> None:
-    """Stop this process's children, print `message` as dice's last line, and exit now with `code` (atexit handlers
-    skipped: Prefect's would retry a server that is gone). The other threads' output is silenced first: the flow
-    would log the stopped stage's failure, with its traceback, after dice's line."""
+    """Stop this process's children, print `message` as dice's last line (on a line of its own), and exit now with
+    `code` (atexit handlers skipped: Prefect's would retry a server that is gone). The other threads' output is
+    silenced first: the flow would log the stopped stage's failure, with its traceback, after dice's line."""
     import psutil
 
     sys.stdout.flush()
@@ -161,7 +161,9 @@ def give_up(message: str, code: int) -> None:
             child.kill()
         except psutil.NoSuchProcess:
             pass
-    os.write(ours, f"error: {message}\nFinished stages are kept; run the same command again once the server answers, "
+    # A new line first: Prefect's "--- Error logging to API ---" note, written just before when the server went
+    # away, ends without one, and dice's line must start a line of its own (users and scripts read the last lines).
+    os.write(ours, f"\nerror: {message}\nFinished stages are kept; run the same command again once the server answers, "
                    "to resume.\n".encode())  # fmt: skip
     os._exit(code)
 

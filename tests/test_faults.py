@@ -109,6 +109,18 @@ def test_a_prefect_server_lost_mid_run_ends_it_promptly(tmp_path, tiny_model):
     assert pairs.is_file()  # the stage finished before the loss is kept
 
 
+def test_giving_up_starts_a_line_of_its_own():
+    """Prefect's "--- Error logging to API ---" note ends without a new line (seen in CI: "All connection attempts
+    failederror: ..."); dice's last word after such a note still starts its own line."""
+    code = ("import sys; sys.stderr.write('--- Error logging to API ---\\nAll connection attempts failed'); "
+            "from flows.dice import give_up; give_up('the Prefect API at X does not answer', 4)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 4, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[-3:] == ["All connection attempts failed", "error: the Prefect API at X does not answer",
+                          "Finished stages are kept; run the same command again once the server answers, to resume."]
+
+
 # ---------------------------------------------------------------------------------------------- OS errors
 
 
