@@ -171,3 +171,25 @@ def middle(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
 def ratio_line(label: str, values: list[float]) -> str:
     """Every repeat's ratio and their median, the one format all benchmarks print: `label: x1.39, x1.66; median x1.52`."""
     return f"{label}: " + ", ".join(f"x{v:.2f}" for v in values) + f"; median x{median(values):.2f}"
+
+
+def gemm_flops(shapes: list[tuple[int, int, int]], device: Any, seconds: float = 1.0) -> dict[str, float]:
+    """This machine's float32 GEMM rate (FLOP/s) for each (m, k, n) in `shapes`, (m × k) @ (k × n) on `device`, the
+    best of repeated timings of 10 products over `seconds` each: the ceiling a model's linear layers can reach."""
+    import torch
+
+    out = {}
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+        best, deadline = float("inf"), time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(10):
+                a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - t) / 10)
+        out[f"{m}x{k}x{n}"] = 2.0 * m * k * n / best
+    return out

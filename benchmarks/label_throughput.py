@@ -141,23 +141,11 @@ def linear_flops(model, encoded: list[tuple[list[int], list[int]]], batch_size: 
 
 
 def gemm_peak(hidden: int, intermediate: int, device, seconds: float = 2.0) -> float:
-    """This machine's float32 GEMM rate (FLOP/s) on the model's MLP shape, (2048 × hidden) @ (hidden × intermediate),
-    best of repeated timings: the ceiling any scorer of this model can reach on its linear layers."""
-    import torch
+    """This machine's float32 GEMM rate (FLOP/s) on the model's MLP shape, (2048 × hidden) @ (hidden × intermediate)
+    (`harness.gemm_flops`): the ceiling any scorer of this model can reach on its linear layers."""
+    from benchmarks.harness import gemm_flops
 
-    a = torch.randn(2048, hidden, device=device)
-    b = torch.randn(hidden, intermediate, device=device)
-    best, deadline = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t) / 10)
-    return 2.0 * 2048 * hidden * intermediate / best
+    return next(iter(gemm_flops([(2048, hidden, intermediate)], device, seconds).values()))
 
 
 # ---------------------------------------------------------------------------------------------- the stage, 1 and N processes

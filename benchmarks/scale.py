@@ -15,7 +15,8 @@ such a round synthetically (no model, no GPU) and runs, each in a fresh process 
 - reference (data): what the reference stage's ranks do before any forward pass, summed over all shards:
   read pairs.parquet, cut it into shards of whole prompts, take the generated pairs' token ids and tokenize the
   offline pairs after their prompt's chat template (`stages.reference._pairs_by_shard`, `_encode_pairs`) with the
-  tiny model's tokenizer;
+  tiny model's tokenizer, in batches over every core as the stage runs (the Rust tokenizer's parallelism, on by
+  default; a launch of several ranks gives each its share of the cores, RAYON_NUM_THREADS);
 - train (data): `stages.train.load_pairs`, the training stage's read of reference.parquet's token ids.
 
 Responses carry token ids as generate stores them (random ids of the texts' token counts, so nothing reads them
@@ -25,7 +26,8 @@ Lengths are UltraFeedback-like: prompts log-normal around 250 characters (σ 0.9
 log-normal around 1,000 characters (σ 0.85) with a long tail cut at 2,048 tokens (8,192 characters: such
 responses are `finish_reason: length`), texts cut from the shipped data. For each stage it prints the wall time
 of the stage call, the process's peak RSS (VmHWM), its RSS after imports, the in-memory (Arrow) size of the
-stage's input table, and (peak − imports) / input. Writes `benchmarks/out/scale.json`.
+stage's input table, and (peak − imports) / input. The wall time is the stage call (`execute` for label and pairs):
+the plan, made before it, is not in it. Writes `benchmarks/out/scale.json`.
 """
 
 from __future__ import annotations
@@ -199,7 +201,9 @@ def child(stage: str, conf: str) -> None:
     """Run one stage's data path in this (fresh) process and print its result line."""
     import importlib
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the reference stage tokenises offline pairs as it runs: with the Rust tokenizer's batch parallelism over every
+    # core (its default; a multi-rank launch gives each rank its share, RAYON_NUM_THREADS)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if stage.startswith(("reference", "train")) else "false"
     from pipeline.config import load_config
     from pipeline.data.artifacts import execute
     from pipeline.run import rounds
@@ -210,16 +214,17 @@ def child(stage: str, conf: str) -> None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy)
+    # the stage's plan (settling the config imports torch to ask for CUDA: a flow process has it already) before the
+    # clock starts: what is timed is the stage call itself
+    plan = rounds.plan(cfg, 1, stage.split()[0])
     imports_mb = _status_mb("VmRSS")
     started = time.perf_counter()
     extra: dict[str, Any] = {}
     if stage in ("label", "pairs"):
-        plan = rounds.plan(cfg, 1, stage)
         extra = execute(plan, lambda: module.run(cfg, plan), force=True)["stats"]
         extra = {k: extra[k] for k in ("responses", "pairs", "pairs_generated", "pairs_offline", "alpha") if k in extra}
     elif stage == "reference (data)":
         reference = module
-        plan = rounds.plan(cfg, 1, "reference")
         texts, shards, _ = reference._pairs_by_shard(cfg, plan)
         n_tokens = 0
         for idx in shards:  # what the ranks do between them, before their forward passes
@@ -227,7 +232,7 @@ def child(stage: str, conf: str) -> None:
             n_tokens += sum(len(x[0]) + len(x[1]) for x in c + r)
         extra = {"pairs": sum(len(s) for s in shards), "shards": len(shards), "tokens": n_tokens}
     else:
-        examples, dropped = module.load_pairs(rounds.plan(cfg, 1, "train").inputs["reference"], tokenizer, cfg)
+        examples, dropped = module.load_pairs(plan.inputs["reference"], tokenizer, cfg)
         extra = {"pairs": len(examples), **dropped}
     wall = time.perf_counter() - started
     result = {"wall_s": wall, "imports_mb": imports_mb, "peak_rss_mb": _status_mb("VmHWM"), **extra}

@@ -24,6 +24,13 @@ What it does (benchmarks/README.md has the settings and a measured run):
    Checks that TRL's trainer holds no reference model (`ref_model is None` under precompute_ref_log_probs).
 6. Prints a table and writes `benchmarks/out/train_throughput.json`.
 
+7. Measures the machine's GEMM peak in the same run (`--worker gemm`: fp32 `torch.mm` on the trainers' device
+   and threads, the model's own layer shapes and large squares, before and after the trainers; the best is the
+   peak) and reports each trainer's FLOP/s against it: executed (the positions its forward passes ran, padding and
+   TRL's full-sequence LM head included; attention over the (query, key) pairs its kernels compute) and useful (the
+   same model FLOPs of the counted tokens for both: each sequence causal, unpadded). 6 FLOPs per parameter per
+   position (forward 2, backward 4), 12·hidden per attention pair per layer.
+
 `--profile-dice` adds a third, smaller dice run under timers (forward / log-probs / backward / step /
 collate) and torch.profiler, written to `benchmarks/out/dice_profile*.txt`.
 """
@@ -197,6 +204,74 @@ def dice_computed_tokens(pairs: list[dict[str, Any]], args: argparse.Namespace, 
     return out
 
 
+def flop_model(conf) -> dict[str, float]:
+    """Training FLOPs of the model's parts: per position through the decoder layers' linears, per position through
+    the LM head, per (query, key) attention pair (all layers): 6 per parameter (forward 2, backward 4), 12·hidden per
+    pair per layer (QKᵀ and AV, 2·hidden each, forward; backward twice that)."""
+    h, i, layers = conf.hidden_size, conf.intermediate_size, conf.num_hidden_layers
+    kv = conf.num_key_value_heads * (h // conf.num_attention_heads)
+    per_layer = h * h + 2 * h * kv + h * h + 3 * h * i  # q, k, v, o, gate, up, down
+    return {"decoder": 6.0 * layers * per_layer, "head": 6.0 * conf.vocab_size * h, "pair": 12.0 * h * layers}
+
+
+def causal_pairs(n: int) -> int:
+    return n * (n + 1) // 2
+
+
+def useful_flops_per_token(pairs: list[dict[str, Any]], fm: dict[str, float]) -> float:
+    """Model FLOPs per counted token, the same for both trainers: every sequence (prompt+chosen, prompt+rejected) on
+    its own, causal, unpadded, the LM head at every position, averaged over all pairs."""
+    seqs = [len(p[k][0]) + len(p[k][1]) for p in pairs for k in ("enc_c", "enc_r")]
+    return fm["decoder"] + fm["head"] + fm["pair"] * sum(map(causal_pairs, seqs)) / sum(seqs)
+
+
+def dice_executed_flops(pairs: list[dict[str, Any]], args: argparse.Namespace, fm: dict[str, float]) -> list[float]:
+    """FLOPs dice's packed forward/backward passes execute per optimizer step (its batching replayed): each pair's row
+    [prompt | chosen | rejected] (a response's last token only a target) through the decoder, the LM head at the c + r
+    positions that predict a response token, attention causal within prompt+chosen and from each rejected position
+    to the prompt and the rejected tokens before it."""
+    from stages.train import global_batches
+
+    lengths = [len(p["enc_c"][0]) + max(len(p["enc_c"][1]), len(p["enc_r"][1])) for p in pairs]
+
+    def flops(pair: dict[str, Any]) -> float:
+        n_p, n_c, n_r = len(pair["enc_c"][0]), len(pair["enc_c"][1]), len(pair["enc_r"][1])
+        attention = causal_pairs(n_p + n_c - 1) + (n_r - 1) * n_p + causal_pairs(n_r - 1)
+        return fm["decoder"] * (n_p + n_c + n_r - 2) + fm["head"] * (n_c + n_r) + fm["pair"] * attention
+
+    return [sum(flops(pairs[i]) for i in batch)
+            for batch in global_batches(len(pairs), lengths, args.global_batch, 1, args.seed)]  # fmt: skip
+
+
+def trl_executed_flops(shapes: list[list[int]], ga: int, fm: dict[str, float]) -> list[float]:
+    """FLOPs TRL executes per optimizer step from its micro-batches' (rows, width): every padded position through the
+    decoder and the LM head (1.16's chunked head scores every position off CUDA), attention over every (query, key)
+    pair of the width (a dense mask)."""
+    per_micro = [rows * width * (fm["decoder"] + fm["head"]) + fm["pair"] * rows * width * width for rows, width in shapes]
+    return [sum(per_micro[k * ga : (k + 1) * ga]) for k in range(len(per_micro) // ga)]
+
+
+def gemm_worker(spec: dict[str, Any]) -> None:
+    """fp32 matmul FLOP/s on this device and thread count (`harness.gemm_flops`): the model's layer shapes (a
+    micro-batch of positions times hidden → intermediate, and back) and large squares."""
+    import torch
+
+    from benchmarks.harness import gemm_flops
+
+    h, i, m = spec["hidden"], spec["intermediate"], spec["positions"]
+    shapes = [(m, h, i), (m, i, h), (m, h, h), (1024, 1024, 1024), (2048, 2048, 2048)]
+    rates = gemm_flops(shapes, torch.device(spec["device"]), seconds=1.0)
+    print(RESULT + json.dumps({"flops_per_s": rates, "peak": max(rates.values()), "threads": torch.get_num_threads()}), flush=True)
+
+
+def gemm_peak(args: argparse.Namespace, conf, when: str) -> dict[str, Any]:
+    """The machine's fp32 GEMM FLOP/s now, in a child with the trainers' environment (`gemm_worker`)."""
+    spec = {"device": args.device, "hidden": conf.hidden_size, "intermediate": conf.intermediate_size,
+            "positions": 4 * args.micro_batch * 128}  # fmt: skip
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "gemm", "--worker-spec", json.dumps(spec)]
+    return run_child(cmd, OUT / "logs" / f"gemm-{when}.log", None, args.wait_quiet or None, trainer_env(args))["result"]
+
+
 # ---------------------------------------------------------------------------------------------- the two trainers
 
 
@@ -208,8 +283,9 @@ def trainer_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def summarize(child: dict[str, Any], tokens: list[int], computed: list[int], warmup: int) -> dict[str, Any]:
-    """Timed region: from the end of warm-up step `warmup` to the end of the last step."""
+def summarize(child: dict[str, Any], tokens: list[int], computed: list[int], warmup: int,
+              executed: list[float] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Timed region: from the end of warm-up step `warmup` to the end of the last step. `executed`: FLOPs per step."""
     step_ends = child["step_ends"]
     if len(step_ends) != len(tokens) or len(step_ends) <= warmup:
         raise RuntimeError(f"saw {len(step_ends)} step ends for {len(tokens)} steps (warm-up {warmup})")
@@ -226,6 +302,7 @@ def summarize(child: dict[str, Any], tokens: list[int], computed: list[int], war
         "timed_computed_tokens": sum(computed[warmup:]),
         "computed_per_token": sum(computed[warmup:]) / timed_tokens,
         "all_steps_tokens": sum(tokens),
+        "executed_flops_per_s": sum(executed[warmup:]) / wall if executed else None,
         # CPU time other processes used during the timed region, as a share of all cores: ~0 on a quiet machine
         "foreign_cpu_share": foreign_share(child["step_cpu"][warmup - 1], child["step_cpu"][-1], wall),
         **{k: child[k] for k in ("peak_rss_mib", "process_wall_s", "log")},
@@ -247,8 +324,9 @@ def run_dice(args, model: Path, pairs, zero_stage: int | str, rep: int = 0) -> d
     child = run_child(cmd, OUT / "logs" / f"dice-zero{zero_stage}-run{rep + 1}.log", DICE_STEP,
                       args.wait_quiet or None, trainer_env(args))  # fmt: skip
     metrics = pq.read_table(rounds.plan(cfg, 0, "train").outputs["metrics"]).to_pylist()
+    executed = dice_executed_flops(pairs, args, args.flop_model) if cfg.train.packing else None
     out = summarize(child, [m["tokens"] for m in metrics], dice_computed_tokens(pairs, args, cfg.train.packing),
-                    args.warmup)  # fmt: skip
+                    args.warmup, executed)  # fmt: skip
     out["self_reported_s"] = sum(m["seconds"] for m in metrics[args.warmup :])  # dice's own `seconds` column
     out["first_step_loss"] = metrics[0]["loss"]
     out["first_step_margin"] = metrics[0]["margin"]
@@ -269,7 +347,8 @@ def run_trl(args, model: Path, pairs, rep: int = 0) -> dict[str, Any]:
     child = run_child(cmd, OUT / "logs" / f"trl-run{rep + 1}.log", TRL_STEP, args.wait_quiet or None,
                       trainer_env(args))  # fmt: skip
     r = child["result"]
-    out = summarize(child, r["tokens"], r["padded"], args.warmup)
+    ga = args.global_batch // args.micro_batch
+    out = summarize(child, r["tokens"], r["padded"], args.warmup, trl_executed_flops(r["shapes"], ga, args.flop_model))
     out["self_reported_s"] = sum(r["step_seconds"][args.warmup :])  # callback on_step_end intervals, in the child
     out["first_step_margin"] = r["first_step_margin"]
     out["trl_options"] = r["options"]
@@ -340,11 +419,13 @@ def trl_worker(spec: dict[str, Any]) -> None:
     assert trainer.ref_model is None, "TRL holds a reference model: not the configuration this benchmark compares"
 
     padded: list[int] = []
+    shapes: list[list[int]] = []
     collate = trainer.data_collator
 
     def counting_collator(examples):
         batch = collate(examples)
         padded.append(batch["input_ids"].numel())
+        shapes.append(list(batch["input_ids"].shape))  # (rows, width): chosen rows, then rejected rows, padded
         return batch
 
     trainer.data_collator = counting_collator
@@ -376,6 +457,7 @@ def trl_worker(spec: dict[str, Any]) -> None:
         "tokens": clock.tokens,
         # the loader runs ahead of the steps: attribute micro-batch i (collation order) to step i // ga
         "padded": [sum(padded[k * ga : (k + 1) * ga]) for k in range(len(clock.ends))],
+        "shapes": shapes[: len(clock.ends) * ga],
         "step_seconds": [e - s for s, e in zip(starts, clock.ends)],
         "first_step_margin": sum(margins) / len(margins),
         "total_train_tokens": trainer._total_train_tokens,
@@ -454,7 +536,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                     help="before each trainer, wait up to S seconds for other processes to leave the CPUs (shared machines)")
     ap.add_argument("--out", default=str(OUT / "train_throughput.json"))
-    ap.add_argument("--worker", choices=["trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["trl", "gemm"], help=argparse.SUPPRESS)
     ap.add_argument("--worker-spec", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -493,6 +575,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker == "trl":
         return trl_worker(json.loads(args.worker_spec))
+    if args.worker == "gemm":
+        return gemm_worker(json.loads(args.worker_spec))
     if args.global_batch % args.micro_batch:
         sys.exit("--global-batch must be a multiple of --micro-batch")
     if args.warmup < 1 or args.pairs < (args.warmup + 1) * args.global_batch:
@@ -525,12 +609,25 @@ def main(argv: list[str] | None = None) -> None:
     ref_s = score_reference(model, pairs, args.device)
     print(f"reference log-probs scored once in {ref_s:.1f} s (pipeline.compute.logprobs.score, fp32)", flush=True)
 
+    args.flop_model = fm = flop_model(conf)
+    useful_per_token = useful_flops_per_token(pairs, fm)
+    gemm = [gemm_peak(args, conf, "before")]
+    print(f"GEMM peak before the trainers: {gemm[0]['peak'] / 1e9:.1f} GFLOP/s (fp32, {gemm[0]['threads']} threads; "
+          + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in gemm[0]["flops_per_s"].items()) + ")", flush=True)
+
     contenders = {}  # run in turn, every repeat: a slow spell of the machine hits all alike
     for z in (x.strip() if x.strip() == "auto" else int(x) for x in args.dice_zero_stages.split(",") if x.strip()):
         contenders["dice" if z == "auto" else f"dice (ZeRO-{z})"] = lambda rep, z=z: run_dice(args, model, pairs, z, rep)
     if not args.skip_trl:
         contenders["trl"] = lambda rep: run_trl(args, model, pairs, rep)
     runs = alternate(contenders, args.repeats)
+    gemm.append(gemm_peak(args, conf, "after"))
+    peak = max(g["peak"] for g in gemm)
+    for rs in runs.values():
+        for r in rs:
+            r["useful_flops_per_s"] = r["tokens_per_s"] * useful_per_token
+            r["useful_of_peak"] = r["useful_flops_per_s"] / peak
+            r["executed_of_peak"] = r["executed_flops_per_s"] / peak if r["executed_flops_per_s"] else None
     results = {k: median_run(v) for k, v in runs.items()}
 
     print_table(results)
@@ -553,6 +650,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{k}: self-reported timed seconds {r['self_reported_s']:.2f} (parent-observed {r['timed_wall_s']:.2f}); "
               f"step-1 margin {r['first_step_margin']:.2e} (policy == reference: ~0)")  # fmt: skip
 
+    measured = ", ".join(f"{g['peak'] / 1e9:.1f}" for g in gemm)
+    print(f"GEMM peak (fp32, the best of before / after the trainers: {measured}): {peak / 1e9:.1f} GFLOP/s; "
+          f"model FLOPs per counted token {useful_per_token / 1e6:.1f} M")
+    for k, rs in runs.items():
+        executed = [r["executed_of_peak"] for r in rs]
+        print(f"{k}: useful FLOP/s of the GEMM peak " + ", ".join(f"{100 * r['useful_of_peak']:.1f}%" for r in rs)
+              + ("; executed " + ", ".join(f"{100 * x:.1f}%" for x in executed) if all(executed) else "")
+              + " (run by run)")
     profile = run_profile(args, model, pairs) if args.profile_dice else None
     settings = {k: v for k, v in vars(args).items() if k not in ("worker", "worker_spec")}
     report = {
@@ -563,6 +668,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": {"path": shown(model), "parameters": n_params, "build_s": built_s},
         "pairs": {"count": len(pairs), "lengths": lengths},
         "reference_scoring_s": ref_s,
+        "gemm": {"runs": gemm, "peak_flops_per_s": peak, "useful_flops_per_token": useful_per_token, "flop_model": fm},
         "results": results,
         "ratios": pair_ratios,
         "dice_profile": profile,

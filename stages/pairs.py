@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -42,13 +43,15 @@ import pyarrow.compute as pc
 
 from pipeline.config import RunConfig
 from pipeline.data import schemas
-from pipeline.data.artifacts import StagePlan, read_parquet, write_parquet
+from pipeline.data.artifacts import StagePlan, iter_parquet, read_parquet, take_rows, write_parquet
 from pipeline.data.datasets import read_offline
 from pipeline.method.length import best_worst, replay_counts, search_alpha, search_alpha_exact
 
-# The LABELS columns pairs reads (the log-prob and bookkeeping columns are not needed).
-LABEL_COLUMNS = ["prompt_id", "prompt", "prompt_messages", "sample_idx", "response", "num_tokens", "num_chars", "finish_reason",
-                 "reward", "label_error", "prompt_token_ids", "response_token_ids"]  # fmt: skip
+# The LABELS columns pairs reads for every response (the log-prob and bookkeeping columns are not needed) ...
+SELECT_COLUMNS = ["prompt_id", "sample_idx", "num_tokens", "num_chars", "finish_reason", "reward", "label_error"]
+# ... and those it reads only at the responses it pairs (texts and token ids: most of the file), a row group at a time
+PAIRED_COLUMNS = ["prompt", "prompt_messages", "response", "prompt_token_ids", "response_token_ids"]
+LABEL_COLUMNS = SELECT_COLUMNS + PAIRED_COLUMNS
 # The token-id columns of PAIRS: Arrow arrays from labels to pairs.parquet (never a Python int per token).
 ID_COLUMNS = ("prompt_token_ids", "chosen_token_ids", "rejected_token_ids")
 # Python's str.isspace() characters, as an RE2 class (checked over every code point in tests/test_pairs_table.py)
@@ -77,13 +80,6 @@ def _offline_rows(offline: pa.Table, idx: np.ndarray, k: int) -> dict[str, list]
         # tokenised once, by the reference stage (it has the model's tokenizer)
         **{c: pa.nulls(n, schemas.TOKEN_IDS) for c in ID_COLUMNS},
     }
-
-
-def _ids(labels: pa.Table, name: str, rows: np.ndarray) -> pa.Array:
-    """The `name` token ids of label rows `rows` (nulls for a labels table written without ids)."""
-    if name not in labels.column_names:
-        return pa.nulls(len(rows), schemas.TOKEN_IDS)
-    return _take(labels[name], rows).cast(schemas.TOKEN_IDS)
 
 
 PairKey = tuple[str, int, int]  # (prompt_id, idx_a, idx_b) of a compared pair, idx_a < idx_b
@@ -144,14 +140,23 @@ def reward_units(cfg: RunConfig) -> float:
 
 
 def generated_pairs(
-    labels: pa.Table, cfg: RunConfig, k: int, preferences: pa.Table | None = None
+    labels: pa.Table,
+    cfg: RunConfig,
+    k: int,
+    preferences: pa.Table | None = None,
+    *,
+    long_enough: np.ndarray | None = None,
+    take: Callable[[list[str], np.ndarray], pa.Table] | None = None,
 ) -> tuple[dict[str, list], dict[str, Any]]:
     """Pairs (columns of PAIRS) and the selection's statistics.
 
-    `labels`: LABELS rows (at least LABEL_COLUMNS). `preferences`: the judges' per-annotator table
-    (labeller=judge); then `reward` in `labels` is the ranking score, each pair's `preference` is p̂ and
-    `annotators` the number of annotators behind it. Without it the rewards are scalar (implicit reward, reward
-    model, python) and `preference` follows `pairs.preference_from_rewards`.
+    `labels`: LABELS rows (at least SELECT_COLUMNS; LABEL_COLUMNS unless `long_enough` and `take` are given).
+    `preferences`: the judges' per-annotator table (labeller=judge); then `reward` in `labels` is the ranking score,
+    each pair's `preference` is p̂ and `annotators` the number of annotators behind it. Without it the rewards are
+    scalar (implicit reward, reward model, python) and `preference` follows `pairs.preference_from_rewards`.
+    `long_enough`: (N,) whether each response has at least `pairs.min_chars` non-whitespace characters (default:
+    from labels' `response`); `take(columns, rows)`: the PAIRED_COLUMNS of label rows `rows` (default: from `labels`).
+    `run` passes both, so the texts and ids of the responses it does not pair are never held.
     """
     pcfg = cfg.pairs
     n = labels.num_rows
@@ -161,7 +166,11 @@ def generated_pairs(
     sample_idx = _numpy(labels["sample_idx"], np.int64)
     reward = _numpy(labels["reward"], np.float64, np.nan)
     cut = _numpy(pc.equal(labels["finish_reason"], "length"), bool, False)
-    degenerate = ~_at_least_chars(labels["response"], pcfg.min_chars)
+    degenerate = ~(long_enough if long_enough is not None else _at_least_chars(labels["response"], pcfg.min_chars))
+    if take is None:
+        def take(columns: list[str], rows: np.ndarray) -> pa.Table:
+            return pa.table({c: _take(labels[c], rows) if c in labels.column_names
+                             else pa.nulls(len(rows), schemas.LABELS.field(c).type) for c in columns})  # fmt: skip
     n_chars = _numpy(labels["num_chars"], np.int64)
     over = n_chars > pcfg.max_chars if pcfg.max_chars is not None else np.zeros(n, dtype=bool)
     unscored = ~np.isfinite(reward)
@@ -239,7 +248,8 @@ def generated_pairs(
             if pcfg.strategy != "best_worst" and prefs[i] < 0.5:  # orient by the judges' own verdict
                 w[i], l_[i], prefs[i] = l_[i], w[i], 1.0 - prefs[i]
         stats_judged["dropped_no_comparison"] = no_comparison
-    chosen_text, rejected_text = _take(labels["response"], w), _take(labels["response"], l_)
+    paired = take(PAIRED_COLUMNS, np.concatenate([w, l_]))  # chosen rows, then rejected rows
+    chosen_text, rejected_text = paired["response"][: len(w)], paired["response"][len(w) :]
     identical = _numpy(pc.equal(chosen_text, rejected_text), bool, False)
     close = margin <= pcfg.min_margin if (pcfg.strategy == "best_worst" or not judged) else np.zeros(len(w), bool)
     ties = keep & (identical | close)
@@ -251,7 +261,9 @@ def generated_pairs(
     elif soft:
         prefs = _sigmoid(reward[w] - reward[l_])  # p = σ(r_chosen − r_rejected)
     w, l_, prefs, annotators = w[keep], l_[keep], prefs[keep], annotators[keep]
-    chosen_text, rejected_text = chosen_text.filter(pa.array(keep)), rejected_text.filter(pa.array(keep))
+    kept_rows = pa.array(np.r_[np.flatnonzero(keep), len(keep) + np.flatnonzero(keep)])
+    paired = paired.take(kept_rows)  # the kept pairs: chosen rows, then rejected rows
+    chosen, rejected = paired.slice(0, len(w)), paired.slice(len(w))
 
     pids = [prompt_ids[c] for c in codes[w]]
     if pcfg.strategy == "best_worst":
@@ -261,10 +273,10 @@ def generated_pairs(
     out = {
         "pair_id": pair_ids,
         "prompt_id": pids,
-        "prompt": _take(labels["prompt"], w).to_pylist(),
-        "prompt_messages": _take(labels["prompt_messages"], w).to_pylist(),
-        "chosen": chosen_text.to_pylist(),
-        "rejected": rejected_text.to_pylist(),
+        "prompt": chosen["prompt"].to_pylist(),
+        "prompt_messages": chosen["prompt_messages"].to_pylist(),
+        "chosen": chosen["response"].to_pylist(),
+        "rejected": rejected["response"].to_pylist(),
         "source": ["generated"] * len(w),
         "chosen_reward": reward[w].tolist(),
         "rejected_reward": reward[l_].tolist(),
@@ -275,9 +287,9 @@ def generated_pairs(
         "annotators": annotators.tolist(),
         "round": [k] * len(w),
         # the sampled tokens, carried as they are to the reference and train stages
-        "prompt_token_ids": _ids(labels, "prompt_token_ids", w),
-        "chosen_token_ids": _ids(labels, "response_token_ids", w),
-        "rejected_token_ids": _ids(labels, "response_token_ids", l_),
+        "prompt_token_ids": chosen["prompt_token_ids"].combine_chunks().cast(schemas.TOKEN_IDS),
+        "chosen_token_ids": chosen["response_token_ids"].combine_chunks().cast(schemas.TOKEN_IDS),
+        "rejected_token_ids": rejected["response_token_ids"].combine_chunks().cast(schemas.TOKEN_IDS),
     }
     stats = {
         "strategy": pcfg.strategy,
@@ -339,8 +351,12 @@ def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     prefs = None
     if "preferences" in plan.inputs:  # judges: p̂ from the per-annotator comparisons
         prefs = read_parquet(plan.inputs["preferences"], schemas.PREFERENCES)
-    labels = read_parquet(plan.inputs["labels"], schemas.LABELS, columns=LABEL_COLUMNS)
-    gen, stats = generated_pairs(labels, cfg, k, prefs)
+    path = plan.inputs["labels"]
+    labels = read_parquet(path, schemas.LABELS, columns=SELECT_COLUMNS)
+    long_enough = np.concatenate([np.ones(0, bool)] + [_at_least_chars(g["response"], cfg.pairs.min_chars)
+                                                       for g in iter_parquet(path, schemas.LABELS, ["response"])])  # fmt: skip
+    gen, stats = generated_pairs(labels, cfg, k, prefs, long_enough=long_enough,
+                                 take=lambda columns, rows: take_rows(path, schemas.LABELS, columns, rows))  # fmt: skip
     n_gen_all = len(gen["pair_id"])
     if n_gen_all == 0:  # no generated pair means no offline pair either (replay mixes in γ of them)
         raise ValueError(_nothing_to_pair(plan.inputs["labels"], labels, stats, cfg, k))
@@ -350,8 +366,8 @@ def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
         pick = np.sort(rng.choice(n_gen_all, size=n_gen, replace=False))
         gen = {c: v.take(pa.array(pick)) if c in ID_COLUMNS else [v[i] for i in pick] for c, v in gen.items()}
     # offline pairs only from prompts the sampled generated pairs do not use (the reference's rule)
-    used = set(gen["prompt"])
-    eligible = np.array([i for i, p in enumerate(offline["prompt"].to_pylist()) if p not in used], dtype=np.int64)
+    used = pc.is_in(offline["prompt"], value_set=pa.array(sorted(set(gen["prompt"])), pa.string()))
+    eligible = np.flatnonzero(~_numpy(used, bool, False)).astype(np.int64)
     off_idx = np.sort(rng.choice(eligible, size=min(n_off, len(eligible)), replace=False)) if n_off else np.array([], np.int64)
     off = _offline_rows(offline, off_idx, k)
     table = pa.table({c: pa.concat_arrays([gen[c], off[c]]) if c in ID_COLUMNS else gen[c] + off[c]

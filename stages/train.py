@@ -40,6 +40,7 @@ from pipeline.config import LossType, RunConfig
 from pipeline.data import schemas
 from pipeline.data.artifacts import (
     StagePlan,
+    iter_parquet,
     plan_digest,
     read_parquet,
     replace_dir,
@@ -69,11 +70,11 @@ def load_pairs(path: Path, tokenizer, cfg: RunConfig) -> tuple[list[dict[str, An
     from pipeline.method.losses import SR_QUALITY_PREFIX, smooth_preference
 
     t = cfg.train
-    table = read_parquet(path, schemas.REFERENCE)
-    if table.num_rows == 0:
+    logps = read_parquet(path, schemas.REFERENCE, columns=["ref_chosen_logps", "ref_rejected_logps"])
+    if logps.num_rows == 0:
         raise ValueError(f"{path}: no pairs to train on")
     for col in ("ref_chosen_logps", "ref_rejected_logps"):
-        bad = [i for i, v in enumerate(table[col].to_pylist()) if v is None or not math.isfinite(v)]
+        bad = [i for i, v in enumerate(logps[col].to_pylist()) if v is None or not math.isfinite(v)]
         if bad:
             raise ValueError(f"{path}: column {col} is not finite in row {bad[0]} ({len(bad)} rows); re-run the reference stage")
     refined = t.loss in (LossType.SR_DPO, LossType.SR_IPO)
@@ -91,7 +92,10 @@ def load_pairs(path: Path, tokenizer, cfg: RunConfig) -> tuple[list[dict[str, An
     columns = ["prompt", "prompt_messages", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps", "chosen_tokens",
                "rejected_tokens", "annotators", "preference"]  # fmt: skip
     id_columns = ["prompt_token_ids", "chosen_token_ids", "rejected_token_ids"]
-    for batch in table.select(columns + id_columns).to_batches(max_chunksize=2048):  # texts: Python a batch at a time
+    # a row group at a time: the examples keep views of each group's ids, its texts are let go
+    batches = (b for group in iter_parquet(path, schemas.REFERENCE, columns + id_columns)
+               for b in group.to_batches(max_chunksize=2048))  # fmt: skip
+    for batch in batches:  # texts: Python a batch at a time
         d, prompts = batch.select(columns).to_pydict(), prompts_of(batch)  # the conversation where the pair has one
         ids = [stored_ids(batch.column(c)) for c in id_columns]
         chosen, rejected = encoded(prompts, d["chosen"], d["rejected"], ids)

@@ -17,8 +17,10 @@ from pipeline.data.artifacts import (
     StagePlan,
     execute,
     fingerprint,
+    iter_parquet,
     read_parquet,
     run_lock,
+    take_rows,
     write_parquet,
 )
 
@@ -142,6 +144,29 @@ def test_read_parquet_wrong_type(tmp_path):
     with pytest.raises(ArtifactError) as e:
         read_parquet(path, SCHEMA)
     assert str(path) in str(e.value) and "type" in str(e.value)
+
+
+def test_row_groups_are_read_one_at_a_time_and_rows_taken_across_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(artifacts, "ROW_GROUP_ROWS", 4)
+    path = tmp_path / "t.parquet"
+    write_parquet(good_table(10), path, SCHEMA)
+    assert pq.ParquetFile(path).num_row_groups == 3  # 4 + 4 + 2 rows
+    groups = list(iter_parquet(path, SCHEMA, ["id", "n"]))
+    assert [g.num_rows for g in groups] == [4, 4, 2] and groups[0].schema == pa.schema([SCHEMA.field("id"), SCHEMA.field("n")])
+    assert sum((g["n"].to_pylist() for g in groups), []) == list(range(10))
+    rows = [9, 0, 5, 5, 3, 8]  # any order, across groups, a repeat
+    t = take_rows(path, SCHEMA, ["id", "score"], rows)
+    assert t["id"].to_pylist() == [f"x{i}" for i in rows] and t.schema.names == ["id", "score"]
+    assert take_rows(path, SCHEMA, ["id"], []).num_rows == 0
+
+
+def test_iter_parquet_and_take_rows_name_the_file_of_a_missing_column(tmp_path):
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"id": ["a"], "score": [1.0]}), path)
+    for read in (lambda: list(iter_parquet(path, SCHEMA)), lambda: take_rows(path, SCHEMA, ["id", "n"], [0])):
+        with pytest.raises(ArtifactError) as e:
+            read()
+        assert str(path) in str(e.value) and "missing column(s) n" in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------- fingerprint

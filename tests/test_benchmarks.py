@@ -92,6 +92,15 @@ def test_train_benchmark_runs_dice_and_trl_on_every_pair(tmp_path):
     runs = [a / b for a, b in zip(dice["tokens_per_s_runs"], trl["tokens_per_s_runs"])]
     assert q["tokens_per_s_runs"] == runs and len(runs) == 2
     assert math.isclose(q["tokens_per_s"], sum(runs) / 2)
+    # the distance to the limit: FLOP/s against the GEMM peak measured in the same run; TRL executes at least the
+    # useful FLOPs (padding, full-width attention, the head everywhere), dice's packed rows fewer per counted token
+    g = r["gemm"]
+    assert g["peak_flops_per_s"] == max(x["peak"] for x in g["runs"]) > 0 and len(g["runs"]) == 2
+    for t in (dice, trl):
+        assert t["useful_flops_per_s"] == t["tokens_per_s"] * g["useful_flops_per_token"]
+        assert 0 < t["useful_of_peak"] and 0 < t["executed_of_peak"]
+    assert trl["executed_flops_per_s"] / trl["tokens_per_s"] > g["useful_flops_per_token"]
+    assert dice["executed_flops_per_s"] / dice["tokens_per_s"] < g["useful_flops_per_token"]
 
 
 def test_scale_benchmark_measures_every_stage(tmp_path):

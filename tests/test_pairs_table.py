@@ -314,3 +314,41 @@ def test_pairs_do_not_depend_on_the_reward_scale():
         out, stats = generated_pairs(label_rows(scaled), cfg(debias_length=True), k=1)
         assert (out["chosen"], out["rejected"]) == (base["chosen"], base["rejected"])
         assert stats["alpha"] == pytest.approx(c * base_stats["alpha"])
+
+
+def test_the_stage_reads_texts_and_ids_only_of_the_rows_it_pairs_across_row_groups(tmp_path, monkeypatch):
+    """stages.pairs.run reads labels.parquet's small columns whole and its texts and ids a row group at a time, at the
+    rows it pairs: the same pairs, texts and token ids as the in-memory selection, whatever the row groups."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    import pipeline.data.artifacts as artifacts
+    from pipeline.data.artifacts import StagePlan
+    from stages import pairs as stage
+
+    table = label_rows(TABLE)
+    ids = [[7 + i, 8 + i] for i in range(table.num_rows)]  # distinct ids per row: a mix-up shows
+    table = table.set_column(table.schema.get_field_index("prompt_token_ids"), "prompt_token_ids",
+                             pa.array([[1, i] for i in range(table.num_rows)], schemas.TOKEN_IDS))  # fmt: skip
+    table = table.set_column(table.schema.get_field_index("response_token_ids"), "response_token_ids",
+                             pa.array(ids, schemas.TOKEN_IDS))  # fmt: skip
+    monkeypatch.setattr(artifacts, "ROW_GROUP_ROWS", 3)
+    artifacts.write_parquet(table, tmp_path / "labels.parquet", schemas.LABELS)
+    assert pq.ParquetFile(tmp_path / "labels.parquet").num_row_groups == 6
+    offline = tmp_path / "offline.jsonl"
+    offline.write_text("".join(json.dumps({"prompt": f"o{i}", "chosen": "c", "rejected": "r"}) + "\n" for i in range(4)))
+    config = RunConfig.model_validate({"pairs": {"debias_length": False}, "data": {"offline": str(offline)}})
+    plan = StagePlan("pairs", 1, tmp_path, {"labels": tmp_path / "labels.parquet"},
+                     {"pairs": tmp_path / "pairs.parquet"}, {})  # fmt: skip
+    stats = stage.run(config, plan)
+    written = pq.read_table(tmp_path / "pairs.parquet").filter(pa.compute.equal(pa.compute.field("source"), "generated"))
+    expected, _ = generated_pairs(table, config, k=1)
+    assert stats["pairs_generated"] == written.num_rows == len(expected["pair_id"]) == 2
+    for column in ("pair_id", "prompt", "chosen", "rejected", "prompt_token_ids", "chosen_token_ids", "rejected_token_ids"):
+        got = written[column].to_pylist()
+        want = expected[column] if isinstance(expected[column], list) else expected[column].to_pylist()
+        assert sorted(map(str, got)) == sorted(map(str, want)), column
+    by_text = dict(zip(table["response"].to_pylist(), ids))
+    assert [by_text[t] for t in written["chosen"].to_pylist()] == written["chosen_token_ids"].to_pylist()
+    assert [by_text[t] for t in written["rejected"].to_pylist()] == written["rejected_token_ids"].to_pylist()

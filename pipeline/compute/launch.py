@@ -518,6 +518,10 @@ def run(stage: str, cfg: RunConfig, plan: StagePlan, n: int, worker: Worker, job
     nonce = secrets.token_hex(8)
     files["mark"].write_text(nonce)
     env = {**os.environ, LAUNCH_MARK: f"{files['mark'].resolve()}:{nonce}"}
+    here = n or processes_here(n, hostfile) or 1  # ranks on this machine
+    # the Rust tokenizer's batch parallelism (offline pairs tokenised by the reference stage): the ranks on a machine
+    # share its cores instead of each taking them all
+    env.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // here)))
     if devices := _cuda_devices():
         if os.environ.get("CUDA_VISIBLE_DEVICES") and not hostfile:
             # The launcher would ignore CUDA_VISIBLE_DEVICES (beside --num_gpus) and give the ranks 0..n-1, and its
@@ -526,7 +530,6 @@ def run(stage: str, cfg: RunConfig, plan: StagePlan, n: int, worker: Worker, job
             del env["CUDA_VISIBLE_DEVICES"]
     else:
         # gloo ranks on one CPU machine: split the cores, or each rank's threads fight the others' (25x slower)
-        here = n or processes_here(n, hostfile) or 1  # ranks on this machine
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // here)))
         env.setdefault("DS_ACCELERATOR", "cpu")
     if hostfile:

@@ -254,7 +254,8 @@ def check_data(cfg: RunConfig) -> DataReport:
         else:
             r["duplicate_prompts"] = sum(n - 1 for n in Counter(texts[key]).values() if n > 1)
             if key == "eval.prompts":
-                from pipeline.data.datasets import overlap_key  # the evaluate stage's rule: case, spacing, punctuation
+                # the evaluate stage's rule: case, spacing, punctuation
+                from pipeline.data.datasets import overlap_key
 
                 trained = {overlap_key(x) for x in set(texts["data.prompts"]) | set(texts["data.offline"])}
                 r["also trained on (not evaluated)"] = sum(overlap_key(x) in trained for x in texts[key])
