@@ -43,7 +43,14 @@ import pyarrow.compute as pc
 
 from pipeline.config import RunConfig
 from pipeline.data import schemas
-from pipeline.data.artifacts import StagePlan, iter_parquet, read_parquet, take_rows, write_parquet
+from pipeline.data.artifacts import (
+    StagePlan,
+    iter_parquet,
+    read_parquet,
+    segmented_take,
+    take_rows,
+    write_parquet,
+)
 from pipeline.data.datasets import read_offline
 from pipeline.method.length import best_worst, replay_counts, search_alpha, search_alpha_exact
 
@@ -111,18 +118,8 @@ def _numpy(col: pa.ChunkedArray | pa.Array, dtype: Any, null: Any = None) -> np.
 
 def _take(col: pa.ChunkedArray, idx: np.ndarray) -> pa.Array:
     """col[idx] chunk by chunk: ChunkedArray.take would first concatenate every chunk (a copy of all the texts)."""
-    ends = np.cumsum([len(c) for c in col.chunks])
-    which = np.searchsorted(ends, idx, side="right")  # (M,) the chunk of each index
-    parts, order = [], []
-    for c in np.unique(which):
-        sel = np.flatnonzero(which == c)
-        start = ends[c] - len(col.chunks[c])
-        parts.append(col.chunks[c].take(pa.array(idx[sel] - start)))
-        order.append(sel)
-    if not parts:
-        return pa.array([], col.type)
-    taken = pa.concat_arrays(parts)  # chunk by chunk: put back in the order of idx
-    return taken.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
+    parts, back = segmented_take([len(c) for c in col.chunks], idx, lambda c, at: col.chunks[c].take(pa.array(at)))
+    return pa.concat_arrays(parts).take(back) if parts else pa.array([], col.type)
 
 
 def _at_least_chars(responses: pa.ChunkedArray, n: int) -> np.ndarray:
@@ -132,6 +129,14 @@ def _at_least_chars(responses: pa.ChunkedArray, n: int) -> np.ndarray:
     # anchored: RE2 stops as soon as n non-whitespace characters are found, whatever the response's length
     found = pc.match_substring_regex(responses, pattern=f"^(?:[{WHITESPACE}]*[^{WHITESPACE}]){{{n}}}")
     return _numpy(found, bool, False)
+
+
+def _long_enough(path: Any, n: int, min_chars: int) -> np.ndarray:
+    """(n,) `_at_least_chars` of labels.parquet's responses, read a row group at a time (not read when min_chars <= 0)."""
+    if min_chars <= 0:
+        return np.ones(n, dtype=bool)
+    parts = [_at_least_chars(g["response"], min_chars) for g in iter_parquet(path, schemas.LABELS, ["response"])]
+    return np.concatenate(parts) if parts else np.ones(0, dtype=bool)
 
 
 def reward_units(cfg: RunConfig) -> float:
@@ -353,9 +358,7 @@ def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
         prefs = read_parquet(plan.inputs["preferences"], schemas.PREFERENCES)
     path = plan.inputs["labels"]
     labels = read_parquet(path, schemas.LABELS, columns=SELECT_COLUMNS)
-    long_enough = np.concatenate([np.ones(0, bool)] + [_at_least_chars(g["response"], cfg.pairs.min_chars)
-                                                       for g in iter_parquet(path, schemas.LABELS, ["response"])])  # fmt: skip
-    gen, stats = generated_pairs(labels, cfg, k, prefs, long_enough=long_enough,
+    gen, stats = generated_pairs(labels, cfg, k, prefs, long_enough=_long_enough(path, labels.num_rows, cfg.pairs.min_chars),
                                  take=lambda columns, rows: take_rows(path, schemas.LABELS, columns, rows))  # fmt: skip
     n_gen_all = len(gen["pair_id"])
     if n_gen_all == 0:  # no generated pair means no offline pair either (replay mixes in γ of them)
