@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/scale.py                          # 20,000 × 16, then 62,500 × 16 (1M responses)
     .venv/bin/python benchmarks/scale.py --sizes 2000x16          # a quick run (seconds)
-    .venv/bin/python benchmarks/scale.py --stages pairs           # label and pairs only
+    .venv/bin/python benchmarks/scale.py --stages pairs           # label, the offline set (once) and pairs only
 
 `conf/recipes/gpu/dice.yaml` labels 20,000 prompts × 16 responses of up to 2,048 tokens per round. This builds
 such a round synthetically (no model, no GPU) and runs, each in a fresh process so its peak RSS is its own:
@@ -10,13 +10,16 @@ such a round synthetically (no model, no GPU) and runs, each in a fresh process 
 - label: the real stage (`stages.label.run` under `execute`, manifest included) with the python labeller
   (`label.python_reward=benchmarks.scale:crc_reward`, a hash of each response: the stage's own work, not a
   reward function's, is what is measured);
-- pairs: the real stage (`stages.pairs.run`), DICE's settings (best vs worst, min_valid 8, α in characters,
-  replay γ = 0.5 from an offline set of max(61,000, 2 × prompts) pairs, so every generated pair is kept);
-- reference (data): what the reference stage's ranks do before any forward pass, summed over all shards:
-  read pairs.parquet, cut it into shards of whole prompts, take the generated pairs' token ids and tokenize the
-  offline pairs after their prompt's chat template (`stages.reference._pairs_by_shard`, `_encode_pairs`) with the
-  tiny model's tokenizer, in batches over every core as the stage runs (the Rust tokenizer's parallelism, on by
-  default; a launch of several ranks gives each its share of the cores, RAYON_NUM_THREADS);
+- offline read (once), offline ids (once): what a run does once with its offline set of max(61,000, 2 × prompts)
+  pairs, the first time a round needs it (pipeline.data.offline_cache): read and check it (`offline_table`, in
+  round 1's pairs stage), then tokenize it after each prompt's chat template with the tiny model's tokenizer
+  (`offline_ids`, in round 1's reference stage, before its ranks start: the Rust tokenizer's batch parallelism over
+  every core). Every later round reads both back;
+- pairs: the real stage (`stages.pairs.run`) as every round runs it once the run has read its offline set, DICE's
+  settings (best vs worst, min_valid 8, α in characters, replay γ = 0.5, so every generated pair is kept);
+- reference (data): what the reference stage does before any forward pass, summed over all shards: find the run's
+  offline ids (`stages.reference._offline_ids`), read pairs.parquet with the offline pairs' ids filled in, cut it
+  into shards of whole prompts, and take every pair's token ids (`_pairs_by_shard`, `_encode_pairs`);
 - train (data): `stages.train.load_pairs`, the training stage's read of reference.parquet's token ids.
 
 Responses carry token ids as generate stores them (random ids of the texts' token counts, so nothing reads them
@@ -50,7 +53,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.harness import OUT, RESULT, run_child
 
-STAGES = ("label", "pairs", "reference (data)", "train (data)")
+STAGES = ("label", "offline read (once)", "offline ids (once)", "pairs", "reference (data)", "train (data)")
 MAX_TOKENS, CHARS_PER_TOKEN = 2048, 4
 
 
@@ -203,34 +206,46 @@ def child(stage: str, conf: str) -> None:
 
     # the reference stage tokenises offline pairs as it runs: with the Rust tokenizer's batch parallelism over every
     # core (its default; a multi-rank launch gives each rank its share, RAYON_NUM_THREADS)
-    os.environ["TOKENIZERS_PARALLELISM"] = "true" if stage.startswith(("reference", "train")) else "false"
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if stage.startswith(("offline", "reference", "train")) else "false"
     from pipeline.config import load_config
     from pipeline.data.artifacts import execute
     from pipeline.run import rounds
 
     cfg = load_config(conf)
-    module = importlib.import_module("stages." + stage.split()[0])  # only the stage measured
-    if stage in ("reference (data)", "train (data)"):
+    module = importlib.import_module("stages." + ("pairs" if stage.startswith("offline") else stage.split()[0]))
+    if stage in ("offline ids (once)", "reference (data)", "train (data)"):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy)
     # the stage's plan (settling the config imports torch to ask for CUDA: a flow process has it already) before the
     # clock starts: what is timed is the stage call itself
-    plan = rounds.plan(cfg, 1, stage.split()[0])
+    plan = rounds.plan(cfg, 1, "pairs" if stage.startswith("offline") else stage.split()[0])
     imports_mb = _status_mb("VmRSS")
     started = time.perf_counter()
     extra: dict[str, Any] = {}
     if stage in ("label", "pairs"):
         extra = execute(plan, lambda: module.run(cfg, plan), force=True)["stats"]
         extra = {k: extra[k] for k in ("responses", "pairs", "pairs_generated", "pairs_offline", "alpha") if k in extra}
+    elif stage == "offline read (once)":
+        from pipeline.data.offline_cache import offline_table
+
+        extra = {"pairs": offline_table(cfg.data.offline, cfg.run_dir).num_rows}
+    elif stage == "offline ids (once)":
+        from pipeline.compute.logprobs import encode_many
+        from pipeline.data.offline_cache import offline_ids
+
+        encode = lambda prompts, responses: encode_many(tokenizer, prompts, responses)  # noqa: E731  as the stage does
+        extra = {"tokenised": offline_ids(cfg.data.offline, cfg.run_dir, tokenizer, encode)[1]}
     elif stage == "reference (data)":
         reference = module
-        texts, shards, _ = reference._pairs_by_shard(cfg, plan)
+        ids_path, _ = reference._offline_ids(cfg, plan, tokenizer)
+        texts, shards, _, kept = reference._pairs_by_shard(cfg, plan, str(ids_path) if ids_path else None)
         n_tokens = 0
         for idx in shards:  # what the ranks do between them, before their forward passes
-            c, r, fits, _ = reference._encode_pairs(tokenizer, texts, idx, cfg.model.max_length)
+            c, r, fits, _ = reference._encode_pairs(tokenizer, texts, idx, cfg.model.max_length, kept)
             n_tokens += sum(len(x[0]) + len(x[1]) for x in c + r)
-        extra = {"pairs": sum(len(s) for s in shards), "shards": len(shards), "tokens": n_tokens}
+        extra = {"pairs": sum(len(s) for s in shards), "offline_with_kept_ids": kept.found if kept else 0,
+                 "shards": len(shards), "tokens": n_tokens}  # fmt: skip
     else:
         examples, dropped = module.load_pairs(plan.inputs["reference"], tokenizer, cfg)
         extra = {"pairs": len(examples), **dropped}
@@ -253,8 +268,9 @@ def input_mb(stage: str, conf: Path) -> tuple[float, int]:
     from pipeline.run import rounds
 
     rd = rounds.round_dir(load_config(conf), 1)
-    name = {"label": "responses", "pairs": "labels", "reference (data)": "pairs", "train (data)": "reference"}[stage]
-    size, rows = subprocess.run([sys.executable, "-c", code, str(rd / f"{name}.parquet")], capture_output=True,
+    name = {"label": "responses", "pairs": "labels", "reference (data)": "pairs", "train (data)": "reference"}.get(stage)
+    path = rd / f"{name}.parquet" if name else conf.parent / "offline.parquet"
+    size, rows = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
                                 text=True, check=True).stdout.split()  # fmt: skip
     return float(size), int(rows)
 
@@ -267,8 +283,8 @@ def main(argv: list[str] | None = None) -> None:
                     "~61k, and γ = 0.5 then keeps every generated pair)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stages", default=",".join(STAGES),
-                    help=f"comma-separated, a subset of: {', '.join(STAGES)} (label, and pairs before the data paths, run "
-                    "anyway: they write what the later stages read)")
+                    help=f"comma-separated, a subset of: {', '.join(STAGES)} (label, the offline set's two steps before pairs, and pairs "
+                    "before the data paths, run anyway: they write what the later stages read)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic rounds under benchmarks/out/scale/")
     ap.add_argument("--out", default=str(OUT / "scale.json"))
     ap.add_argument("--child", nargs=2, metavar=("STAGE", "CONFIG"), help=argparse.SUPPRESS)
@@ -284,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}")
     if set(chosen) & {"reference (data)", "train (data)"}:
         chosen.append("pairs")
+    if "pairs" in chosen:  # what every round after the first reads
+        chosen += ["offline read (once)", "offline ids (once)"]
     report = []
     for size in args.sizes.split(","):
         n_prompts, k = (int(x) for x in size.lower().split("x"))
@@ -293,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         conf = build_round(root, n_prompts, k, args.seed, args.offline or max(61_000, 2 * n_prompts))
         print(f"\n{n_prompts} prompts × {k} responses = {n_prompts * k:,} responses (synthetic round built in "
               f"{time.perf_counter() - t:.0f} s)", flush=True)  # fmt: skip
-        print(f"{'stage':<17} {'input rows':>10} {'input MiB':>9} {'wall s':>7} {'s per 1M responses':>18} "
+        print(f"{'stage':<19} {'input rows':>10} {'input MiB':>9} {'wall s':>7} {'s per 1M responses':>18} "
               f"{'peak RSS MiB':>12} {'after imports':>13} {'(peak-imports)/input':>20}")  # fmt: skip
         for stage in STAGES:
             if stage not in chosen and stage != "label":  # label writes what every other stage reads
@@ -305,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
             r.update(stage=stage, prompts=n_prompts, k=k, input_rows=rows, input_mb=size_mb,
                      growth=(r["peak_rss_mb"] - r["imports_mb"]) / size_mb)  # fmt: skip
             per_m = r["wall_s"] / (n_prompts * k) * 1e6
-            print(f"{stage:<17} {rows:>10,} {size_mb:>9.0f} {r['wall_s']:>7.1f} {per_m:>18.1f} {r['peak_rss_mb']:>12.0f} "
+            print(f"{stage:<19} {rows:>10,} {size_mb:>9.0f} {r['wall_s']:>7.1f} {per_m:>18.1f} {r['peak_rss_mb']:>12.0f} "
                   f"{r['imports_mb']:>13.0f} {r['growth']:>19.2f}x", flush=True)  # fmt: skip
             report.append(r)
         if not args.keep:

@@ -47,11 +47,12 @@ from pipeline.data.artifacts import (
     StagePlan,
     iter_parquet,
     read_parquet,
-    segmented_take,
+    take_column,
     take_rows,
+    take_table,
     write_parquet,
 )
-from pipeline.data.datasets import read_offline
+from pipeline.data.offline_cache import offline_table
 from pipeline.method.length import best_worst, replay_counts, search_alpha, search_alpha_exact
 
 # The LABELS columns pairs reads for every response (the log-prob and bookkeeping columns are not needed) ...
@@ -116,12 +117,6 @@ def _numpy(col: pa.ChunkedArray | pa.Array, dtype: Any, null: Any = None) -> np.
     return np.asarray(col.to_numpy(zero_copy_only=False), dtype=dtype)
 
 
-def _take(col: pa.ChunkedArray, idx: np.ndarray) -> pa.Array:
-    """col[idx] chunk by chunk: ChunkedArray.take would first concatenate every chunk (a copy of all the texts)."""
-    parts, back = segmented_take([len(c) for c in col.chunks], idx, lambda c, at: col.chunks[c].take(pa.array(at)))
-    return pa.concat_arrays(parts).take(back) if parts else pa.array([], col.type)
-
-
 def _at_least_chars(responses: pa.ChunkedArray, n: int) -> np.ndarray:
     """(N,) True where a response has at least n non-whitespace characters (str.isspace's whitespace)."""
     if n <= 0:
@@ -174,7 +169,7 @@ def generated_pairs(
     degenerate = ~(long_enough if long_enough is not None else _at_least_chars(labels["response"], pcfg.min_chars))
     if take is None:
         def take(columns: list[str], rows: np.ndarray) -> pa.Table:
-            return pa.table({c: _take(labels[c], rows) if c in labels.column_names
+            return pa.table({c: take_column(labels[c], rows) if c in labels.column_names
                              else pa.nulls(len(rows), schemas.LABELS.field(c).type) for c in columns})  # fmt: skip
     n_chars = _numpy(labels["num_chars"], np.int64)
     over = n_chars > pcfg.max_chars if pcfg.max_chars is not None else np.zeros(n, dtype=bool)
@@ -253,9 +248,12 @@ def generated_pairs(
             if pcfg.strategy != "best_worst" and prefs[i] < 0.5:  # orient by the judges' own verdict
                 w[i], l_[i], prefs[i] = l_[i], w[i], 1.0 - prefs[i]
         stats_judged["dropped_no_comparison"] = no_comparison
-    paired = take(PAIRED_COLUMNS, np.concatenate([w, l_]))  # chosen rows, then rejected rows
-    chosen_text, rejected_text = paired["response"][: len(w)], paired["response"][len(w) :]
-    identical = _numpy(pc.equal(chosen_text, rejected_text), bool, False)
+    # the paired responses in file order (read as they lie: no reordering copy); at_w, at_l: each pair's chosen and
+    # rejected row among them
+    rows = np.unique(np.concatenate([w, l_]))
+    paired = take(PAIRED_COLUMNS, rows)
+    at_w, at_l = np.searchsorted(rows, w), np.searchsorted(rows, l_)
+    identical = _numpy(pc.equal(take_column(paired["response"], at_w), take_column(paired["response"], at_l)), bool, False)
     close = margin <= pcfg.min_margin if (pcfg.strategy == "best_worst" or not judged) else np.zeros(len(w), bool)
     ties = keep & (identical | close)
     keep &= ~ties
@@ -266,9 +264,9 @@ def generated_pairs(
     elif soft:
         prefs = _sigmoid(reward[w] - reward[l_])  # p = σ(r_chosen − r_rejected)
     w, l_, prefs, annotators = w[keep], l_[keep], prefs[keep], annotators[keep]
-    kept_rows = pa.array(np.r_[np.flatnonzero(keep), len(keep) + np.flatnonzero(keep)])
-    paired = paired.take(kept_rows)  # the kept pairs: chosen rows, then rejected rows
-    chosen, rejected = paired.slice(0, len(w)), paired.slice(len(w))
+    chosen = take_table(paired, at_w[keep])  # the kept pairs' chosen rows
+    rejected = take_table(paired.select(["response", "response_token_ids"]), at_l[keep])
+    del paired
 
     pids = [prompt_ids[c] for c in codes[w]]
     if pcfg.strategy == "best_worst":
@@ -343,7 +341,7 @@ def _nothing_to_pair(path: Any, labels: pa.Table, stats: dict[str, Any], cfg: Ru
 
 def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     k = plan.round
-    offline = read_offline(cfg.data.offline)
+    offline = offline_table(cfg.data.offline, cfg.run_dir)  # read and checked once per run
     rng = np.random.default_rng([cfg.seed, k])
     if k == 0 or cfg.offline_rounds:  # round 0, or a round of the offline baseline: offline pairs only
         cap = cfg.round0.max_pairs if k == 0 else cfg.data.offline_per_round

@@ -85,11 +85,10 @@ def test_crash_during_the_write_leaves_the_previous_file_and_no_temp(tmp_path, m
     write_parquet(good_table(), path, SCHEMA)
     before = path.read_bytes()
 
-    def half_write(table, where, **kwargs):
-        Path(where).write_bytes(b"PAR1 half a file")
+    def half_write(self, table, **kwargs):  # the writer has opened the temp file and written its header
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(artifacts.pq, "write_table", half_write)
+    monkeypatch.setattr(artifacts.pq.ParquetWriter, "write_table", half_write)
     with pytest.raises(OSError, match="No space"):
         write_parquet(good_table(9), path, SCHEMA)
     assert path.read_bytes() == before
@@ -158,6 +157,42 @@ def test_row_groups_are_read_one_at_a_time_and_rows_taken_across_them(tmp_path, 
     t = take_rows(path, SCHEMA, ["id", "score"], rows)
     assert t["id"].to_pylist() == [f"x{i}" for i in rows] and t.schema.names == ["id", "score"]
     assert take_rows(path, SCHEMA, ["id"], []).num_rows == 0
+
+
+def test_groups_read_ahead_come_in_order_and_stop_cleanly(tmp_path, monkeypatch):
+    """Row groups are read READ_AHEAD at a time on threads: more groups than threads still come in file order, sorted
+    and unsorted takes agree, and a reader that stops early leaves no thread behind."""
+    import threading
+
+    monkeypatch.setattr(artifacts, "ROW_GROUP_ROWS", 3)
+    path = tmp_path / "t.parquet"
+    write_parquet(good_table(40), path, SCHEMA)  # 14 groups
+    assert pq.ParquetFile(path).num_row_groups == 14 > artifacts.READ_AHEAD
+    assert read_parquet(path, SCHEMA)["n"].to_pylist() == list(range(40))
+    rows = [39, 1, 2, 17, 17, 0, 25]
+    assert take_rows(path, SCHEMA, ["n"], rows)["n"].to_pylist() == rows
+    assert take_rows(path, SCHEMA, ["n"], sorted(rows))["n"].to_pylist() == sorted(rows)
+    first = next(iter_parquet(path, SCHEMA, ["n"]))
+    assert first["n"].to_pylist() == [0, 1, 2]
+    import gc
+
+    gc.collect()  # the abandoned reader is closed: its pool shut down
+    assert not [t for t in threading.enumerate() if t.name.startswith("dice-parquet")]
+
+
+def test_a_damaged_row_group_names_the_file_and_group(tmp_path, monkeypatch):
+    monkeypatch.setattr(artifacts, "ROW_GROUP_ROWS", 4)
+    path = tmp_path / "t.parquet"
+    write_parquet(pa.table({"id": [f"row {i} " * 50 for i in range(40)], "n": list(range(40)), "score": [0.5] * 40}), path, SCHEMA)
+    meta = pq.ParquetFile(path).metadata.row_group(6).column(0)
+    data = bytearray(path.read_bytes())
+    start = meta.data_page_offset
+    data[start : start + meta.total_compressed_size] = b"\x00" * meta.total_compressed_size  # one group's texts zeroed
+    path.write_bytes(bytes(data))
+    for read in (lambda: read_parquet(path, SCHEMA), lambda: take_rows(path, SCHEMA, ["id"], [1, 27])):
+        with pytest.raises(ArtifactError, match="row group 6") as e:
+            read()
+        assert str(path) in str(e.value)
 
 
 def test_iter_parquet_and_take_rows_name_the_file_of_a_missing_column(tmp_path):

@@ -112,11 +112,15 @@ def test_scale_benchmark_measures_every_stage(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = {x["stage"]: x for x in json.loads(out.read_text())["results"]}
-    assert list(r) == ["label", "pairs", "reference (data)", "train (data)"]
+    assert list(r) == ["label", "offline read (once)", "offline ids (once)", "pairs", "reference (data)", "train (data)"]
     assert r["label"]["input_rows"] == r["label"]["responses"] == 200 * 16
+    # the run's offline set read once and tokenised once, before the rounds' stages that read both back
+    assert r["offline read (once)"]["pairs"] == r["offline read (once)"]["input_rows"] == 400
+    assert r["offline ids (once)"]["tokenised"] is True
     assert r["pairs"]["pairs_generated"] > 100 and r["pairs"]["pairs_offline"] > 0  # min_valid 8 of 16, replay γ=0.5
-    # the reference and train data paths read every pair the pairs stage wrote, and tokenized them
+    # the reference and train data paths read every pair the pairs stage wrote; every offline pair found its kept ids
     assert r["reference (data)"]["pairs"] == r["pairs"]["pairs"] == r["train (data)"]["input_rows"]
+    assert r["reference (data)"]["offline_with_kept_ids"] == r["pairs"]["pairs_offline"]
     assert r["reference (data)"]["tokens"] > 0 and r["train (data)"]["pairs"] > 0
     assert all(x["wall_s"] > 0 and x["peak_rss_mb"] >= x["imports_mb"] > 0 and x["input_mb"] > 0 for x in r.values())
 

@@ -142,7 +142,9 @@ def _stage(stage: str, conf: Path, k: int, tmp: Path, inject: str | None = None)
 
 def test_a_full_disk_in_a_stage_is_one_line_and_touches_nothing_earlier(tmp_path, tiny_model):
     """ENOSPC while the reference stage writes: one line naming the file and the errno, exit 2, no traceback; the
-    pairs stage's table and manifest are untouched, no temporary is left and no manifest claims the stage done."""
+    pairs stage's table and manifest are untouched, no temporary is left and no manifest claims the stage done. The
+    first file it writes is the run's kept token ids of its offline set (round 0's pairs are all offline): none is
+    left half-written to be read later."""
     cfg = tiny_config(tmp_path / "runs", tiny_model, name="full", **{"round0.max_pairs": 16})
     conf = _conf(tmp_path, cfg)
     assert _stage("pairs", conf, 0, tmp_path).returncode == 0
@@ -151,12 +153,13 @@ def test_a_full_disk_in_a_stage_is_one_line_and_touches_nothing_earlier(tmp_path
     out = _stage("reference", conf, 0, tmp_path, inject="ENOSPC")
     assert out.returncode == 2
     lines = _ours(out.stderr)
-    assert lines[0].startswith(f"dice reference: error: {rd / '.dice' / 'reference-shards'}/")
+    kept = cfg.run_dir / ".dice" / "offline"
+    assert lines[0].startswith(f"dice reference: error: {kept}/") and "-ids-" in lines[0], lines
     assert lines[0].endswith(": ENOSPC (errno 28): No space left on device"), lines
     assert lines[1:] == ["(set DICE_DEBUG=1 for the full traceback)"] and "Traceback" not in out.stderr
     assert {p: p.read_bytes() for p in before} == before  # pairs.parquet, its manifest: as they were
     assert not (rd / "reference.parquet").exists() and not (rd / ".dice" / "reference.json").exists()
-    assert not [p for p in rd.rglob("*.tmp")]
+    assert not [p for p in cfg.run_dir.rglob("*.tmp")] and not list(kept.glob("*-ids-*"))
 
 
 @pytest.mark.parametrize("name, errnum", [("EACCES", errno.EACCES), ("EROFS", errno.EROFS), ("ENOSPC", errno.ENOSPC)])

@@ -24,9 +24,9 @@ RESPONSE_IDS = ["prompt_token_ids", "response_token_ids"]
 PAIR_IDS = ["prompt_token_ids", "chosen_token_ids", "rejected_token_ids"]
 
 
-def _run(cfg, stage, fn, k=1):
+def _run(cfg, stage, fn, k=1, force=False):
     plan = rounds.plan(cfg, k, stage)
-    return plan, execute(plan, fn(plan))
+    return plan, execute(plan, fn(plan), force=force)
 
 
 @pytest.fixture
@@ -123,9 +123,12 @@ def test_pairs_reference_and_train_use_the_same_ids(round1, tiny_model, packed):
         else:  # offline: tokenised by the reference stage, which has the tokenizer
             assert row["prompt_token_ids"] is None and row["chosen_token_ids"] is None
 
-    plan, _ = _run(cfg, "reference", lambda plan: lambda: reference.run(cfg, plan))
+    plan, manifest = _run(cfg, "reference", lambda plan: lambda: reference.run(cfg, plan))
     ref = read_parquet(plan.outputs["reference"], schemas.REFERENCE)
     assert all(ref[c].null_count == 0 for c in PAIR_IDS)
+    # the run's offline set tokenised once, before the ranks; its pairs' ids found there
+    assert manifest["stats"]["offline_ids"] == "tokenised"
+    assert manifest["stats"]["offline_pairs_with_kept_ids"] == gen.count(False)
     by_pair = {r["pair_id"]: r for r in rows}
     expected = []
     for r, prompt in zip(ref.to_pylist(), prompts_of(ref)):
@@ -143,6 +146,12 @@ def test_pairs_reference_and_train_use_the_same_ids(round1, tiny_model, packed):
     examples, _ = load_pairs(plan.outputs["reference"], tok, cfg)  # what training trains on
     got = sorted((tuple(e[s][0].tolist()), tuple(e[s][1].tolist())) for e in examples for s in ("chosen", "rejected"))
     assert got == sorted(expected)
+
+    # the stage again (a later round's is the same work): the kept ids, not the tokenizer, and the same file
+    packed.clear()
+    _, again = _run(cfg, "reference", lambda plan: lambda: reference.run(cfg, plan), force=True)
+    assert again["stats"]["offline_ids"] == "reused" and sorted(packed) == sorted(expected)
+    assert read_parquet(plan.outputs["reference"], schemas.REFERENCE).equals(ref)
 
 
 def test_a_round_written_without_ids_is_tokenised_as_before(round1, tiny_model, tmp_path):

@@ -12,9 +12,12 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ import pyarrow.parquet as pq
 from pipeline.data.schemas import OPTIONAL
 
 MANIFEST_DIR = ".dice"  # per-stage manifests inside a round folder
+READ_AHEAD = 4  # row groups read side by side (`_groups`)
 _FULL_HASH_LIMIT = 64 << 20  # files up to this size are hashed whole; larger ones by size + head + tail
 _CHUNK = 4 << 20
 # Rows per Parquet row group: a reader holds one group's decompressed column at a time (pairs reads labels.parquet's
@@ -46,12 +50,22 @@ def write_parquet(table: pa.Table, path: Path, schema: pa.Schema) -> int:
     Returns the number of rows written. A crash leaves either the previous file or the new one, never half. Row
     groups of `ROW_GROUP_ROWS` rows.
     """
+    return write_parquet_parts([table], path, schema)
+
+
+def write_parquet_parts(parts: Iterable[pa.Table], path: Path, schema: pa.Schema) -> int:
+    """`write_parquet` of the tables `parts` yields, one after the other (a table made a part at a time is never
+    whole in memory). Returns the rows written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = _with_optional(table, schema).select(schema.names).cast(schema)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    rows = 0
     try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for table in parts:
+                writer.write_table(_with_optional(table, schema).select(schema.names).cast(schema),
+                                   row_group_size=ROW_GROUP_ROWS)  # fmt: skip
+                rows += table.num_rows
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         tmp.replace(path)
@@ -59,7 +73,7 @@ def write_parquet(table: pa.Table, path: Path, schema: pa.Schema) -> int:
         raise with_path(e, path) from e
     finally:
         tmp.unlink(missing_ok=True)
-    return table.num_rows
+    return rows
 
 
 def with_path(e: OSError, path: Path) -> OSError:
@@ -117,12 +131,40 @@ def _group(pf: pq.ParquetFile, i: int, present: list[str], schema: pa.Schema, pa
         raise ArtifactError(f"{path}: a column does not have the expected type: {e}") from e
 
 
+def _groups(path: Path, present: list[str], schema: pa.Schema, indices: list[int]) -> Iterator[pa.Table]:
+    """Row groups `indices` of the file (`_group`), in order, read ahead by `READ_AHEAD` threads, each with its own
+    handle on the file: one group's reading decompresses and decodes its columns on the machine's cores, but its
+    largest column (a list of token ids) alone takes most of the time, so groups are read side by side. At most
+    READ_AHEAD + 1 groups are held at once."""
+    if len(indices) <= 1:
+        pf = pq.ParquetFile(path)
+        yield from (_group(pf, i, present, schema, path) for i in indices)
+        return
+    local = threading.local()
+
+    def read(i: int) -> pa.Table:
+        if not hasattr(local, "pf"):
+            local.pf = pq.ParquetFile(path)
+        return _group(local.pf, i, present, schema, path)
+
+    pool = ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="dice-parquet")
+    try:
+        pending = deque(pool.submit(read, i) for i in indices[:READ_AHEAD])
+        for i in indices[READ_AHEAD:]:
+            done = pending.popleft().result()
+            pending.append(pool.submit(read, i))
+            yield done
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def iter_parquet(path: Path, schema: pa.Schema, columns: list[str] | None = None) -> Iterator[pa.Table]:
     """A dice table one row group at a time, checked as `read_parquet` checks: a reader that keeps what it needs of
     each group holds one group's decompressed columns at a time, not the file's."""
     pf, schema, present = _open(path, schema, columns)
-    for i in range(pf.num_row_groups):
-        yield _group(pf, i, present, schema, Path(path))
+    yield from _groups(Path(path), present, schema, list(range(pf.num_row_groups)))
 
 
 def read_parquet(path: Path, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
@@ -135,12 +177,12 @@ def read_parquet(path: Path, schema: pa.Schema, columns: list[str] | None = None
     return pa.concat_tables(groups) if groups else pa.schema([schema.field(c) for c in columns or schema.names]).empty_table()
 
 
-def segmented_take(lengths: list[int], rows: np.ndarray, take: Callable[[int, np.ndarray], Any]) -> tuple[list, pa.Array]:
+def segmented_take(lengths: list[int], rows: np.ndarray, take: Callable[[int, np.ndarray], Any]) -> tuple[list, pa.Array | None]:
     """Rows of consecutive segments (row groups of a file, chunks of a column) taken segment by segment.
 
     `rows`: positions over the segments of `lengths` laid end to end (any order, repeats allowed); `take(segment,
     positions in it)` is called once per segment that holds some. Returns the parts, in segment order, and the
-    indices that put their concatenation back in the order of `rows`."""
+    indices that put their concatenation back in the order of `rows` (None when it already is: `rows` ascending)."""
     rows = np.asarray(rows, dtype=np.int64)
     ends = np.cumsum(lengths)
     segment = np.searchsorted(ends, rows, side="right")  # (M,) the segment of each row
@@ -149,8 +191,27 @@ def segmented_take(lengths: list[int], rows: np.ndarray, take: Callable[[int, np
         sel = np.flatnonzero(segment == g)
         parts.append(take(int(g), rows[sel] - (ends[g] - lengths[g])))
         order.append(sel)
-    back = np.argsort(np.concatenate(order), kind="stable") if order else np.zeros(0, np.int64)
+    if not len(rows) or bool((np.diff(rows) >= 0).all()):
+        return parts, None
+    back = np.argsort(np.concatenate(order), kind="stable")
     return parts, pa.array(back, pa.int64())
+
+
+def take_column(col: pa.ChunkedArray | pa.Array, rows: np.ndarray) -> pa.Array:
+    """col[rows] chunk by chunk: ChunkedArray.take first concatenates every chunk (a copy of the whole column, per
+    call: a stage that takes shard after shard from a table read in row groups would copy it once per shard)."""
+    if isinstance(col, pa.Array):
+        return col.take(pa.array(rows, pa.int64()))
+    parts, back = segmented_take([len(c) for c in col.chunks], rows, lambda c, at: col.chunks[c].take(pa.array(at)))
+    if not parts:
+        return pa.array([], col.type)
+    out = pa.concat_arrays(parts) if len(parts) > 1 else parts[0]
+    return out if back is None else out.take(back)
+
+
+def take_table(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """table[rows], column by column with `take_column` (no copy of the columns' other rows)."""
+    return pa.table({c: take_column(table[c], rows) for c in table.column_names}, schema=table.schema)
 
 
 def take_rows(path: Path, schema: pa.Schema, columns: list[str], rows: np.ndarray) -> pa.Table:
@@ -158,10 +219,20 @@ def take_rows(path: Path, schema: pa.Schema, columns: list[str], rows: np.ndarra
     a time: only the rows taken stay in memory, not the columns' other rows."""
     pf, schema, present = _open(path, schema, columns)
     sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
-    parts, back = segmented_take(sizes, rows, lambda g, at: _group(pf, g, present, schema, Path(path)).take(pa.array(at)))
+    rows = np.asarray(rows, dtype=np.int64)
+    wanted = np.unique(np.searchsorted(np.cumsum(sizes), rows, side="right")).tolist()  # the groups holding some
+    reader = zip(wanted, _groups(Path(path), present, schema, wanted))  # read ahead, in the order they are taken
+
+    def take(g: int, at: np.ndarray) -> pa.Table:
+        i, group = next(reader)
+        assert i == g, (i, g)  # segmented_take visits the groups in ascending order
+        return group.take(pa.array(at))
+
+    parts, back = segmented_take(sizes, rows, take)
     if not parts:
         return schema.empty_table()
-    return pa.concat_tables(parts).combine_chunks().take(back)
+    table = pa.concat_tables(parts)  # a chunk per row group, no copy
+    return table if back is None else take_table(table, back.to_numpy())
 
 
 # ---------------------------------------------------------------------------------------------- fingerprints
@@ -278,10 +349,10 @@ def input_record(plan: StagePlan) -> dict[str, dict[str, str]]:
       relative to the run folder. That, not the path, is what is compared: a run folder moved or copied elsewhere
       still matches its manifests, and its finished stages are not redone;
     - `abs_path`: for a relative path outside the run (`models/tiny`), where it pointed (not compared)."""
-    return {name: _record(p, plan.run_dir) for name, p in plan.inputs.items()}
+    return {name: record_input(p, plan.run_dir) for name, p in plan.inputs.items()}
 
 
-def _record(p: Path | str, run_dir: Path) -> dict[str, str]:
+def record_input(p: Path | str, run_dir: Path) -> dict[str, str]:
     from pipeline.data.models import HUB_PREFIX, dataset_commit, hub_commit, local_model, looks_local
 
     if isinstance(p, str) and p.startswith(HUB_PREFIX):

@@ -97,6 +97,14 @@ class BadRows:
         self.counts[e.reason] += 1
         self._first = sorted([*self._first, (position, f"{where}: {e}")], key=lambda x: x[0])[: self.SHOWN]
 
+    @classmethod
+    def restored(cls, label: str, policy: Policy, counts: dict[str, int], first: list[str]) -> BadRows:
+        """The BadRows a read recorded (`counts`, `first`), for a dataset read once and kept (pipeline.data.offline_cache)."""
+        bad = cls(label, policy)
+        bad.counts.update(counts)
+        bad._first = list(enumerate(first))
+        return bad
+
     @property
     def first(self) -> list[str]:
         """The first few bad rows, in file order, each naming its file, split, row and field."""
@@ -127,7 +135,8 @@ def skipped_rows() -> Iterator[dict[str, dict[str, int]]]:
         _skipped = outer
 
 
-def _note_skipped(bad: BadRows) -> None:
+def note_skipped(bad: BadRows) -> None:
+    """Log the rows `bad` skipped (on_bad_row: skip) once per dataset, and record them for the stage's manifest."""
     if bad.policy != "skip" or not bad.total:
         return
     counts = dict(bad.counts)
@@ -573,7 +582,7 @@ def read_prompts_rows(src: str | Path | DataSource, bad: BadRows | None = None) 
         ids.append(pid)
         prompts.append(prompt)
         wheres.append(where)
-    _note_skipped(bad)
+    note_skipped(bad)
     if not ids and bad.policy != "collect":
         raise ArtifactError(f"{label}: no usable prompts: all {bad.summary()} skipped")
     table = pa.table({"prompt_id": ids, "prompt": [plain_text(p) for p in prompts],
@@ -612,7 +621,7 @@ def read_offline_rows(src: str | Path | DataSource, bad: BadRows | None = None) 
         out["chosen"].append(chosen)
         out["rejected"].append(rejected)
         wheres.append(where)
-    _note_skipped(bad)
+    note_skipped(bad)
     if not wheres and bad.policy != "collect":
         raise ArtifactError(f"{label}: no usable preference pairs: all {bad.summary()} skipped")
     return pa.table(out, schema=schemas.OFFLINE), wheres
