@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -15,7 +16,7 @@ from pipeline.data import offline_cache, schemas
 from pipeline.data.artifacts import write_parquet
 from pipeline.data.chat import prompts_of
 from pipeline.data.datasets import read_offline, skipped_rows
-from pipeline.data.offline_cache import ID_COLUMNS, fill_ids, offline_ids, offline_table
+from pipeline.data.offline_cache import ID_COLUMNS, find_ids, offline_ids, offline_table
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
 ROWS = [
@@ -111,10 +112,11 @@ def test_pairs_find_their_ids_by_content(tmp_path, tok):
         _pairs(table.take([1])).set_column(2, "chosen", pa.array(["an edited answer"])),  # content not in the set
         _pairs(table.take([1]), {c: pa.array([v], schemas.TOKEN_IDS) for c, v in zip(ID_COLUMNS, generated)}),
     ])  # fmt: skip
-    filled, n = fill_ids(pairs, path)
+    kept = find_ids(pairs, path)
+    filled, n = kept.fill(pairs, np.arange(pairs.num_rows)), kept.found
     assert n == 2
     got = {c: filled[c].to_pylist() for c in ID_COLUMNS}
     for c in ID_COLUMNS:
         assert got[c][:2] == [ids[c][2].as_py(), ids[c][0].as_py()] and got[c][2] is None
     assert [got[c][3] for c in ID_COLUMNS] == generated
-    assert fill_ids(pairs, None) == (pairs, 0)
+    assert find_ids(pairs, None) is None

@@ -519,8 +519,8 @@ def run(stage: str, cfg: RunConfig, plan: StagePlan, n: int, worker: Worker, job
     files["mark"].write_text(nonce)
     env = {**os.environ, LAUNCH_MARK: f"{files['mark'].resolve()}:{nonce}"}
     here = n or processes_here(n, hostfile) or 1  # ranks on this machine
-    # the Rust tokenizer's batch parallelism (offline pairs tokenised by the reference stage): the ranks on a machine
-    # share its cores instead of each taking them all
+    # the Rust tokenizer's batch parallelism (pairs a rank tokenises itself: those without ids of their own or kept
+    # ones): the ranks on a machine share its cores instead of each taking them all
     env.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // here)))
     if devices := _cuda_devices():
         if os.environ.get("CUDA_VISIBLE_DEVICES") and not hostfile:

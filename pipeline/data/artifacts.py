@@ -131,13 +131,12 @@ def _group(pf: pq.ParquetFile, i: int, present: list[str], schema: pa.Schema, pa
         raise ArtifactError(f"{path}: a column does not have the expected type: {e}") from e
 
 
-def _groups(path: Path, present: list[str], schema: pa.Schema, indices: list[int]) -> Iterator[pa.Table]:
+def _groups(pf: pq.ParquetFile, path: Path, present: list[str], schema: pa.Schema, indices: list[int]) -> Iterator[pa.Table]:
     """Row groups `indices` of the file (`_group`), in order, read ahead by `READ_AHEAD` threads, each with its own
     handle on the file: one group's reading decompresses and decodes its columns on the machine's cores, but its
     largest column (a list of token ids) alone takes most of the time, so groups are read side by side. At most
     READ_AHEAD + 1 groups are held at once."""
-    if len(indices) <= 1:
-        pf = pq.ParquetFile(path)
+    if len(indices) <= 1:  # the handle `_open` made
         yield from (_group(pf, i, present, schema, path) for i in indices)
         return
     local = threading.local()
@@ -164,7 +163,7 @@ def iter_parquet(path: Path, schema: pa.Schema, columns: list[str] | None = None
     """A dice table one row group at a time, checked as `read_parquet` checks: a reader that keeps what it needs of
     each group holds one group's decompressed columns at a time, not the file's."""
     pf, schema, present = _open(path, schema, columns)
-    yield from _groups(Path(path), present, schema, list(range(pf.num_row_groups)))
+    yield from _groups(pf, Path(path), present, schema, list(range(pf.num_row_groups)))
 
 
 def read_parquet(path: Path, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
@@ -221,7 +220,7 @@ def take_rows(path: Path, schema: pa.Schema, columns: list[str], rows: np.ndarra
     sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
     rows = np.asarray(rows, dtype=np.int64)
     wanted = np.unique(np.searchsorted(np.cumsum(sizes), rows, side="right")).tolist()  # the groups holding some
-    reader = zip(wanted, _groups(Path(path), present, schema, wanted))  # read ahead, in the order they are taken
+    reader = zip(wanted, _groups(pf, Path(path), present, schema, wanted))  # read ahead, in the order they are taken
 
     def take(g: int, at: np.ndarray) -> pa.Table:
         i, group = next(reader)

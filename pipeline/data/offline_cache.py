@@ -133,15 +133,6 @@ def content_keys(prompts: Sequence[Prompt], chosen: Sequence[str], rejected: Seq
     return out
 
 
-def _ids(seqs: list[list[int]]) -> pa.Array:
-    """A list<int32> column from lists of ints, through one numpy concatenation."""
-    lengths = np.fromiter((len(s) for s in seqs), np.int64, len(seqs))
-    offsets = np.zeros(len(seqs) + 1, np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.fromiter((t for s in seqs for t in s), np.int32, int(lengths.sum()))
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-
-
 def _encoded(encode: Encoder, table: pa.Table) -> Iterator[pa.Table]:
     """OFFLINE_IDS rows of the set, a batch of pairs at a time."""
     for start in range(0, table.num_rows, TOKENIZE_BATCH_PAIRS):
@@ -150,9 +141,8 @@ def _encoded(encode: Encoder, table: pa.Table) -> Iterator[pa.Table]:
         both = encode(prompts * 2, chosen + rejected)  # each prompt rendered and tokenised once
         n = len(prompts)
         yield pa.table({"key": pa.array(content_keys(prompts, chosen, rejected), pa.binary(16)),
-                        "prompt_token_ids": _ids([p for p, _ in both[:n]]),
-                        "chosen_token_ids": _ids([y for _, y in both[:n]]),
-                        "rejected_token_ids": _ids([y for _, y in both[n:]])}, schema=OFFLINE_IDS)  # fmt: skip
+                        "prompt_token_ids": [p for p, _ in both[:n]], "chosen_token_ids": [y for _, y in both[:n]],
+                        "rejected_token_ids": [y for _, y in both[n:]]}, schema=OFFLINE_IDS)  # fmt: skip
 
 
 def offline_ids(src: str | Path | DataSource, run_dir: Path, tokenizer, encode: Encoder) -> tuple[Path | None, bool]:
@@ -234,12 +224,3 @@ def find_ids(pairs: pa.Table, ids_path: Path | None) -> KeptIds | None:
     at = np.full(pairs.num_rows, -1, np.int64)
     at[need[found[order]]] = np.arange(found.size)
     return KeptIds(take_rows(ids_path, OFFLINE_IDS, ID_COLUMNS, file_row[found[order]]), at)
-
-
-def fill_ids(pairs: pa.Table, ids_path: Path | None) -> tuple[pa.Table, int]:
-    """`pairs` with the kept ids of every pair that has none and whose content the ids file holds (`find_ids`), and
-    how many were filled. Pairs it does not hold keep null ids."""
-    kept = find_ids(pairs, ids_path)
-    if kept is None:
-        return pairs, 0
-    return kept.fill(pairs, np.arange(pairs.num_rows)), kept.found
