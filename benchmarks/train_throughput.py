@@ -19,8 +19,11 @@ What it does (benchmarks/README.md has the settings and a measured run):
    step; the TRL worker prints one from a callback's `on_step_end`). The timed region is the end of warm-up
    step 2 to the end of the last step: model loading, data preparation and dice's checkpoint
    consolidation are outside it. Peak memory is the child's RSS high-water mark (`os.wait4` rusage).
-5. With `--repeats N`, runs dice and TRL alternately N times; prints each repeat's ratio (dice run i / TRL run
-   i, back to back) and their median, the headline number; the table shows each trainer's median run.
+5. Runs each trainer at every micro-batch of `--micro-batch` (default 1,2,4,8; the global batch is fixed), and
+   with `--repeats N` all of them N times, micro-batch by micro-batch with the trainers side by side. Each repeat's
+   ratio is dice's fastest run of the repeat over TRL's (each at its best setting); prints every repeat's ratio and
+   their median, the headline number, and the same ratios at each micro-batch (where memory is compared); the
+   tables show each (trainer, micro-batch)'s median run and each trainer's median best run.
    Checks that TRL's trainer holds no reference model (`ref_model is None` under precompute_ref_log_probs).
 6. Prints a table and writes `benchmarks/out/train_throughput.json`.
 
@@ -267,7 +270,7 @@ def gemm_worker(spec: dict[str, Any]) -> None:
 def gemm_peak(args: argparse.Namespace, conf, when: str) -> dict[str, Any]:
     """The machine's fp32 GEMM FLOP/s now, in a child with the trainers' environment (`gemm_worker`)."""
     spec = {"device": args.device, "hidden": conf.hidden_size, "intermediate": conf.intermediate_size,
-            "positions": 4 * args.micro_batch * 128}  # fmt: skip
+            "positions": 4 * max(args.micro_batch) * 128}  # fmt: skip
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "gemm", "--worker-spec", json.dumps(spec)]
     return run_child(cmd, OUT / "logs" / f"gemm-{when}.log", None, args.wait_quiet or None, trainer_env(args))["result"]
 
@@ -321,7 +324,7 @@ def run_dice(args, model: Path, pairs, zero_stage: int | str, rep: int = 0) -> d
     conf = OUT / "runs" / f"{name}.yaml"
     save_config(cfg, conf)
     cmd = [sys.executable, "-m", "stages.train", str(conf), "--round", "0", "--force"]
-    child = run_child(cmd, OUT / "logs" / f"dice-zero{zero_stage}-run{rep + 1}.log", DICE_STEP,
+    child = run_child(cmd, OUT / "logs" / f"dice-zero{zero_stage}-mb{args.micro_batch}-run{rep + 1}.log", DICE_STEP,
                       args.wait_quiet or None, trainer_env(args))  # fmt: skip
     metrics = pq.read_table(rounds.plan(cfg, 0, "train").outputs["metrics"]).to_pylist()
     executed = dice_executed_flops(pairs, args, args.flop_model) if cfg.train.packing else None
@@ -332,6 +335,7 @@ def run_dice(args, model: Path, pairs, zero_stage: int | str, rep: int = 0) -> d
     out["first_step_margin"] = metrics[0]["margin"]
     out["last_step_loss"] = metrics[-1]["loss"]
     out["command"] = " ".join(["python", "-m", "stages.train", shown(conf), "--round", "0", "--force"])
+    out["micro_batch"] = args.micro_batch
     return out
 
 
@@ -344,7 +348,7 @@ def run_trl(args, model: Path, pairs, rep: int = 0) -> dict[str, Any]:
         "micro_batch": args.micro_batch, "global_batch": args.global_batch, "seed": args.seed, "device": args.device,
     }  # fmt: skip
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "trl", "--worker-spec", json.dumps(spec)]
-    child = run_child(cmd, OUT / "logs" / f"trl-run{rep + 1}.log", TRL_STEP, args.wait_quiet or None,
+    child = run_child(cmd, OUT / "logs" / f"trl-mb{args.micro_batch}-run{rep + 1}.log", TRL_STEP, args.wait_quiet or None,
                       trainer_env(args))  # fmt: skip
     r = child["result"]
     ga = args.global_batch // args.micro_batch
@@ -353,6 +357,7 @@ def run_trl(args, model: Path, pairs, rep: int = 0) -> dict[str, Any]:
     out["first_step_margin"] = r["first_step_margin"]
     out["trl_options"] = r["options"]
     out["ref_model_is_none"] = r["ref_model_is_none"]
+    out["micro_batch"] = args.micro_batch
     return out
 
 
@@ -518,7 +523,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--long-frac", type=float, default=0.2, help="share of pairs given 1-4 more responses per side")
     ap.add_argument("--max-len", type=int, default=512, help="cap on prompt+response tokens of a sequence")
     add_model_args(ap)
-    ap.add_argument("--micro-batch", type=int, default=4, help="pairs per forward pass (both trainers)")
+    ap.add_argument("--micro-batch", default="1,2,4,8", type=lambda v: [int(x) for x in v.split(",") if x.strip()],
+                    help="pairs per forward pass, comma-separated: each trainer runs at each, and each repeat's ratio "
+                    "is each trainer's fastest micro-batch in that repeat over the other's (each at its best)")
     ap.add_argument("--global-batch", type=int, default=16, help="pairs per optimizer step (both trainers)")
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--lr", type=float, default=1e-5)
@@ -551,6 +558,14 @@ def median_run(rs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def best_per_repeat(settings_runs: dict[str, list[dict[str, Any]]], trainers: dict[str, Any], micro: list[int],
+                    repeats: int) -> dict[str, list[dict[str, Any]]]:
+    """Per trainer, its fastest run of each repeat over the micro-batches (`<trainer> mb<N>` in `settings_runs`): each
+    trainer at its best setting, repeat by repeat."""
+    return {name: [max((settings_runs[f"{name} mb{mb}"][i] for mb in micro), key=lambda r: r["tokens_per_s"])
+                   for i in range(repeats)] for name in trainers}  # fmt: skip
+
+
 def repeat_ratios(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
     """a's run i over b's run i (they ran back to back, so the machine's drift hits both alike), and the medians."""
     per = {name: ratios([x[key] for x in a], [y[key] for y in b])
@@ -577,8 +592,8 @@ def main(argv: list[str] | None = None) -> None:
         return trl_worker(json.loads(args.worker_spec))
     if args.worker == "gemm":
         return gemm_worker(json.loads(args.worker_spec))
-    if args.global_batch % args.micro_batch:
-        sys.exit("--global-batch must be a multiple of --micro-batch")
+    if not args.micro_batch or any(mb < 1 or args.global_batch % mb for mb in args.micro_batch):
+        sys.exit("every --micro-batch must divide --global-batch")
     if args.warmup < 1 or args.pairs < (args.warmup + 1) * args.global_batch:
         sys.exit("need --warmup >= 1 and at least (warmup + 1) × global-batch pairs")
     if not args.skip_trl and importlib.util.find_spec("trl") is None:
@@ -615,21 +630,33 @@ def main(argv: list[str] | None = None) -> None:
     print(f"GEMM peak before the trainers: {gemm[0]['peak'] / 1e9:.1f} GFLOP/s (fp32, {gemm[0]['threads']} threads; "
           + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in gemm[0]["flops_per_s"].items()) + ")", flush=True)
 
-    contenders = {}  # run in turn, every repeat: a slow spell of the machine hits all alike
+    # every trainer at every micro-batch, run in turn each repeat (micro-batch by micro-batch, the trainers side by
+    # side): a slow spell of the machine hits all alike
+    trainers: dict[str, Any] = {}
     for z in (x.strip() if x.strip() == "auto" else int(x) for x in args.dice_zero_stages.split(",") if x.strip()):
-        contenders["dice" if z == "auto" else f"dice (ZeRO-{z})"] = lambda rep, z=z: run_dice(args, model, pairs, z, rep)
+        trainers["dice" if z == "auto" else f"dice (ZeRO-{z})"] = lambda a, rep, z=z: run_dice(a, model, pairs, z, rep)
     if not args.skip_trl:
-        contenders["trl"] = lambda rep: run_trl(args, model, pairs, rep)
-    runs = alternate(contenders, args.repeats)
+        trainers["trl"] = lambda a, rep: run_trl(a, model, pairs, rep)
+    contenders = {}
+    for mb in args.micro_batch:
+        at = argparse.Namespace(**{**vars(args), "micro_batch": mb})
+        for name, run in trainers.items():
+            contenders[f"{name} mb{mb}"] = lambda rep, run=run, at=at: run(at, rep)
+    settings_runs = alternate(contenders, args.repeats)
     gemm.append(gemm_peak(args, conf, "after"))
     peak = max(g["peak"] for g in gemm)
-    for rs in runs.values():
+    for rs in settings_runs.values():
         for r in rs:
             r["useful_flops_per_s"] = r["tokens_per_s"] * useful_per_token
             r["useful_of_peak"] = r["useful_flops_per_s"] / peak
             r["executed_of_peak"] = r["executed_flops_per_s"] / peak if r["executed_flops_per_s"] else None
+    runs = best_per_repeat(settings_runs, trainers, args.micro_batch, args.repeats)
     results = {k: median_run(v) for k, v in runs.items()}
 
+    if len(args.micro_batch) > 1:
+        print_table({k: median_run(v) for k, v in settings_runs.items()})
+        print("each trainer at its fastest micro-batch in every repeat: "
+              + "; ".join(f"{k} mb " + ", ".join(str(r["micro_batch"]) for r in rs) for k, rs in runs.items()))
     print_table(results)
     if args.repeats > 1:
         print("tokens/s of every run (the table shows the median run): "
@@ -644,6 +671,10 @@ def main(argv: list[str] | None = None) -> None:
             pair_ratios[f"{k} / trl"] = q = repeat_ratios(runs[k], runs["trl"])
             print(ratio_line(f"{k} / trl tokens/s run by run", q["tokens_per_s_runs"]))
             print(ratio_line(f"{k} / trl peak RSS run by run", q["peak_rss_runs"]))
+            for mb in args.micro_batch if len(args.micro_batch) > 1 else []:  # both at the same micro-batch
+                same = pair_ratios[f"{k} / trl at mb{mb}"] = repeat_ratios(settings_runs[f"{k} mb{mb}"], settings_runs[f"trl mb{mb}"])
+                print(ratio_line(f"  at micro-batch {mb}: tokens/s", same["tokens_per_s_runs"]) + "; "
+                      + ratio_line("peak RSS", same["peak_rss_runs"]))
         print(f"TRL kept no reference model (precompute_ref_log_probs): {all(r['ref_model_is_none'] for r in runs['trl'])}")
         print(f"tokens over all steps (must match): { {k: r['all_steps_tokens'] for k, r in results.items()} }")
     for k, r in results.items():
@@ -658,7 +689,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{k}: useful FLOP/s of the GEMM peak " + ", ".join(f"{100 * r['useful_of_peak']:.1f}%" for r in rs)
               + ("; executed " + ", ".join(f"{100 * x:.1f}%" for x in executed) if all(executed) else "")
               + " (run by run)")
-    profile = run_profile(args, model, pairs) if args.profile_dice else None
+    # the profile runs at dice's micro-batch of its median run
+    mb = results["dice"]["micro_batch"] if "dice" in results else args.micro_batch[0]
+    profile = run_profile(argparse.Namespace(**{**vars(args), "micro_batch": mb}), model, pairs) if args.profile_dice else None
     settings = {k: v for k, v in vars(args).items() if k not in ("worker", "worker_spec")}
     report = {
         "dice_source": git_state(),
@@ -670,6 +703,7 @@ def main(argv: list[str] | None = None) -> None:
         "reference_scoring_s": ref_s,
         "gemm": {"runs": gemm, "peak_flops_per_s": peak, "useful_flops_per_token": useful_per_token, "flop_model": fm},
         "results": results,
+        "per_micro_batch": {k: median_run(v) for k, v in settings_runs.items()},
         "ratios": pair_ratios,
         "dice_profile": profile,
         "benchmark_wall_s": time.perf_counter() - t_start,

@@ -60,22 +60,23 @@ SELECT_COLUMNS = ["prompt_id", "sample_idx", "num_tokens", "num_chars", "finish_
 # ... and those it reads only at the responses it pairs (texts and token ids: most of the file), a row group at a time
 PAIRED_COLUMNS = ["prompt", "prompt_messages", "response", "prompt_token_ids", "response_token_ids"]
 LABEL_COLUMNS = SELECT_COLUMNS + PAIRED_COLUMNS
-# The token-id columns of PAIRS: Arrow arrays from labels to pairs.parquet (never a Python int per token).
+# The token-id columns of PAIRS ...
 ID_COLUMNS = ("prompt_token_ids", "chosen_token_ids", "rejected_token_ids")
+# ... and the texts: Arrow arrays from labels (and the offline set) to pairs.parquet, never a Python object per row
+ARROW_COLUMNS = ("prompt", "prompt_messages", "chosen", "rejected") + ID_COLUMNS
 # Python's str.isspace() characters, as an RE2 class (checked over every code point in tests/test_pairs_table.py)
 WHITESPACE = r"\s\x{0b}\x{1c}-\x{1f}\x{85}\p{Z}"
 
 
-def _offline_rows(offline: pa.Table, idx: np.ndarray, k: int) -> dict[str, list]:
-    sub = offline.take(pa.array(idx, pa.int64())).to_pydict()
+def _offline_rows(offline: pa.Table, idx: np.ndarray, k: int) -> dict[str, Any]:
+    """PAIRS columns of the offline set's rows `idx`: the ARROW_COLUMNS as Arrow, the rest as lists."""
+    sub = take_table(offline.select(["pair_id", "prompt", "prompt_messages", "chosen", "rejected"]), idx)
     n = len(idx)
+    pair_ids = [f"off-{p}" for p in sub["pair_id"].to_pylist()]
     return {
-        "pair_id": [f"off-{p}" for p in sub["pair_id"]],
-        "prompt_id": [f"off-{p}" for p in sub["pair_id"]],
-        "prompt": sub["prompt"],
-        "prompt_messages": sub["prompt_messages"],
-        "chosen": sub["chosen"],
-        "rejected": sub["rejected"],
+        "pair_id": pair_ids,
+        "prompt_id": pair_ids,
+        **{c: sub[c].combine_chunks().cast(schemas.PAIRS.field(c).type) for c in ("prompt", "prompt_messages", "chosen", "rejected")},
         "source": ["offline"] * n,
         "chosen_reward": [None] * n,
         "rejected_reward": [None] * n,
@@ -157,6 +158,7 @@ def generated_pairs(
     `long_enough`: (N,) whether each response has at least `pairs.min_chars` non-whitespace characters (default:
     from labels' `response`); `take(columns, rows)`: the PAIRED_COLUMNS of label rows `rows` (default: from `labels`).
     `run` passes both, so the texts and ids of the responses it does not pair are never held.
+    The ARROW_COLUMNS of the result are Arrow arrays (the texts and ids as read), the other columns lists.
     """
     pcfg = cfg.pairs
     n = labels.num_rows
@@ -276,10 +278,10 @@ def generated_pairs(
     out = {
         "pair_id": pair_ids,
         "prompt_id": pids,
-        "prompt": chosen["prompt"].to_pylist(),
-        "prompt_messages": chosen["prompt_messages"].to_pylist(),
-        "chosen": chosen["response"].to_pylist(),
-        "rejected": rejected["response"].to_pylist(),
+        "prompt": chosen["prompt"].combine_chunks().cast(pa.string()),
+        "prompt_messages": chosen["prompt_messages"].combine_chunks().cast(schemas.MESSAGES),
+        "chosen": chosen["response"].combine_chunks().cast(pa.string()),
+        "rejected": rejected["response"].combine_chunks().cast(pa.string()),
         "source": ["generated"] * len(w),
         "chosen_reward": reward[w].tolist(),
         "rejected_reward": reward[l_].tolist(),
@@ -365,13 +367,13 @@ def run(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     n_gen, n_off = replay_counts(n_gen_all, offline.num_rows, cfg.pairs.replay_ratio)
     if n_gen < n_gen_all:
         pick = np.sort(rng.choice(n_gen_all, size=n_gen, replace=False))
-        gen = {c: v.take(pa.array(pick)) if c in ID_COLUMNS else [v[i] for i in pick] for c, v in gen.items()}
+        gen = {c: v.take(pa.array(pick)) if c in ARROW_COLUMNS else [v[i] for i in pick] for c, v in gen.items()}
     # offline pairs only from prompts the sampled generated pairs do not use (the reference's rule)
-    used = pc.is_in(offline["prompt"], value_set=pa.array(sorted(set(gen["prompt"])), pa.string()))
+    used = pc.is_in(offline["prompt"], value_set=pc.unique(gen["prompt"]))
     eligible = np.flatnonzero(~_numpy(used, bool, False)).astype(np.int64)
     off_idx = np.sort(rng.choice(eligible, size=min(n_off, len(eligible)), replace=False)) if n_off else np.array([], np.int64)
     off = _offline_rows(offline, off_idx, k)
-    table = pa.table({c: pa.concat_arrays([gen[c], off[c]]) if c in ID_COLUMNS else gen[c] + off[c]
+    table = pa.table({c: pa.concat_arrays([gen[c], off[c]]) if c in ARROW_COLUMNS else gen[c] + off[c]
                       for c in schemas.PAIRS.names}, schema=schemas.PAIRS)  # fmt: skip
     rows = write_parquet(table, plan.outputs["pairs"], schemas.PAIRS)
     cl, rl = np.array(gen["chosen_len"], float), np.array(gen["rejected_len"], float)

@@ -200,6 +200,18 @@ def deepspeed_config(cfg: RunConfig, world: int, on_gpu: bool) -> dict[str, Any]
     return ds
 
 
+def adamw(params: list[Any], lr: float, weight_decay: float):
+    """torch's AdamW, fused (one kernel for every tensor's update, the optimizer TRL picks: `adamw_torch_fused`)
+    where torch has the fused kernel for the parameters' device and dtypes (CPU and CUDA: float32, bfloat16,
+    float16); else its default implementation. The same update either way, up to float rounding."""
+    import torch
+
+    fusable = bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params
+    )
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fusable or None)
+
+
 def _merge(base: dict, override: dict) -> None:
     for k, v in override.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
@@ -341,7 +353,7 @@ def train_worker(cfg: RunConfig, plan: StagePlan) -> dict[str, Any]:
     if "optimizer" in ds_config:  # the user's DeepSpeed JSON chose the optimizer (e.g. DeepSpeedCPUAdam)
         engine, optimizer, _, _ = deepspeed.initialize(model=scorer, model_parameters=scorer.parameters(), config=ds_config)
     else:
-        optimizer = torch.optim.AdamW(scorer.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+        optimizer = adamw(list(scorer.parameters()), t.learning_rate, t.weight_decay)
         engine, optimizer, _, _ = deepspeed.initialize(model=scorer, optimizer=optimizer, config=ds_config)
     # The schedule drives the torch optimizer inside DeepSpeed's ZeRO wrapper; the engine steps it at
     # accumulation boundaries and saves/restores it with its checkpoints.

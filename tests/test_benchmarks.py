@@ -74,9 +74,19 @@ def test_label_benchmark_scores_the_same_log_probs_four_ways(tmp_path):
 
 
 def test_train_benchmark_runs_dice_and_trl_on_every_pair(tmp_path):
-    r = _bench(tmp_path, "train_throughput", "--pairs", "48", "--global-batch", "16", "--micro-batch", "4",
+    r = _bench(tmp_path, "train_throughput", "--pairs", "48", "--global-batch", "16", "--micro-batch", "4,8",
                "--repeats", "2")  # fmt: skip
     dice, trl = r["results"]["dice"], r["results"]["trl"]
+    # each trainer at its best: every repeat's run is that trainer's fastest micro-batch in the repeat
+    per_mb = r["per_micro_batch"]
+    assert set(per_mb) == {"dice mb4", "trl mb4", "dice mb8", "trl mb8"}
+    for name, t in (("dice", dice), ("trl", trl)):
+        fastest = [max(per_mb[f"{name} mb4"]["tokens_per_s_runs"][i], per_mb[f"{name} mb8"]["tokens_per_s_runs"][i])
+                   for i in range(2)]  # fmt: skip
+        assert t["tokens_per_s_runs"] == fastest and t["micro_batch"] in (4, 8)
+    # and both at the same micro-batch, repeat by repeat (memory is compared there)
+    same = r["ratios"]["dice / trl at mb8"]
+    assert same["peak_rss_runs"] == [a / b for a, b in zip(per_mb["dice mb8"]["peak_rss_mib_runs"], per_mb["trl mb8"]["peak_rss_mib_runs"])]
     assert dice["steps"] == 3 and dice["timed_steps"] == 1
     assert math.isclose(dice["first_step_loss"], math.log(2), abs_tol=1e-5)  # policy == reference at step 1
     assert abs(dice["first_step_margin"]) < 1e-5 and abs(trl["first_step_margin"]) < 1e-4

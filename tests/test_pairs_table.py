@@ -11,7 +11,17 @@ import pytest
 
 from pipeline.config import RunConfig
 from pipeline.data import schemas
-from stages.pairs import generated_pairs
+from stages import pairs as stage
+
+
+def generated_pairs(*args, **kwargs):
+    """`stages.pairs.generated_pairs` with its Arrow columns (texts and token ids) as lists, to compare with lists;
+    every other column must already be a list."""
+    out, stats = stage.generated_pairs(*args, **kwargs)
+    assert {c for c, v in out.items() if not isinstance(v, list)} <= set(stage.ARROW_COLUMNS)
+    for c in stage.ARROW_COLUMNS:  # typed as PAIRS has them, so they go into pairs.parquet as they are
+        assert isinstance(out[c], pa.Array) and out[c].type == schemas.PAIRS.field(c).type, c
+    return {c: v.to_pylist() if isinstance(v, pa.Array) else v for c, v in out.items()}, stats
 
 
 def label_rows(spec):
@@ -325,7 +335,6 @@ def test_the_stage_reads_texts_and_ids_only_of_the_rows_it_pairs_across_row_grou
 
     import pipeline.data.artifacts as artifacts
     from pipeline.data.artifacts import StagePlan
-    from stages import pairs as stage
 
     table = label_rows(TABLE)
     ids = [[7 + i, 8 + i] for i in range(table.num_rows)]  # distinct ids per row: a mix-up shows

@@ -275,3 +275,29 @@ def test_lr_schedules():
     assert [const(s) for s in range(4)] == pytest.approx([1 / 3, 2 / 3, 1, 1])
     cos = lr_lambda("cosine", 0, 10)
     assert [cos(s) for s in (0, 5, 10)] == pytest.approx([1, 0.5, 0], abs=1e-12)  # half-way: ½(1 + cos π/2)
+
+
+def test_adamw_is_torchs_fused_kernel_with_the_same_updates():
+    """The stage's optimizer is torch's fused AdamW where the kernel exists (as TRL's `adamw_torch_fused`), and its
+    steps are the plain per-tensor loop's up to float rounding."""
+    from stages.train import adamw
+
+    torch.manual_seed(0)
+    shapes = [(16, 8), (8,), (3, 5, 2)]
+    fused_params = [torch.randn(s, requires_grad=True) for s in shapes]
+    loop_params = [p.detach().clone().requires_grad_(True) for p in fused_params]
+    fused = adamw(fused_params, lr=1e-2, weight_decay=0.1)
+    loop = torch.optim.AdamW(loop_params, lr=1e-2, weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"] is True and not loop.defaults["fused"]
+    for _ in range(5):
+        grads = [torch.randn(s) for s in shapes]
+        for params, opt in ((fused_params, fused), (loop_params, loop)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(fused_params, loop_params):
+        assert not torch.equal(a, torch.zeros_like(a))
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # a device without torch's fused kernel (here "meta"): the default implementation
+    on_meta = [torch.empty(4, device="meta", requires_grad=True)]
+    assert not adamw(on_meta, lr=1e-3, weight_decay=0.0).defaults["fused"]
