@@ -558,6 +558,11 @@ def median_run(rs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def at_micro_batch(args: argparse.Namespace, mb: int) -> argparse.Namespace:
+    """`args` with one micro-batch (what run_dice, run_trl and run_profile read) in place of the list."""
+    return argparse.Namespace(**{**vars(args), "micro_batch": mb})
+
+
 def best_per_repeat(settings_runs: dict[str, list[dict[str, Any]]], trainers: dict[str, Any], micro: list[int],
                     repeats: int) -> dict[str, list[dict[str, Any]]]:
     """Per trainer, its fastest run of each repeat over the micro-batches (`<trainer> mb<N>` in `settings_runs`): each
@@ -639,7 +644,7 @@ def main(argv: list[str] | None = None) -> None:
         trainers["trl"] = lambda a, rep: run_trl(a, model, pairs, rep)
     contenders = {}
     for mb in args.micro_batch:
-        at = argparse.Namespace(**{**vars(args), "micro_batch": mb})
+        at = at_micro_batch(args, mb)
         for name, run in trainers.items():
             contenders[f"{name} mb{mb}"] = lambda rep, run=run, at=at: run(at, rep)
     settings_runs = alternate(contenders, args.repeats)
@@ -652,9 +657,10 @@ def main(argv: list[str] | None = None) -> None:
             r["executed_of_peak"] = r["executed_flops_per_s"] / peak if r["executed_flops_per_s"] else None
     runs = best_per_repeat(settings_runs, trainers, args.micro_batch, args.repeats)
     results = {k: median_run(v) for k, v in runs.items()}
+    per_micro_batch = {k: median_run(v) for k, v in settings_runs.items()}
 
     if len(args.micro_batch) > 1:
-        print_table({k: median_run(v) for k, v in settings_runs.items()})
+        print_table(per_micro_batch)
         print("each trainer at its fastest micro-batch in every repeat: "
               + "; ".join(f"{k} mb " + ", ".join(str(r["micro_batch"]) for r in rs) for k, rs in runs.items()))
     print_table(results)
@@ -691,7 +697,7 @@ def main(argv: list[str] | None = None) -> None:
               + " (run by run)")
     # the profile runs at dice's micro-batch of its median run
     mb = results["dice"]["micro_batch"] if "dice" in results else args.micro_batch[0]
-    profile = run_profile(argparse.Namespace(**{**vars(args), "micro_batch": mb}), model, pairs) if args.profile_dice else None
+    profile = run_profile(at_micro_batch(args, mb), model, pairs) if args.profile_dice else None
     settings = {k: v for k, v in vars(args).items() if k not in ("worker", "worker_spec")}
     report = {
         "dice_source": git_state(),
@@ -703,7 +709,7 @@ def main(argv: list[str] | None = None) -> None:
         "reference_scoring_s": ref_s,
         "gemm": {"runs": gemm, "peak_flops_per_s": peak, "useful_flops_per_token": useful_per_token, "flop_model": fm},
         "results": results,
-        "per_micro_batch": {k: median_run(v) for k, v in settings_runs.items()},
+        "per_micro_batch": per_micro_batch,
         "ratios": pair_ratios,
         "dice_profile": profile,
         "benchmark_wall_s": time.perf_counter() - t_start,

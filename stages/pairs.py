@@ -68,6 +68,13 @@ ARROW_COLUMNS = ("prompt", "prompt_messages", "chosen", "rejected") + ID_COLUMNS
 WHITESPACE = r"\s\x{0b}\x{1c}-\x{1f}\x{85}\p{Z}"
 
 
+def _as_pairs_column(column: pa.ChunkedArray | pa.Array, name: str) -> pa.Array:
+    """`column` as one Arrow array typed as PAIRS' column `name` (as it goes into pairs.parquet)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.cast(schemas.PAIRS.field(name).type)
+
+
 def _offline_rows(offline: pa.Table, idx: np.ndarray, k: int) -> dict[str, Any]:
     """PAIRS columns of the offline set's rows `idx`: the ARROW_COLUMNS as Arrow, the rest as lists."""
     sub = take_table(offline.select(["pair_id", "prompt", "prompt_messages", "chosen", "rejected"]), idx)
@@ -76,7 +83,7 @@ def _offline_rows(offline: pa.Table, idx: np.ndarray, k: int) -> dict[str, Any]:
     return {
         "pair_id": pair_ids,
         "prompt_id": pair_ids,
-        **{c: sub[c].combine_chunks().cast(schemas.PAIRS.field(c).type) for c in ("prompt", "prompt_messages", "chosen", "rejected")},
+        **{c: _as_pairs_column(sub[c], c) for c in ("prompt", "prompt_messages", "chosen", "rejected")},
         "source": ["offline"] * n,
         "chosen_reward": [None] * n,
         "rejected_reward": [None] * n,
@@ -278,10 +285,10 @@ def generated_pairs(
     out = {
         "pair_id": pair_ids,
         "prompt_id": pids,
-        "prompt": chosen["prompt"].combine_chunks().cast(pa.string()),
-        "prompt_messages": chosen["prompt_messages"].combine_chunks().cast(schemas.MESSAGES),
-        "chosen": chosen["response"].combine_chunks().cast(pa.string()),
-        "rejected": rejected["response"].combine_chunks().cast(pa.string()),
+        "prompt": _as_pairs_column(chosen["prompt"], "prompt"),
+        "prompt_messages": _as_pairs_column(chosen["prompt_messages"], "prompt_messages"),
+        "chosen": _as_pairs_column(chosen["response"], "chosen"),
+        "rejected": _as_pairs_column(rejected["response"], "rejected"),
         "source": ["generated"] * len(w),
         "chosen_reward": reward[w].tolist(),
         "rejected_reward": reward[l_].tolist(),
@@ -292,9 +299,9 @@ def generated_pairs(
         "annotators": annotators.tolist(),
         "round": [k] * len(w),
         # the sampled tokens, carried as they are to the reference and train stages
-        "prompt_token_ids": chosen["prompt_token_ids"].combine_chunks().cast(schemas.TOKEN_IDS),
-        "chosen_token_ids": chosen["response_token_ids"].combine_chunks().cast(schemas.TOKEN_IDS),
-        "rejected_token_ids": rejected["response_token_ids"].combine_chunks().cast(schemas.TOKEN_IDS),
+        "prompt_token_ids": _as_pairs_column(chosen["prompt_token_ids"], "prompt_token_ids"),
+        "chosen_token_ids": _as_pairs_column(chosen["response_token_ids"], "chosen_token_ids"),
+        "rejected_token_ids": _as_pairs_column(rejected["response_token_ids"], "rejected_token_ids"),
     }
     stats = {
         "strategy": pcfg.strategy,
